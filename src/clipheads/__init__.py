@@ -1,0 +1,28 @@
+"""clipheads: find the attention heads of CLIP's image encoder that hurt, ablate them, explain them.
+
+    import clipheads
+    model = clipheads.load("openai/clip-vit-base-patch32")      # or "open_clip:ViT-B-32/openai", "bundled"
+    mask = clipheads.HeadMask.from_heads("L3.H7,L9.H1", model)
+    with clipheads.ablate(model, mask, op="identity"):
+        features = model.encode_image(pixels)
+"""
+
+from clipheads.errors import ClipHeadsError, DataError, MaskError, ModelLoadError, OperatorError
+from clipheads.heads import head_label, parse_head, parse_heads, parse_layers
+from clipheads.interventions import (
+    OPERATORS,
+    HeadMask,
+    Operator,
+    ablate,
+    apply,
+    bake,
+    compute_head_means,
+    remove,
+)
+from clipheads.models import Architecture, CLIPBackend, as_backend, load
+
+__version__ = "0.1.0"
+
+__all__ = ["OPERATORS", "Architecture", "CLIPBackend", "ClipHeadsError", "DataError", "HeadMask", "MaskError",
+           "ModelLoadError", "Operator", "OperatorError", "ablate", "apply", "as_backend", "bake",
+           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "remove"]

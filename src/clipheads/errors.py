@@ -1,0 +1,21 @@
+"""Errors with one-line messages meant for users; the CLI prints them without a traceback."""
+
+
+class ClipHeadsError(Exception):
+    """Base class: the message is a complete, one-line explanation of what went wrong and what to do."""
+
+
+class ModelLoadError(ClipHeadsError):
+    """A model id or path could not be resolved or loaded."""
+
+
+class MaskError(ClipHeadsError):
+    """A head mask does not fit the model, or a head label / layer spec cannot be parsed."""
+
+
+class OperatorError(ClipHeadsError):
+    """An ablation operator is unknown or lacks what it needs (e.g. head means)."""
+
+
+class DataError(ClipHeadsError):
+    """A dataset file, image or split is missing, corrupt or inconsistent."""

@@ -1,0 +1,76 @@
+"""The head vocabulary: heads are written ``L{layer}.H{head}``, 0-based, everywhere.
+
+The parser also accepts ``L3H7``, ``3.7``, ``3:7`` and ``(3, 7)`` so that masks written by hand or by other
+tools can be read, but everything clipheads writes uses ``L3.H7``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from clipheads.errors import MaskError
+
+Head = tuple[int, int]
+
+_HEAD_RE = re.compile(r"^\s*\(?\s*L?(\d+)\s*(?:\.|:|,|\s)?\s*H?(\d+)\s*\)?\s*$", re.IGNORECASE)
+
+
+def head_label(layer: int, head: int) -> str:
+    """``(3, 7) -> "L3.H7"``."""
+    return f"L{layer}.H{head}"
+
+
+def parse_head(spec: str | Head | Iterable[int]) -> Head:
+    """Parse one head: ``"L3.H7"``, ``"L3H7"``, ``"3.7"`` or ``(3, 7)`` -> ``(3, 7)``."""
+    if isinstance(spec, str):
+        match = _HEAD_RE.match(spec)
+        if match is None or not (spec.strip().upper().startswith("L") or "." in spec or ":" in spec):
+            raise MaskError(f"cannot parse head {spec!r}: write heads as L{{layer}}.H{{head}}, 0-based, e.g. L3.H7")
+        return int(match.group(1)), int(match.group(2))
+    values = tuple(int(v) for v in spec)
+    if len(values) != 2:
+        raise MaskError(f"cannot parse head {spec!r}: expected (layer, head)")
+    return values[0], values[1]
+
+
+def parse_heads(specs: str | Iterable[str | Head]) -> list[Head]:
+    """Parse a comma/space separated string or an iterable of head specs, keeping order, dropping repeats."""
+    if isinstance(specs, str):
+        items: Iterable[str | Head] = [s for s in re.split(r"[,\s;]+", specs.strip()) if s]
+    else:
+        items = specs
+    out: list[Head] = []
+    for item in items:
+        head = parse_head(item)
+        if head not in out:
+            out.append(head)
+    return out
+
+
+def parse_layers(spec: str | int | Iterable[int]) -> list[int]:
+    """Parse layers: ``"3"``, ``"0-2,5"``, ``[0, 1]`` -> sorted unique list of ints (ranges are inclusive)."""
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        return sorted({int(v) for v in spec})
+    layers: set[int] = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        match = re.fullmatch(r"L?(\d+)\s*(?:-\s*L?(\d+))?", part, re.IGNORECASE)
+        if match is None:
+            raise MaskError(f"cannot parse layer spec {part!r}: use e.g. 3, 0-2 or 0-2,5")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise MaskError(f"layer range {part!r} is empty (end before start)")
+        layers.update(range(lo, hi + 1))
+    if not layers:
+        raise MaskError(f"layer spec {spec!r} names no layer")
+    return sorted(layers)
+
+
+def parse_layer_ranges(spec: str) -> list[list[int]]:
+    """``"0-2,3-5"`` -> ``[[0, 1, 2], [3, 4, 5]]``: one group of layers per comma-separated item."""
+    return [parse_layers(part) for part in spec.split(",") if part.strip()]

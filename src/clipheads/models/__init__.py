@@ -1,0 +1,80 @@
+"""Model loading: one entry point, ``load``, over the ``transformers`` and ``open_clip`` backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clipheads.errors import ModelLoadError
+from clipheads.models.base import Architecture, CLIPBackend, HeadHook
+from clipheads.models.hf import HFBackend, load_hf
+from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
+from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
+
+BUNDLED = "bundled"
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def bundled_model_path() -> Path:
+    """Folder of the small CLIP that ships inside the package (trained on the bundled world)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "bundled"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None) -> CLIPBackend:
+    """Load a CLIP model and return its backend.
+
+    Args:
+        name_or_path: ``"bundled"`` (default, the model shipped with clipheads); a Hugging Face hub id or local
+            folder (``CLIPModel``/``ChineseCLIPModel``); ``"open_clip:ARCH"`` (random init),
+            ``"open_clip:ARCH/TAG"`` (pretrained tag), ``"open_clip:ARCH/path/to/ckpt.pt"``,
+            ``"open_clip:hf-hub:org/repo"``; or an already built library model, which is wrapped as is.
+        device: where to put the model (default: where it is, CPU for new loads).
+        dtype: ``torch.dtype`` or ``"fp32"``/``"fp16"``/``"bf16"``.
+    """
+    dtype = parse_dtype(dtype)
+    if isinstance(name_or_path, CLIPBackend):
+        return name_or_path.to(device, dtype)
+    if isinstance(name_or_path, nn.Module):
+        return as_backend(name_or_path).to(device, dtype)
+    name = str(name_or_path)
+    if name == BUNDLED:
+        path = bundled_model_path()
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"the bundled model is missing from {path}; reinstall clipheads or run "
+                                 "`clipheads world train` to rebuild it")
+        backend = load_hf(str(path), device=device, dtype=dtype)
+        backend.name = BUNDLED
+        return backend
+    if name.startswith(OPEN_CLIP_PREFIX):
+        return load_open_clip(name, device=device, dtype=dtype)
+    return load_hf(name, device=device, dtype=dtype)
+
+
+def as_backend(model: nn.Module | CLIPBackend, name: str | None = None) -> CLIPBackend:
+    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend."""
+    if isinstance(model, CLIPBackend):
+        return model
+    if hasattr(model, "vision_model"):
+        backend: CLIPBackend = HFBackend(model, name or type(model).__name__)
+    elif hasattr(model, "visual"):
+        backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__)
+    else:
+        raise ModelLoadError(f"{type(model).__name__} is neither a transformers CLIP model nor an open_clip model")
+    return backend
+
+
+__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "as_backend",
+           "bundled_model_path", "load", "parse_dtype"]

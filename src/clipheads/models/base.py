@@ -1,0 +1,192 @@
+"""One thin protocol over the CLIP implementations of ``transformers`` and ``open_clip``.
+
+A backend wraps the library's own model object (``backend.model``) and never re-implements it. It knows:
+
+* the shape of the image encoder's attention (``n_layers``, ``n_heads``, ``head_dim``);
+* the library's own ``encode_image`` / ``encode_text`` paths, image preprocessing and tokenizer;
+* a *staged* view of the image tower (``embed`` -> ``run_layers`` -> ``pool``) built from the library's own
+  sub-modules, so that a search can cache the residual stream entering a layer;
+* one attention site per layer, where a head hook sees the per-head attention output ``z`` and the values
+  ``v`` (both ``[batch, pos, head, d_head]``) before the output projection and may replace ``z``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+# hook(z, v) -> z', all [batch, pos, head, d_head]
+HeadHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a head mask must match: the attention shape of an image encoder (and where it came from)."""
+
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    width: int
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Architecture:
+        return cls(**{k: data[k] for k in ("n_layers", "n_heads", "head_dim", "width") if k in data},
+                   name=data.get("name", ""))
+
+
+class CLIPBackend(ABC):
+    """A loaded CLIP model seen through its image encoder's attention heads."""
+
+    kind: str = ""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        self.model = model
+        self.name = name
+
+    @property
+    def intervention(self):
+        """The intervention applied with ``clipheads.apply`` (kept on the model, so every wrapper sees it)."""
+        return self.model.__dict__.get("_clipheads_intervention")
+
+    @intervention.setter
+    def intervention(self, value) -> None:
+        if value is None:
+            self.model.__dict__.pop("_clipheads_intervention", None)
+        else:
+            self.model.__dict__["_clipheads_intervention"] = value
+
+    # ----------------------------------------------------------------- shape
+    @property
+    @abstractmethod
+    def architecture(self) -> Architecture: ...
+
+    @property
+    def n_layers(self) -> int:
+        return self.architecture.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.architecture.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.architecture.head_dim
+
+    @property
+    @abstractmethod
+    def image_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ------------------------------------------------------------ inputs
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> ``[3, H, W]`` float tensor, exactly as the library prepares it."""
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts -> keyword arguments for the library's text encoder."""
+
+    # ----------------------------------------------------- library paths
+    @abstractmethod
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @property
+    @abstractmethod
+    def logit_scale(self) -> float: ...
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, D]`` through the library's own image encoder (with any active ablation)."""
+        features = self._encode_image(pixels.to(self.device, self.dtype))
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, texts: Sequence[str] | dict[str, torch.Tensor], normalize: bool = False) -> torch.Tensor:
+        """Texts (or tokenized inputs) -> ``[B, D]`` through the library's own text encoder."""
+        tokens = self.tokenize(list(texts)) if not isinstance(texts, dict) else texts
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        features = self._encode_text(tokens)
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+    # ------------------------------------------------- staged image tower
+    @abstractmethod
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> residual stream entering layer 0, ``[B, T, width]``."""
+
+    @abstractmethod
+    def run_layers(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run layers ``start .. end-1`` on the residual stream ``[B, T, width]``."""
+
+    @abstractmethod
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream after the last layer ``[B, T, width]`` -> image embedding ``[B, D]``."""
+
+    def encode_image_staged(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Same result as :meth:`encode_image`, through the staged view (used to check the stages)."""
+        return self.pool(self.run_layers(self.embed(pixels.to(self.device, self.dtype))))
+
+    # ----------------------------------------------------- attention sites
+    @abstractmethod
+    def attention_module(self, layer: int) -> nn.Module:
+        """The library's attention module of ``layer`` (holds the ``out_proj`` of that layer)."""
+
+    def out_proj(self, layer: int) -> nn.Linear:
+        """The output projection of ``layer``: ``weight`` is ``[width, n_heads * head_dim]``, head-major."""
+        return self.attention_module(layer).out_proj
+
+    def set_head_hook(self, layer: int, hook: HeadHook | None) -> None:
+        """Install (or with ``None`` remove) the per-head hook of ``layer``."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.n_layers - 1}")
+        if hook is None:
+            if layer in self.hooked_layers:
+                self._uninstall(layer)
+        else:
+            self._install(layer, hook)
+
+    def clear_head_hooks(self) -> None:
+        for layer in self.hooked_layers:
+            self._uninstall(layer)
+
+    @property
+    def hooked_layers(self) -> list[int]:
+        """Layers with a head hook; read off the modules, so every wrapper of the same model agrees."""
+        return [i for i in range(self.n_layers)
+                if getattr(self.attention_module(i), "_clipheads_hook", None) is not None]
+
+    @abstractmethod
+    def _install(self, layer: int, hook: HeadHook) -> None: ...
+
+    @abstractmethod
+    def _uninstall(self, layer: int) -> None: ...
+
+    # --------------------------------------------------------------- misc
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CLIPBackend:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> CLIPBackend:
+        self.model.eval()
+        return self
+
+    def __repr__(self) -> str:
+        a = self.architecture
+        return (f"{type(self).__name__}({self.name!r}, layers={a.n_layers}, heads={a.n_heads}, "
+                f"head_dim={a.head_dim}, image_size={self.image_size})")

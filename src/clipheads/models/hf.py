@@ -1,0 +1,188 @@
+"""Hugging Face ``transformers`` backend: ``CLIPModel`` and ``ChineseCLIPModel``.
+
+Head hooks use the official extension point of ``transformers``: an attention function registered with
+``AttentionInterface`` under the name ``"clipheads"``. While at least one layer is hooked, the vision tower's
+config selects it; it calls the implementation the model was using (``sdpa`` by default, fused kernel) and
+then lets the layer's hook replace the outputs of the ablated heads. Without hooks the vision tower is switched
+back to its own implementation, so an untouched model runs exactly the library's code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from clipheads.errors import ModelLoadError
+from clipheads.models.base import Architecture, CLIPBackend, HeadHook
+
+ATTENTION_NAME = "clipheads"
+
+
+def _clipheads_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Attention function for ``AttentionInterface``: the model's own kernel, then the layer's head hook."""
+    inner = ALL_ATTENTION_FUNCTIONS[getattr(module, "_clipheads_inner", "sdpa")]
+    out, weights = inner(module, query, key, value, attention_mask, **kwargs)  # out: [B, T, H, d]
+    hook = getattr(module, "_clipheads_hook", None)
+    if hook is not None:
+        out = hook(out, value.transpose(1, 2))
+    return out, weights
+
+
+AttentionInterface.register(ATTENTION_NAME, _clipheads_attention)
+
+
+def _get_features(output) -> torch.Tensor:
+    # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding; 4.x a tensor
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class HFBackend(CLIPBackend):
+    """``transformers`` CLIP (``CLIPModel``) or Chinese-CLIP (``ChineseCLIPModel``)."""
+
+    kind = "hf"
+
+    def __init__(self, model: nn.Module, name: str, tokenizer=None, image_processor=None) -> None:
+        super().__init__(model, name)
+        if not hasattr(model, "vision_model") or not hasattr(model, "visual_projection"):
+            raise ModelLoadError(f"{name}: {type(model).__name__} is not a CLIP model with a vision tower")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self._vision = model.vision_model
+        self._layers = self._vision.encoder.layers
+        params = inspect.signature(self._layers[0].forward).parameters
+        self._layer_extra_args = (None,) if "causal_attention_mask" in params else ()  # transformers 4.x
+
+    @property
+    def architecture(self) -> Architecture:
+        cfg = self._vision.config
+        return Architecture(cfg.num_hidden_layers, cfg.num_attention_heads,
+                            cfg.hidden_size // cfg.num_attention_heads, cfg.hidden_size,
+                            name=f"hf:{type(self.model).__name__}")
+
+    @property
+    def image_size(self) -> int:
+        return int(self._vision.config.image_size)
+
+    # ------------------------------------------------------------ inputs
+    def _processor(self):
+        if self.image_processor is None:
+            from transformers import CLIPImageProcessor
+
+            size = self.image_size
+            self.image_processor = CLIPImageProcessor(size={"shortest_edge": size},
+                                                      crop_size={"height": size, "width": size})
+        return self.image_processor
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._processor()(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"{self.name}: no tokenizer was found with this model; load it from a folder "
+                                 "that has tokenizer files or pass tokenizer= to HFBackend")
+        max_len = getattr(self.model.config.text_config, "max_position_embeddings", 77)
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        return dict(tokens)
+
+    # ----------------------------------------------------- library paths
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _get_features(self.model.get_image_features(pixel_values=pixels))
+
+    def _encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _get_features(self.model.get_text_features(**tokens))
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    # ------------------------------------------------- staged image tower
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._vision.pre_layrnorm(self._vision.embeddings(pixels))
+
+    def run_layers(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        for layer in self._layers[start:end]:
+            x = layer(x, None, *self._layer_extra_args)
+            if isinstance(x, tuple):
+                x = x[0]
+        return x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_projection(self._vision.post_layernorm(x[:, 0, :]))
+
+    # ----------------------------------------------------- attention sites
+    def attention_module(self, layer: int) -> nn.Module:
+        return self._layers[layer].self_attn
+
+    def _set_impl(self, name: str) -> None:
+        if hasattr(self._vision, "set_attn_implementation"):
+            self._vision.set_attn_implementation(name)
+        else:  # older transformers
+            self._vision.config._attn_implementation = name
+
+    def _install(self, layer: int, hook: HeadHook) -> None:
+        if "_clipheads_own_impl" not in self._vision.__dict__:
+            own = self._vision.config._attn_implementation or "sdpa"
+            self._vision.__dict__["_clipheads_own_impl"] = own
+            inner = own if own in ALL_ATTENTION_FUNCTIONS else "sdpa"  # eager has no registered function
+            for i in range(self.n_layers):
+                self.attention_module(i)._clipheads_inner = inner
+            self._set_impl(ATTENTION_NAME)
+        self.attention_module(layer)._clipheads_hook = hook
+
+    def _uninstall(self, layer: int) -> None:
+        module = self.attention_module(layer)
+        if hasattr(module, "_clipheads_hook"):
+            del module._clipheads_hook
+        if not self.hooked_layers and "_clipheads_own_impl" in self._vision.__dict__:
+            self._set_impl(self._vision.__dict__.pop("_clipheads_own_impl"))
+            for i in range(self.n_layers):
+                del self.attention_module(i)._clipheads_inner
+
+
+def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
+    """Load a ``CLIPModel``/``ChineseCLIPModel`` (hub id or local folder) with its tokenizer and processor."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
+        raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
+    classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel}
+    model_cls = classes.get(config.model_type)
+    if model_cls is None:
+        raise ModelLoadError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
+                             f"(supported: {', '.join(classes)}; open_clip models: prefix the name with open_clip:)")
+    try:
+        model = model_cls.from_pretrained(name_or_path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
+    tokenizer = image_processor = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
+        tokenizer = None
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
+        image_processor = None
+    model.eval().to(device=device, dtype=dtype)
+    return HFBackend(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def _not_found_message(name: str, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    if Path(name).exists():
+        return f"cannot load model from {name!r}: {reason}"
+    return (f"cannot load model {name!r}: it is neither a local folder nor in the Hugging Face cache and the Hub "
+            f"is not reachable ({reason}). Provide weights as a local folder (save_pretrained), pre-download them "
+            "into the cache (HF_HOME) and set HF_HUB_OFFLINE=1, or use 'bundled' for the model shipped with "
+            "clipheads")

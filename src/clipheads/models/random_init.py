@@ -1,0 +1,117 @@
+"""Randomly initialised CLIP models of real architectures, built offline (tests, benchmarks, smoke runs).
+
+They go through exactly the same library classes as pretrained weights: ``CLIPModel``/``ChineseCLIPModel`` from
+a config, ``open_clip.create_model`` with ``pretrained=None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from clipheads.models.hf import HFBackend
+from clipheads.models.openclip import OpenCLIPBackend
+
+# vision settings of real models (hidden, layers, heads, mlp, patch, image)
+VISION_PRESETS = {
+    "tiny": (64, 2, 4, 128, 8, 32),
+    "small": (128, 6, 8, 512, 8, 64),
+    "ViT-B/32": (768, 12, 12, 3072, 32, 224),
+    "ViT-B/16": (768, 12, 12, 3072, 16, 224),
+    "ViT-L/14": (1024, 24, 16, 4096, 14, 224),
+}
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+
+def word_tokenizer(words: Sequence[str], model_max_length: int = 32):
+    """A word-level ``PreTrainedTokenizerFast`` (lower-cased, punctuation split) over ``words``.
+
+    It saves and loads with ``save_pretrained``/``AutoTokenizer.from_pretrained`` like any HF tokenizer.
+    Ids: ``<pad>`` 0, ``<unk>`` 1, ``<bos>`` 2, ``<eos>`` 3, then the words in the given order.
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in words:
+        vocab.setdefault(word.lower(), len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", vocab["<bos>"]), ("<eos>", vocab["<eos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=model_max_length)
+
+
+DEFAULT_WORDS = ("a", "an", "the", "photo", "of", "picture", "small", "large", "red", "green", "blue", "yellow",
+                 "black", "white", "cat", "dog", "car", "tree", "house", "circle", "square", "and", "on", "in",
+                 "left", "right", "top", "bottom", "with", "one", "two", "three")
+
+
+def random_hf_clip(preset: str = "tiny", chinese: bool = False, seed: int = 0, text_layers: int = 2,
+                   projection_dim: int | None = None, words: Sequence[str] = DEFAULT_WORDS) -> HFBackend:
+    """A random ``CLIPModel`` (or ``ChineseCLIPModel``) with a word-level tokenizer, wrapped in its backend."""
+    from transformers import ChineseCLIPConfig, ChineseCLIPModel, CLIPConfig, CLIPModel
+
+    hidden, layers, heads, mlp, patch, image = VISION_PRESETS[preset]
+    tokenizer = word_tokenizer(words)
+    vision = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
+                  patch_size=patch, image_size=image)
+    text_width = min(hidden, 128) if preset not in ("ViT-B/32", "ViT-B/16", "ViT-L/14") else 512
+    text = dict(hidden_size=text_width, num_hidden_layers=text_layers, num_attention_heads=4,
+                intermediate_size=2 * text_width, vocab_size=len(tokenizer), max_position_embeddings=32,
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    proj = projection_dim or min(hidden, 512)
+    torch.manual_seed(seed)
+    if chinese:
+        text.update(type_vocab_size=2)
+        text.pop("bos_token_id")
+        text.pop("eos_token_id")
+        model = ChineseCLIPModel(ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=proj))
+    else:
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=proj))
+    return HFBackend(model.eval(), f"random-hf-{'chinese-' if chinese else ''}{preset}", tokenizer=tokenizer)
+
+
+def random_open_clip(arch: str = "ViT-B-32", seed: int = 0, **overrides) -> OpenCLIPBackend:
+    """A random open_clip model of a built-in architecture (``pretrained=None``), or a custom vision config."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    if overrides:
+        config = open_clip.get_model_config(arch)
+        config["vision_cfg"].update(overrides.get("vision_cfg", {}))
+        config["text_cfg"].update(overrides.get("text_cfg", {}))
+        if "embed_dim" in overrides:
+            config["embed_dim"] = overrides["embed_dim"]
+        model = open_clip.model.CLIP(**config)
+    else:
+        model = open_clip.create_model(arch, pretrained=None)
+    return OpenCLIPBackend(model.eval(), f"open_clip:{arch}")
+
+
+def tiny_open_clip(seed: int = 0) -> OpenCLIPBackend:
+    """A 2-layer, 4-head open_clip ViT (32 px) for fast tests."""
+    return random_open_clip("ViT-B-32", seed=seed, embed_dim=64,
+                            vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16),
+                            text_cfg=dict(context_length=16, width=64, heads=4, layers=2))
+
+
+def save_hf(backend: HFBackend, folder: str | Path) -> Path:
+    """Save an HF backend (model, tokenizer, image processor) so that ``clipheads.load(folder)`` reads it back."""
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    backend.model.save_pretrained(folder)
+    if backend.tokenizer is not None:
+        backend.tokenizer.save_pretrained(folder)
+    size = backend.image_size
+    processor = backend.image_processor or CLIPImageProcessor(size={"shortest_edge": size},
+                                                              crop_size={"height": size, "width": size})
+    processor.save_pretrained(folder)
+    return folder
