@@ -10,8 +10,12 @@ back to its own implementation, so an untouched model runs exactly the library's
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from PIL import Image
@@ -100,7 +104,7 @@ class HFBackend(CLIPBackend):
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     # ------------------------------------------------- staged image tower
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -151,7 +155,8 @@ def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        with offline_if_unreachable():
+            config = AutoConfig.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
     classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel}
@@ -160,20 +165,45 @@ def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
         raise ModelLoadError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
                              f"(supported: {', '.join(classes)}; open_clip models: prefix the name with open_clip:)")
     try:
-        model = model_cls.from_pretrained(name_or_path)
+        with offline_if_unreachable():
+            model = model_cls.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
     tokenizer = image_processor = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
-        tokenizer = None
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-    except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
-        image_processor = None
+    with offline_if_unreachable():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
+            tokenizer = None
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+        except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
+            image_processor = None
     model.eval().to(device=device, dtype=dtype)
     return HFBackend(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def offline_if_unreachable():
+    """Use only the local cache when the Hub cannot be reached, instead of waiting through the client's retries."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    if not previous and not _hub_reachable():
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def _not_found_message(name: str, exc: Exception) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 
 from clipheads.errors import ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
+from clipheads.models.hf import offline_if_unreachable
 
 PREFIX = "open_clip:"
 
@@ -95,7 +96,7 @@ class OpenCLIPBackend(CLIPBackend):
 
     @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     # ------------------------------------------------- staged image tower
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -142,6 +143,9 @@ def parse_open_clip_name(name: str) -> tuple[str, str | None]:
 def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
     import open_clip
 
+    from clipheads.models.random_init import register_open_clip_configs
+
+    register_open_clip_configs()
     arch, tag = parse_open_clip_name(name)
     pretrained = pretrained or tag
     if not arch.startswith(("hf-hub:", "local-dir:")) and arch not in open_clip.list_models():
@@ -153,10 +157,11 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             raise ModelLoadError(f"{name}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                                  f"{arch} (tags: {', '.join(known) or 'none'})")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-        tokenizer = open_clip.get_tokenizer(arch)
+        with offline_if_unreachable():
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+            tokenizer = open_clip.get_tokenizer(arch)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
         raise ModelLoadError(
             f"cannot load {name!r} ({reason}); without network access give a local checkpoint "
             f"(open_clip:{arch}/path/to/weights.pt), a local-dir: folder, or pre-download the weights into the "

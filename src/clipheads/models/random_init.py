@@ -78,28 +78,31 @@ def random_hf_clip(preset: str = "tiny", chinese: bool = False, seed: int = 0, t
     return HFBackend(model.eval(), f"random-hf-{'chinese-' if chinese else ''}{preset}", tokenizer=tokenizer)
 
 
-def random_open_clip(arch: str = "ViT-B-32", seed: int = 0, **overrides) -> OpenCLIPBackend:
-    """A random open_clip model of a built-in architecture (``pretrained=None``), or a custom vision config."""
+TINY_OPEN_CLIP = "ClipHeads-Tiny-ViT"
+
+
+def register_open_clip_configs() -> None:
+    """Make open_clip know the tiny test architecture shipped with clipheads (``ClipHeads-Tiny-ViT``)."""
     import open_clip
 
+    if TINY_OPEN_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).resolve().parent.parent / "assets" / "open_clip_configs")
+
+
+def random_open_clip(arch: str = "ViT-B-32", seed: int = 0) -> OpenCLIPBackend:
+    """A random open_clip model of a built-in architecture, built by ``open_clip.create_model(pretrained=None)``."""
+    import open_clip
+
+    register_open_clip_configs()
     torch.manual_seed(seed)
-    if overrides:
-        config = open_clip.get_model_config(arch)
-        config["vision_cfg"].update(overrides.get("vision_cfg", {}))
-        config["text_cfg"].update(overrides.get("text_cfg", {}))
-        if "embed_dim" in overrides:
-            config["embed_dim"] = overrides["embed_dim"]
-        model = open_clip.model.CLIP(**config)
-    else:
-        model = open_clip.create_model(arch, pretrained=None)
-    return OpenCLIPBackend(model.eval(), f"open_clip:{arch}")
+    model = open_clip.create_model(arch, pretrained=None)
+    return OpenCLIPBackend(model.eval(), f"open_clip:{arch}",
+                           tokenizer=open_clip.get_tokenizer(arch))
 
 
 def tiny_open_clip(seed: int = 0) -> OpenCLIPBackend:
-    """A 2-layer, 4-head open_clip ViT (32 px) for fast tests."""
-    return random_open_clip("ViT-B-32", seed=seed, embed_dim=64,
-                            vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16),
-                            text_cfg=dict(context_length=16, width=64, heads=4, layers=2))
+    """A 2-layer, 4-head open_clip ViT (32 px) for fast tests (config shipped in clipheads/assets)."""
+    return random_open_clip(TINY_OPEN_CLIP, seed=seed)
 
 
 def save_hf(backend: HFBackend, folder: str | Path) -> Path:

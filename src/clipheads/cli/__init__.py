@@ -1,0 +1,43 @@
+"""The ``clipheads`` command line: a thin layer that parses options and calls the library.
+
+Each concern registers its commands from its own module (``register(app)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from clipheads.errors import ClipHeadsError
+
+app = typer.Typer(
+    name="clipheads",
+    help=("Find the attention heads of CLIP's image encoder that hurt, ablate them at virtually no cost, and "
+          "explain what each head does. Heads are written L{layer}.H{head}, 0-based. Every command uses the "
+          "small CLIP bundled with clipheads unless you give --model (a Hugging Face id or folder, or "
+          "open_clip:ARCH[/TAG])."),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_all() -> None:
+    from clipheads.cli import eval_cmd, explain_cmd, models_cmd, search_cmd, world_cmd
+
+    for module in (models_cmd, eval_cmd, search_cmd, explain_cmd, world_cmd):
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except ClipHeadsError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -1,0 +1,79 @@
+"""Every operator against a naive reference that builds each head's attention matrix explicitly and edits it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import clipheads
+from clipheads.interventions import OPERATORS
+
+
+def _layer_parts(backend, layer: int):
+    """(ln1, q/k/v function, out_proj, ln2, mlp, ls1, ls2) of a layer, read from the library's modules."""
+    if backend.kind == "hf":
+        block = backend.model.vision_model.encoder.layers[layer]
+        attn = block.self_attn
+
+        def qkv(h):
+            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+        return block.layer_norm1, qkv, attn.out_proj, block.layer_norm2, block.mlp, (lambda t: t), (lambda t: t)
+    block = backend.model.visual.transformer.resblocks[layer]
+
+    def qkv(h):
+        return torch.nn.functional.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+
+    return block.ln_1, qkv, block.attn.out_proj, block.ln_2, block.mlp, block.ls_1, block.ls_2
+
+
+def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None):
+    """Reference forward: explicit softmax(QK^T / sqrt(d)) per head, edited, mixed with the soft gate."""
+    heads, d = backend.n_heads, backend.head_dim
+    x = backend.embed(pixels)
+    batch, tokens, width = x.shape
+    for layer in range(backend.n_layers):
+        ln1, qkv, out_proj, ln2, mlp, ls1, ls2 = _layer_parts(backend, layer)
+        q, k, v = (t.view(batch, tokens, heads, d).transpose(1, 2) for t in qkv(ln1(x)))  # [B, H, T, d]
+        attn = torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1)  # [B, H, T, T]
+        if op == "identity":
+            edited = torch.eye(tokens).expand_as(attn)
+        elif op == "cls":
+            edited = torch.zeros_like(attn)
+            edited[..., 0] = 1.0  # every query attends only to the class token's key
+        elif op == "scale":
+            edited = alpha * attn
+        else:  # zero and mean: the attention contributes nothing, mean adds a constant afterwards
+            edited = torch.zeros_like(attn)
+        g = gates[layer].view(1, heads, 1, 1)
+        z = (g * attn + (1 - g) * edited) @ v  # [B, H, T, d]
+        if op == "mean":
+            z = z + (1 - g) * means[layer].view(1, heads, 1, d)
+        x = x + ls1(out_proj(z.transpose(1, 2).reshape(batch, tokens, width)))
+        x = x + ls2(mlp(ln2(x)))
+    return backend.pool(x)
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_operator_matches_naive_reference(tiny_backend, pixels, op, soft):
+    torch.manual_seed(0)
+    shape = (tiny_backend.n_layers, tiny_backend.n_heads)
+    gates = torch.rand(shape) if soft else (torch.rand(shape) > 0.5).float()
+    gates[0, 0] = 0.0  # at least one ablated head
+    means = torch.randn(*shape, tiny_backend.head_dim) if op == "mean" else None
+    mask = clipheads.HeadMask.from_tensor(gates, tiny_backend)
+    with torch.no_grad():
+        expected = naive_encode(tiny_backend, pixels, gates, op, alpha=0.3, means=means)
+        with clipheads.ablate(tiny_backend, mask, op=op, alpha=0.3, means=means):
+            got = tiny_backend.encode_image(pixels)
+        vanilla = tiny_backend.encode_image(pixels)
+    assert (got - expected).abs().max() <= 1e-5
+    assert (got - vanilla).abs().max() > 1e-3, "the intervention must change the output"
+
+
+def test_naive_reference_with_all_ones_is_the_library(tiny_backend, pixels):
+    gates = torch.ones(tiny_backend.n_layers, tiny_backend.n_heads)
+    with torch.no_grad():
+        expected = naive_encode(tiny_backend, pixels, gates, "identity")
+        assert (tiny_backend.encode_image(pixels) - expected).abs().max() <= 1e-5
