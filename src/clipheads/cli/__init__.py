@@ -21,11 +21,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 
 def _register_all() -> None:
-    from clipheads.cli import eval_cmd, explain_cmd, models_cmd, search_cmd, world_cmd
+    from clipheads.cli import eval_cmd, explain_cmd, models_cmd, search_cmd, world_cmd  # noqa: I001
 
     for module in (models_cmd, eval_cmd, search_cmd, explain_cmd, world_cmd):
         module.register(app)
@@ -34,8 +35,18 @@ def _register_all() -> None:
 _register_all()
 
 
+def _quiet_libraries() -> None:
+    """Keep the terminal for clipheads' own progress bars and tables."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs to the root logger
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     try:
         app()
     except ClipHeadsError as exc:

@@ -1,0 +1,87 @@
+"""``clipheads info`` and ``clipheads mask``: look at a model's heads and write head masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clipheads.errors import DataError, MaskError
+
+console = Console()
+
+MODEL_HELP = ("Model: 'bundled' (default, shipped with clipheads), a Hugging Face id or folder, "
+              "open_clip:ARCH (random init), open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt.")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def info(model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+         device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ...")) -> None:
+    """Show a model's image-encoder attention: layers, heads per layer, head dim, image size."""
+    import clipheads
+
+    backend = clipheads.load(model, device=device)
+    a = backend.architecture
+    table = Table(title=backend.name, show_header=False)
+    rows = {"backend": backend.kind, "class": type(backend.model).__name__, "layers": a.n_layers,
+            "heads per layer": a.n_heads, "head dim": a.head_dim, "width": a.width, "image size": backend.image_size,
+            "heads in total": a.n_layers * a.n_heads}
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    console.print(f"Heads are named L0.H0 .. L{a.n_layers - 1}.H{a.n_heads - 1} (0-based).")
+
+
+def mask(
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the mask JSON."),
+    heads: str = typer.Option("", help="Heads to ablate, e.g. 'L3.H7,L5.H1'."),
+    layers: str = typer.Option("", help="Whole layers to ablate, e.g. '0-2,5' (ranges inclusive)."),
+    gate: float = typer.Option(0.0, help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
+    means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
+                                                "mask (needed by --op mean)."),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    batch_size: int = typer.Option(32, help="Images per batch for --means-from."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+) -> None:
+    """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it."""
+    import clipheads
+
+    if not heads and not layers:
+        raise MaskError("give --heads and/or --layers")
+    backend = clipheads.load(model, device=device)
+    result = clipheads.HeadMask.ones(backend)
+    if heads:
+        result.gates = torch.minimum(result.gates, clipheads.HeadMask.from_heads(heads, backend, value=gate).gates)
+    if layers:
+        result.gates = torch.minimum(result.gates, clipheads.HeadMask.from_layers(layers, backend, value=gate).gates)
+    if means_from is not None:
+        result.means = clipheads.compute_head_means(backend, _image_batches(backend, means_from, batch_size))
+        result.meta["means_from"] = str(means_from)
+    result.meta["model"] = backend.name
+    result.save(out)
+    console.print(f"{result!r} -> {out}")
+
+
+def _image_batches(backend, folder: Path, batch_size: int):
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images (.png/.jpg/...) found under {str(folder)!r}")
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    batch.append(backend.preprocess(image))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"cannot read image {str(path)!r}: {exc}") from None
+        yield torch.stack(batch)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(info)
+    app.command("mask")(mask)
