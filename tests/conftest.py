@@ -5,21 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipheads.models.random_init import random_hf_clip, tiny_open_clip
+from clipheads.models.random_init import TINY_KINDS, tiny_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
-BACKENDS = ("hf", "chinese", "open_clip")
+BACKENDS = TINY_KINDS
 
 
 def make_tiny(kind: str, seed: int = 0):
-    if kind == "hf":
-        return random_hf_clip("tiny", seed=seed)
-    if kind == "chinese":
-        return random_hf_clip("tiny", chinese=True, seed=seed)
-    if kind == "open_clip":
-        return tiny_open_clip(seed=seed)
-    raise ValueError(kind)
+    return tiny_model(kind, seed=seed)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

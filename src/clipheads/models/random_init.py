@@ -105,6 +105,18 @@ def tiny_open_clip(seed: int = 0) -> OpenCLIPBackend:
     return random_open_clip(TINY_OPEN_CLIP, seed=seed)
 
 
+TINY_KINDS = ("hf", "chinese", "open_clip")
+
+
+def tiny_model(kind: str = "hf", seed: int = 0):
+    """A 2-layer, 4-head, 32 px random model of one backend family: ``hf``, ``chinese`` or ``open_clip``."""
+    if kind == "open_clip":
+        return tiny_open_clip(seed=seed)
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    return random_hf_clip("tiny", chinese=kind == "chinese", seed=seed)
+
+
 def save_hf(backend: HFBackend, folder: str | Path) -> Path:
     """Save an HF backend (model, tokenizer, image processor) so that ``clipheads.load(folder)`` reads it back."""
     from transformers import CLIPImageProcessor

@@ -1,0 +1,178 @@
+"""Fine-tuning baselines for AAT: full fine-tuning of the image encoder, and PEFT methods (LoRA, IA3) via ``peft``.
+
+Every method trains on the same image-text pairs as the AAT search, with the CLIP contrastive loss against cached
+text features (the text tower stays frozen, as in AAT-BP), validates after every epoch and reports its number of
+trainable parameters, so that AAT (one bit per head) can be compared on parameter efficiency.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from clipheads.errors import ClipHeadsError
+from clipheads.models import CLIPBackend
+
+log = logging.getLogger(__name__)
+
+METHODS = ("full", "lora", "ia3")
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune. ``lr`` defaults per method (full: 1e-5, lora/ia3: 1e-3) when left at ``None``."""
+
+    method: str = "lora"
+    rank: int = 8
+    lora_alpha: int = 16
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float | None = None
+    weight_decay: float = 0.1
+    seed: int = 0
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-5 if self.method == "full" else 1e-3)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_metric: float
+    seconds: float
+
+
+@dataclass
+class FinetuneResult:
+    method: str
+    config: dict
+    trainable_params: int
+    total_params: int
+    history: list[EpochRecord] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Symmetric CLIP loss for matched rows of ``[B, D]`` image and text features."""
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _peft_targets(backend: CLIPBackend, method: str) -> tuple[str, str | None]:
+    """Regexes for peft's ``target_modules`` (and IA3's ``feedforward_modules``) restricted to the image tower."""
+    if backend.kind == "hf":
+        attn = r".*vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+        mlp = r".*vision_model\.encoder\.layers\.\d+\.mlp\.fc2"
+    else:  # open_clip: peft wraps nn.MultiheadAttention (packed in_proj) as a whole for LoRA
+        attn = r"visual\.transformer\.resblocks\.\d+\.attn" if method == "lora" else \
+            r"visual\.transformer\.resblocks\.\d+\.attn\.out_proj"
+        mlp = r"visual\.transformer\.resblocks\.\d+\.mlp\.c_proj"
+    if method == "ia3":
+        return f"({attn}|{mlp})", mlp
+    return attn, None
+
+
+def prepare_model(backend: CLIPBackend, config: FinetuneConfig) -> tuple[nn.Module, int, int]:
+    """Return the model to train (a peft model for lora/ia3), its number of trainable and of total parameters."""
+    if config.method not in METHODS:
+        raise ClipHeadsError(f"unknown fine-tuning method {config.method!r}; choose one of {', '.join(METHODS)}")
+    model = backend.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if config.method == "full":
+        tower = model.vision_model if backend.kind == "hf" else model.visual
+        for p in tower.parameters():
+            p.requires_grad_(True)
+        if backend.kind == "hf":
+            model.visual_projection.weight.requires_grad_(True)
+        trained = model
+    else:
+        from peft import IA3Config, LoraConfig, get_peft_model
+
+        targets, feedforward = _peft_targets(backend, config.method)
+        if config.method == "lora":
+            peft_config = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=targets,
+                                     lora_dropout=0.0)
+        else:
+            peft_config = IA3Config(target_modules=targets, feedforward_modules=feedforward)
+        trained = get_peft_model(model, peft_config)
+    n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in trained.parameters())
+    return trained, n_trainable, n_total
+
+
+def finetune(
+    backend: CLIPBackend,
+    pixels: torch.Tensor,
+    text_features: torch.Tensor,
+    config: FinetuneConfig,
+    validate: Callable[[CLIPBackend], float] | None = None,
+    out_dir: str | Path | None = None,
+) -> tuple[CLIPBackend, FinetuneResult]:
+    """Fine-tune the image encoder on matched pairs ``pixels [N, 3, H, W]`` / ``text_features [N, D]``.
+
+    ``backend.model`` is trained in place (load a fresh model for each run). ``validate(backend) -> float`` is
+    called after every epoch (e.g. held-out mean-R). With ``out_dir`` the final weights are saved with the
+    libraries' own functions (peft adapters via ``save_pretrained``; full HF models via ``save_pretrained``;
+    open_clip via ``torch.save(state_dict)``). Returns the backend (now running the tuned model) and the result.
+    """
+    if len(pixels) != len(text_features) or len(pixels) < 2:
+        raise ClipHeadsError(f"fine-tuning needs at least 2 matched pairs (got {len(pixels)} images and "
+                             f"{len(text_features)} texts)")
+    torch.manual_seed(config.seed)
+    # peft injects its adapters into backend.model in place, so the backend itself now runs the tuned model
+    trained, n_trainable, n_total = prepare_model(backend, config)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(pixels) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.epochs)
+    logit_scale = backend.logit_scale
+    text_features = text_features.to(backend.device)
+    result = FinetuneResult(config.method, asdict(config), n_trainable, n_total)
+    generator = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        epoch_start = time.perf_counter()
+        trained.train()
+        order = torch.randperm(len(pixels), generator=generator)
+        losses = []
+        for step in tqdm(range(steps_per_epoch), desc=f"{config.method} epoch {epoch}", leave=False):
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            loss = contrastive_loss(backend.encode_image(pixels[idx]), text_features[idx], logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        trained.eval()
+        val = float(validate(backend)) if validate is not None else float("nan")
+        result.history.append(EpochRecord(epoch, sum(losses) / len(losses), val, time.perf_counter() - epoch_start))
+        log.info("%s epoch %d: loss %.4f, val %.3f", config.method, epoch, result.history[-1].train_loss, val)
+    result.wall_seconds = time.perf_counter() - start
+    if out_dir is not None:
+        save_finetuned(trained, backend, Path(out_dir))
+    return backend, result
+
+
+def save_finetuned(trained: nn.Module, backend: CLIPBackend, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(trained, "peft_config") or backend.kind == "hf":
+        trained.save_pretrained(out_dir)  # peft: adapter weights + adapter_config.json; HF: the whole model
+    else:
+        torch.save(trained.state_dict(), out_dir / "open_clip_model.pt")
+    return out_dir
