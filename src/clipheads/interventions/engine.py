@@ -112,7 +112,7 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
     with torch.no_grad():
         for layer in mask.layers:
             proj = baked.out_proj(layer)
-            for head in (gates[layer] < 1).nonzero().flatten().tolist():
+            for head in (gates[layer] != 1).nonzero().flatten().tolist():
                 cols = slice(head * d, (head + 1) * d)
                 g = float(gates[layer, head])
                 if operator.name == "mean":

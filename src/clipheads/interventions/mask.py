@@ -96,23 +96,23 @@ class HeadMask:
 
     @property
     def ablated(self) -> list[str]:
-        """Labels of the heads whose gate is below 1, in layer-head order."""
-        return [head_label(int(l_), int(h)) for l_, h in (self.gates.detach() < 1).nonzero().tolist()]
+        """Labels of the heads whose gate is not 1 (ablated or soft-gated), in layer-head order."""
+        return [head_label(int(l_), int(h)) for l_, h in (self.gates.detach() != 1).nonzero().tolist()]
 
     @property
     def n_ablated(self) -> int:
-        return int((self.gates.detach() < 1).sum())
+        return int((self.gates.detach() != 1).sum())
 
     @property
     def layers(self) -> list[int]:
         """Layers that contain at least one ablated head."""
-        return sorted({int(v) for v in (self.gates.detach() < 1).any(dim=1).nonzero().flatten().tolist()})
+        return sorted({int(v) for v in (self.gates.detach() != 1).any(dim=1).nonzero().flatten().tolist()})
 
     def is_identity(self) -> bool:
         return bool((self.gates.detach() == 1).all()) and not self.gates.requires_grad
 
     def heads_per_layer(self) -> list[int]:
-        return (self.gates.detach() < 1).sum(dim=1).tolist()
+        return (self.gates.detach() != 1).sum(dim=1).tolist()
 
     def _check_head(self, layer: int, head: int) -> None:
         n_layers, n_heads = self.shape
@@ -133,7 +133,7 @@ class HeadMask:
 
     def __contains__(self, head: str | Head) -> bool:
         layer, h = parse_head(head)
-        return bool(self.gates[layer, h] < 1)
+        return bool(self.gates[layer, h] != 1)
 
     def key(self) -> bytes:
         """A hashable key of the gate values (for memoising evaluations)."""
