@@ -169,3 +169,15 @@ def test_mean_operator_uses_means_stored_in_the_mask(tiny_backend, pixels, tmp_p
         with clipheads.ablate(tiny_backend, loaded, op="mean"):
             b = tiny_backend.encode_image(pixels)
     assert (a - b).abs().max() <= 1e-6
+
+
+def test_an_ablation_whose_hooks_never_run_is_an_error(pixels):
+    from clipheads.models.random_init import tiny_model
+
+    backend = tiny_model("hf", seed=2)
+    mask = clipheads.HeadMask.from_heads("L0.H0", backend)
+    with clipheads.ablate(backend, mask):
+        backend.model.vision_model.config._attn_implementation = "sdpa"  # something bypasses the hook
+        with pytest.raises(clipheads.ClipHeadsError, match="hooks did not run"):
+            backend.encode_image(pixels)
+        backend.model.vision_model.config._attn_implementation = "clipheads"

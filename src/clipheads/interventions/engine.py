@@ -29,6 +29,7 @@ class Intervention:
 
     mask: HeadMask
     operator: Operator
+    calls: int = 0  # hook calls so far: lets the backend prove that an ablation really ran
 
 
 def _operator_for(mask: HeadMask, op: str | Operator, alpha: float | None, means: torch.Tensor | None) -> Operator:
@@ -38,10 +39,11 @@ def _operator_for(mask: HeadMask, op: str | Operator, alpha: float | None, means
     return resolve_operator(op, alpha=alpha, means=means)
 
 
-def _make_hook(gates: torch.Tensor, layer: int, operator: Operator):
+def _make_hook(gates: torch.Tensor, layer: int, intervention: Intervention):
     def hook(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        intervention.calls += 1
         # index at call time so that a learned gate tensor (AAT-BP) is read after every optimiser step
-        return operator.mix(z, v, gates[layer], layer)
+        return intervention.operator.mix(z, v, gates[layer], layer)
 
     return hook
 
@@ -64,10 +66,11 @@ def apply(model: ModelLike, mask: HeadMask, op: str | Operator = "identity", *, 
     if operator.means is not None and tuple(operator.means.shape) != (*mask.shape, backend.head_dim):
         raise OperatorError(f"head means of shape {tuple(operator.means.shape)} do not fit this model "
                             f"({mask.shape[0]}, {mask.shape[1]}, {backend.head_dim})")
+    intervention = Intervention(mask, operator)
     layers = range(backend.n_layers) if mask.gates.requires_grad else mask.layers
     for layer in layers:
-        backend.set_head_hook(layer, _make_hook(mask.gates, layer, operator))
-    backend.intervention = Intervention(mask, operator)
+        backend.set_head_hook(layer, _make_hook(mask.gates, layer, intervention))
+    backend.intervention = intervention
     return backend
 
 

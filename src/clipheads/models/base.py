@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from clipheads.errors import ClipHeadsError
+
 # hook(z, v) -> z', all [batch, pos, head, d_head]
 HeadHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -115,7 +117,12 @@ class CLIPBackend(ABC):
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """``[B, 3, H, W]`` -> ``[B, D]`` through the library's own image encoder (with any active ablation)."""
+        intervention = self.intervention
+        calls = getattr(intervention, "calls", 0)
         features = self._encode_image(pixels.to(self.device, self.dtype))
+        if intervention is not None and self.hooked_layers and intervention.calls == calls:
+            raise ClipHeadsError(f"{self.name}: an ablation is applied but its hooks did not run during "
+                                 "encode_image; the model's attention code path is not supported")
         return nn.functional.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: Sequence[str] | dict[str, torch.Tensor], normalize: bool = False) -> torch.Tensor:

@@ -129,6 +129,11 @@ class HFBackend(CLIPBackend):
             self._vision.set_attn_implementation(name)
         else:  # older transformers
             self._vision.config._attn_implementation = name
+        # composite models (e.g. VisionEncoderDecoderModel) can leave layers holding another config object
+        for i in range(self.n_layers):
+            config = self.attention_module(i).config
+            if config is not self._vision.config:
+                config._attn_implementation = name
 
     def _install(self, layer: int, hook: HeadHook) -> None:
         if "_clipheads_own_impl" not in self._vision.__dict__:
