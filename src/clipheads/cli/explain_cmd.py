@@ -1,9 +1,286 @@
-"""Commands of this concern (filled in by its issue)."""
+"""``clipheads describe``, ``clipheads ccs`` and ``clipheads prune``: explain heads, score them, prune by score."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from clipheads.cli.models_cmd import IMAGE_SUFFIXES, MODEL_HELP
+from clipheads.errors import ClipHeadsError, DataError
+
+console = Console()
+
+DATA_HELP = ("Images to explain the heads on: a folder (searched recursively) or a Karpathy-style retrieval JSON "
+             "(with --split).")
+TEXTS_HELP = "Text pool: 'default' (generated word lists shipped with clipheads) or a text file, one text per line."
+
+
+def _load(model: str, device: str, precision: str):
+    import clipheads
+
+    return clipheads.load(model, device=device, dtype=precision)
+
+
+def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> list[Path]:
+    if data.is_dir():
+        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif data.suffix.lower() == ".json":
+        from clipheads.data import load_retrieval
+
+        dataset = load_retrieval(data, split=split)
+        paths = list(dict.fromkeys(Path(p) for p in dataset.image_paths))
+    else:
+        raise DataError(f"--data {str(data)!r}: give a folder of images or a retrieval JSON")
+    if len(paths) < 2:
+        raise DataError(f"--data {str(data)!r}: found {len(paths)} images; describing heads needs at least 2")
+    if len(paths) > max_images:  # a fixed random subset, not the first files of the first folders
+        keep = np.random.default_rng(seed).choice(len(paths), max_images, replace=False)
+        paths = [paths[i] for i in sorted(keep.tolist())]
+    return paths
+
+
+def _pixel_batches(backend, paths: list[Path], batch_size: int):
+    import torch
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", leave=False):
+        batch = []
+        for path in paths[start:start + batch_size]:
+            try:
+                with Image.open(path) as image:
+                    batch.append(backend.preprocess(image))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise DataError(f"cannot read image {str(path)!r} ({type(exc).__name__})") from None
+        yield torch.stack(batch)
+
+
+def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
+              max_images: int, batch_size: int, seed: int):
+    from clipheads.explain.judges import encode_texts
+    from clipheads.explain.pipeline import describe_model
+    from clipheads.explain.pool import get_pool, known_texts
+
+    paths = _image_paths(data, split, max_images, seed)
+    pool = known_texts(backend, get_pool(texts, seed=seed))
+    console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
+    features = encode_texts(backend, pool.texts)
+    result = describe_model(backend, _pixel_batches(backend, paths, batch_size), pool, k=k, layers=layers, rank=rank,
+                            pool_features=features)
+    result.meta["data"] = str(data)
+    return result, pool, features
+
+
+def _print_descriptions(result) -> None:
+    table = Table(title=f"TextSpan: top {result.k} texts per head ({result.n_images} images, {result.n_texts} texts)")
+    for column in ("head", "variance", "explained", "texts (most variance first)"):
+        table.add_column(column)
+    for d in result.heads:
+        table.add_row(d.label, f"{d.variance:.3g}", f"{sum(d.explained):.0%}",
+                      "; ".join(f"{t} ({e:.0%})" for t, e in zip(d.texts, d.explained, strict=True)))
+    console.print(table)
+
+
+def describe(
+    data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    texts: str = typer.Option("default", help=TEXTS_HELP),
+    k: int = typer.Option(5, "--k", help="Texts per head."),
+    layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
+    rank: int = typer.Option(80, help="Principal directions of each head the texts are projected onto."),
+    split: str = typer.Option(None, help="Split of a retrieval JSON (default: all images)."),
+    max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (descriptions.json)."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    seed: int = typer.Option(0, help="Seed of the image subset and the default pool."),
+) -> None:
+    """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
+    backend = _load(model, device, precision)
+    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+    _print_descriptions(result)
+    path = result.save(out / "descriptions.json")
+    console.print(f"-> {path}")
+
+
+def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models, llm_timeout, threshold):
+    from clipheads.explain.judges import ClipJudge, LLMJudge
+
+    judges = []
+    for name in names:
+        if name == "clip":
+            judges.append(ClipJudge(backend, threshold=threshold, pool=pool, pool_features=features))
+        elif name == "llm":
+            judges += [LLMJudge(llm_base_url, m, timeout=llm_timeout) for m in (llm_models or [None])]
+        else:
+            raise ClipHeadsError(f"unknown judge {name!r}; use clip or llm")
+    return judges
+
+
+def ccs(
+    data: Path = typer.Option(None, "--data", "-d", help=DATA_HELP + " Not needed with --descriptions."),
+    descriptions: Path = typer.Option(None, help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    texts: str = typer.Option("default", help=TEXTS_HELP),
+    k: int = typer.Option(5, "--k", help="Texts per head."),
+    layers: str = typer.Option(None, help="Layers whose heads to score (default: all)."),
+    judge: list[str] = typer.Option(["clip"], help="clip (offline, the model's text tower) or llm; repeat the "
+                                                   "option for a majority vote of several judges."),
+    llm_base_url: str = typer.Option(None, help="OpenAI-compatible endpoint (env CLIPHEADS_LLM_BASE_URL); the "
+                                                "key is read from OPENAI_API_KEY."),
+    llm_model: list[str] = typer.Option(None, help="Model name (env CLIPHEADS_LLM_MODEL); repeat for several "
+                                                   "LLM judges."),
+    llm_timeout: float = typer.Option(60.0, help="Seconds per LLM request."),
+    threshold: float = typer.Option(None, help="Consistency threshold of the clip judge (default: calibrated)."),
+    rank: int = typer.Option(80, help="Principal directions of each head the texts are projected onto."),
+    split: str = typer.Option(None, help="Split of a retrieval JSON (default: all images)."),
+    max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (ccs.json, ccs_heatmap.png)."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    seed: int = typer.Option(0, help="Seed of the image subset and the default pool."),
+) -> None:
+    """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
+    from tqdm import tqdm
+
+    from clipheads.explain.pipeline import score_heads
+    from clipheads.explain.plots import plot_ccs_heatmap
+    from clipheads.explain.textspan import TextSpanResult
+
+    backend = _load(model, device, precision)
+    pool = features = None
+    if descriptions is not None:
+        result = TextSpanResult.load(descriptions)
+    elif data is not None:
+        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+        result.save(out / "descriptions.json")
+    else:
+        raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
+    judges = _judges(judge, backend, pool, features, llm_base_url, llm_model, llm_timeout, threshold)
+    with tqdm(total=len(result.heads), desc="judging", unit="head", leave=False) as bar:
+        scored = score_heads(result, judges, (backend.n_layers, backend.n_heads), checkpoint=out / "ccs_progress.json",
+                             progress=lambda done, total: bar.update(done - bar.n))
+    _print_ccs(scored)
+    path = scored.save(out / "ccs.json")
+    plot_ccs_heatmap(scored.scores(), out / "ccs_heatmap.png", scored.k, title=f"CCS of {backend.name}")
+    for name, calibration in scored.meta.get("calibration", {}).items():
+        console.print(f"{name} judge: threshold {calibration['threshold']:.4f} (balanced accuracy "
+                      f"{calibration['balanced_accuracy']:.2f} on held-out tagged texts)")
+    console.print(f"-> {path}, {out / 'ccs_heatmap.png'}")
+
+
+def _print_ccs(result) -> None:
+    table = Table(title=f"Concept Consistency Score (0..{result.k}), judges: {', '.join(result.judges)}")
+    for column in ("layer", "head", "label", "CCS", "descriptions (consistent marked +)"):
+        table.add_column(column)
+    for c in result.heads:
+        table.add_row(str(c.layer), str(c.head), c.label, str(c.ccs),
+                      "; ".join(("+" if ok else "-") + text for text, ok in zip(c.descriptions, c.consistent,
+                                                                               strict=True)))
+    console.print(table)
+    counts = {name: len(result.group(name)) for name in ("high", "moderate", "low")}
+    console.print("groups: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+
+
+def _numbers(value, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of an evaluation result (a dict, or an object with ``metrics`` or ``to_dict``)."""
+    if hasattr(value, "metrics") and not isinstance(value, dict):
+        value = value.metrics
+    elif hasattr(value, "to_dict") and not isinstance(value, dict):
+        value = value.to_dict()
+    if isinstance(value, bool):
+        return {}
+    if isinstance(value, int | float):
+        return {prefix.rstrip("/"): float(value)}
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _numbers(item, f"{prefix}{key}/").items()}
+    return {}
+
+
+def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, templates: Path | None,
+           bias: list[Path], skew_k: int, batch_size: int) -> dict:
+    """Evaluation tasks for :func:`compare_pruning`, built on the evaluation functions of ``clipheads.eval``."""
+    from clipheads import data as datasets
+    from clipheads import eval as evaluation
+
+    tasks = {}
+    if retrieval is not None:
+        dataset = datasets.load_retrieval(retrieval, split=split)
+        tasks["retrieval"] = lambda m, mask, op: _numbers(evaluation.evaluate_retrieval(
+            m, dataset, mask=mask, op=op, batch_size=batch_size))
+    if zeroshot is not None:
+        classes = datasets.load_classification(zeroshot, templates=templates)
+        tasks["zeroshot"] = lambda m, mask, op: _numbers(evaluation.evaluate_zeroshot(
+            m, classes, mask=mask, op=op, batch_size=batch_size))
+    for path in bias:
+        groups = datasets.load_counterfactual(path)
+        tasks[f"bias:{path.stem}"] = lambda m, mask, op, groups=groups: _numbers(evaluation.evaluate_bias(
+            m, groups, mask=mask, op=op, k=skew_k, batch_size=batch_size))
+    if not tasks:
+        raise ClipHeadsError("give at least one of --retrieval, --zeroshot, --bias to measure pruning on")
+    return tasks
+
+
+def prune(
+    ccs_file: Path = typer.Option(..., "--ccs", help="ccs.json from 'clipheads ccs'."),
+    group: str = typer.Option(None, help="Prune a CCS group: high (CCS = k), moderate or low (CCS <= 1)."),
+    top: int = typer.Option(None, help="Prune the n heads with the highest CCS instead of a group."),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
+    alpha: float = typer.Option(0.0, help="Factor of the scale operator (0 = remove the head's output)."),
+    means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
+    seeds: int = typer.Option(3, help="Random head sets of the same size to compare with (one per seed)."),
+    retrieval: Path = typer.Option(None, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
+    split: str = typer.Option(None, help="Split of the retrieval JSON."),
+    zeroshot: Path = typer.Option(None, help="Zero-shot classification: ImageFolder or CSV image,label."),
+    templates: Path = typer.Option(None, help="Prompt templates for zero-shot, one with {} per line."),
+    bias: list[Path] = typer.Option(None, help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
+    skew_k: int = typer.Option(10, help="K of MaxSkew@K."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
+    batch_size: int = typer.Option(32, help="Images per batch."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+) -> None:
+    """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
+    import clipheads
+    from clipheads.explain.concepts import CCSResult
+    from clipheads.explain.plots import plot_metric_changes
+    from clipheads.explain.prune import compare_pruning, select_heads
+    from clipheads.files import write_json_atomic
+
+    result = CCSResult.load(ccs_file)
+    heads = select_heads(result, group=group, top=top)
+    backend = _load(model, device, precision)
+    means = None
+    if op == "mean":
+        if means_from is None:
+            raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
+        paths = _image_paths(means_from, None, 2000, 0)
+        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size))
+    tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
+    name = f"CCS {group}" if group else f"CCS top {top}"
+    report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
+                             progress=lambda run: console.print(f"evaluating: {run}"))
+    report.meta.update({"model": backend.name, "ccs": str(ccs_file), "group": group, "top": top})
+    table = Table(title=f"{name}: {len(heads)} heads pruned ({report.selected.heads}) vs {seeds} random sets")
+    for column in ("metric", "before", "after", "change", "random after", "random change", "random std"):
+        table.add_column(column)
+    for row in report.rows():
+        table.add_row(row[0], *(f"{v:.4g}" for v in row[1:]))
+    console.print(table)
+    write_json_atomic(out / "prune.json", report.to_dict())
+    plot_metric_changes(report.changes(), out / "prune.png", list(report.baseline), title=f"Soft pruning: {name}")
+    console.print(f"-> {out / 'prune.json'}, {out / 'prune.png'}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command("describe")(describe)
+    app.command("ccs")(ccs)
+    app.command("prune")(prune)

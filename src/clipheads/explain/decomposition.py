@@ -1,0 +1,177 @@
+"""Direct contributions of every attention head to the image embedding (the decomposition behind TextSpan).
+
+The image embedding reads the class token of the last layer's residual stream, which is a sum of terms:
+
+    x_L = embedding + sum_l (sum_h head_{l,h} + out_proj_bias_l) + sum_l mlp_l
+
+where ``head_{l,h} = z_{l,h}[cls] @ W_O[:, block h].T`` is head ``h``'s output written through its column block of
+layer ``l``'s ``out_proj`` (times the block's layer scale, open_clip), and ``mlp_l`` is what layer ``l``'s MLP
+adds. The final layer norm is linearised with each image's own statistics, as in Gandelsman et al. (TextSpan):
+
+    LN(x) = gamma * (x - mean(x)) / std(x) + beta  ->  term_i' = gamma * (term_i - mean(term_i)) / std(x)
+
+Centering is linear, so each term is centered by its own mean over the width (its share of ``mean(x)``); every
+term is divided by the same per-image ``std(x)`` (``sqrt(var + eps)``). The layer norm's bias ``beta`` is the same
+for every image and belongs to no head: it is kept as a term of its own (``ln_bias``), so that head terms are pure
+head outputs. Each term is then multiplied by the image projection. The terms sum to ``model.encode_image``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clipheads.errors import ClipHeadsError
+from clipheads.heads import parse_layers
+from clipheads.models import CLIPBackend, as_backend
+
+
+@dataclass
+class Decomposition:
+    """Additive terms of the image embeddings of ``N`` images, all in the joint embedding space (``D``).
+
+    Attributes:
+        heads: ``[N, S, H, D]`` direct contribution of every head of the ``S`` layers in ``layers``.
+        layers: the layers whose heads are in ``heads`` (0-based, sorted).
+        attention: ``[N, L, D]`` each layer's whole attention term (all its heads + its ``out_proj`` bias).
+        mlp: ``[N, L, D]`` each layer's MLP term.
+        embedding: ``[N, D]`` the class token entering layer 0 (patch/class/position embeddings, pre-norm).
+        ln_bias: ``[D]`` the final layer norm's bias (and projection bias, if any), the same for every image.
+    """
+
+    heads: torch.Tensor
+    layers: list[int]
+    attention: torch.Tensor
+    mlp: torch.Tensor
+    embedding: torch.Tensor
+    ln_bias: torch.Tensor
+
+    @property
+    def n_images(self) -> int:
+        return int(self.embedding.shape[0])
+
+    def attention_bias(self) -> torch.Tensor:
+        """``[N, S, D]``: the ``out_proj`` bias term of each layer in ``layers`` (attention minus its heads)."""
+        return self.attention[:, self.layers] - self.heads.sum(dim=2)
+
+    def total(self) -> torch.Tensor:
+        """``[N, D]``: the sum of all terms, equal to the model's image embedding."""
+        return self.embedding + self.attention.sum(dim=1) + self.mlp.sum(dim=1) + self.ln_bias
+
+    @classmethod
+    def concat(cls, parts: Sequence[Decomposition]) -> Decomposition:
+        """Join the decompositions of consecutive image batches."""
+        if not parts:
+            raise ClipHeadsError("no image batches to decompose")
+        return cls(torch.cat([p.heads for p in parts]), parts[0].layers, torch.cat([p.attention for p in parts]),
+                   torch.cat([p.mlp for p in parts]), torch.cat([p.embedding for p in parts]), parts[0].ln_bias)
+
+
+def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
+    """The final layer norm and the image projection (``[width, D]`` matrix, optional bias) of the class token."""
+    model = backend.model
+    if hasattr(model, "vision_model"):  # transformers: post_layernorm(x[:, 0]) -> visual_projection
+        projection = model.visual_projection
+        return model.vision_model.post_layernorm, projection.weight.T, projection.bias
+    visual = model.visual  # open_clip: _pool (ln_post + class token) -> @ proj
+    if visual.attn_pool is not None or visual.pool_type != "tok":
+        raise ClipHeadsError(f"{backend.name}: the image tower pools with {visual.pool_type!r}"
+                             f"{' and an attentional pooler' if visual.attn_pool is not None else ''}; the head "
+                             "decomposition supports class-token pooling only")
+    return visual.ln_post, visual.proj, None
+
+
+def _layer_scale(backend: CLIPBackend, layer: int) -> nn.Module:
+    """What multiplies the attention output before it joins the residual (open_clip's LayerScale, else identity)."""
+    blocks = getattr(getattr(getattr(backend.model, "visual", None), "transformer", None), "resblocks", None)
+    return blocks[layer].ls_1 if blocks is not None else nn.Identity()
+
+
+@torch.inference_mode()
+def _residual_terms(backend: CLIPBackend, pixels: torch.Tensor):
+    """Class-token terms of the last residual stream: embedding ``[B, W]``, heads ``[B, L, H, W]``, attention
+    bias ``[B, L, W]``, MLP ``[B, L, W]``, and the final residual ``[B, W]`` they sum to."""
+    n_layers, n_heads, head_dim = backend.n_layers, backend.n_heads, backend.head_dim
+    recorded: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int):
+        def hook(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            recorded[layer] = z[:, 0]  # [B, H, d]
+            return z
+
+        return hook
+
+    x = backend.embed(pixels.to(backend.device, backend.dtype))
+    embedding = x[:, 0].float()
+    heads, biases, mlps = [], [], []
+    try:
+        for layer in range(n_layers):
+            backend.set_head_hook(layer, recorder(layer))
+        for layer in range(n_layers):
+            x_next = backend.run_layers(x, layer, layer + 1)
+            proj = backend.out_proj(layer)
+            scale = _layer_scale(backend, layer)
+            weight = proj.weight.float().view(-1, n_heads, head_dim)  # [W, H, d]
+            head_out = scale(torch.einsum("bhd,whd->bhw", recorded.pop(layer).float(), weight))
+            bias = torch.zeros_like(head_out[:, 0]) if proj.bias is None else scale(proj.bias.float()).expand_as(
+                head_out[:, 0])
+            mlps.append(x_next[:, 0].float() - x[:, 0].float() - head_out.sum(dim=1) - bias)
+            heads.append(head_out)
+            biases.append(bias)
+            x = x_next
+    finally:
+        backend.clear_head_hooks()
+    return embedding, torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(mlps, 1), x[:, 0].float()
+
+
+def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str | Iterable[int] | None = None
+              ) -> Decomposition:
+    """Decompose the image embeddings of one batch into head, MLP and embedding terms.
+
+    Args:
+        model: a backend (or library model) with no ablation applied.
+        pixels: ``[N, 3, H, W]`` preprocessed images.
+        layers: layers whose heads are kept separately (``"8-11"``, ``[10, 11]``; default: all).
+
+    Returns:
+        A :class:`Decomposition` whose ``total()`` equals ``model.encode_image(pixels)`` (``[N, D]``).
+    """
+    backend = as_backend(model)
+    if backend.intervention is not None or backend.hooked_layers:
+        raise ClipHeadsError("decompose the unablated model: call clipheads.remove(model) first")
+    chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers)
+    if any(not 0 <= layer < backend.n_layers for layer in chosen):
+        raise ClipHeadsError(f"layers {chosen} out of range: the model has layers 0..{backend.n_layers - 1}")
+    norm, projection, projection_bias = _final_stage(backend)
+    embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels)
+
+    with torch.inference_mode():
+        std = torch.sqrt(residual.var(dim=-1, unbiased=False, keepdim=True) + norm.eps)  # [N, 1]
+        gamma = norm.weight.float() if norm.weight is not None else torch.ones_like(residual[0])
+        projection = projection.float() if projection is not None else torch.eye(residual.shape[-1],
+                                                                                 device=residual.device)
+
+        def linearise(term: torch.Tensor) -> torch.Tensor:
+            """``[N, ..., W]`` -> ``[N, ..., D]`` through the layer norm frozen at this image's statistics."""
+            centered = term - term.mean(dim=-1, keepdim=True)
+            shape = (std.shape[0],) + (1,) * (term.dim() - 2) + (1,)
+            return (gamma * centered / std.view(shape)) @ projection
+
+        ln_bias = torch.zeros(projection.shape[-1], device=residual.device)
+        if norm.bias is not None:
+            ln_bias = ln_bias + norm.bias.float() @ projection
+        if projection_bias is not None:
+            ln_bias = ln_bias + projection_bias.float()
+        head_terms = linearise(heads)  # [N, L, H, D]
+        attention = head_terms.sum(dim=2) + linearise(biases)
+        return Decomposition(heads=head_terms[:, chosen].cpu(), layers=chosen, attention=attention.cpu(),
+                             mlp=linearise(mlps).cpu(), embedding=linearise(embedding).cpu(), ln_bias=ln_bias.cpu())
+
+
+def decompose_batches(model: CLIPBackend | nn.Module, batches: Iterable[torch.Tensor],
+                      layers: str | Iterable[int] | None = None) -> Decomposition:
+    """:func:`decompose` over an iterable of ``[B, 3, H, W]`` batches, joined along the image axis."""
+    return Decomposition.concat([decompose(model, pixels, layers) for pixels in batches])

@@ -1,0 +1,278 @@
+"""Judges: give a head a concept label from its descriptions, and say which descriptions fit that label.
+
+A judge has a ``name`` and two methods (see :class:`Judge`). Two kinds ship with clipheads:
+
+* :class:`ClipJudge` - offline, no network: the model's own text tower. Each concept of a vocabulary gets a
+  prototype (the mean feature of example texts about that concept alone); a description's score for a concept is
+  its cosine to the prototype minus its mean cosine to all prototypes (removing the similarity every caption shares).
+  The label is the concept with the highest mean score over the descriptions; a description is consistent with the
+  label when its score reaches a threshold, calibrated per model on the tagged default pool (:func:`calibrate`).
+* :class:`LLMJudge` - any OpenAI-compatible chat-completions endpoint, over ``httpx``.
+
+Several judges are combined by majority vote in :func:`clipheads.explain.concepts.concept_consistency`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+import httpx
+import torch
+
+from clipheads.errors import ClipHeadsError
+from clipheads.explain.pool import CONCEPT_WORDS, TextPool, default_pool, known_texts
+from clipheads.models import CLIPBackend
+
+logger = logging.getLogger(__name__)
+
+
+class JudgeError(ClipHeadsError):
+    """A judge could not give an answer (unreachable endpoint, malformed reply, missing settings)."""
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """What the CCS computation needs from a judge."""
+
+    name: str
+
+    def label(self, descriptions: Sequence[str]) -> str:
+        """One concept label for the texts describing a head."""
+
+    def judge(self, label: str, descriptions: Sequence[str]) -> list[bool]:
+        """For each description: is it consistent with ``label``?"""
+
+
+# --------------------------------------------------------------------------------------------- offline judge
+@torch.inference_mode()
+def encode_texts(model: CLIPBackend, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """``[M, D]`` unit-norm text features, in batches."""
+    parts = [model.encode_text(list(texts[i:i + batch_size]), normalize=True).float().cpu()
+             for i in range(0, len(texts), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def _prototypes(features: torch.Tensor, groups: dict[str, list[int]]) -> torch.Tensor:
+    """``[C, D]`` unit-norm mean feature of each group of rows."""
+    return torch.nn.functional.normalize(torch.stack([features[idx].mean(0) for idx in groups.values()]), dim=-1)
+
+
+def _scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``[M, C]``: cosine to each prototype minus the mean cosine to all of them."""
+    cosine = features @ prototypes.T
+    return cosine - cosine.mean(dim=1, keepdim=True)
+
+
+@dataclass
+class Calibration:
+    """The consistency threshold of a :class:`ClipJudge` and how well it separated the held-out pool texts."""
+
+    threshold: float
+    balanced_accuracy: float
+    n_positive: int
+    n_negative: int
+    method: str = ("prototypes from half of the single-concept texts of the default pool; threshold maximising "
+                   "balanced accuracy of 'score >= threshold' <=> 'the concept is among the text's tags' over all "
+                   "other tagged texts x concepts")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(pool_features: torch.Tensor, pool: TextPool, concepts: Sequence[str]) -> Calibration:
+    """Choose the consistency threshold on held-out tagged texts of ``pool`` (see :class:`Calibration`)."""
+    build = {c: pool.single_concept(c)[0::2] for c in concepts}
+    if len(concepts) < 2 or any(len(pool.single_concept(c)) < 2 for c in concepts):
+        raise JudgeError("calibration needs 2 single-concept texts of every concept (use the default pool)")
+    held_in = {i for idx in build.values() for i in idx}
+    rows = [i for i, tags in enumerate(pool.tags) if tags and i not in held_in]
+    scores = _scores(pool_features[rows], _prototypes(pool_features, build)).flatten()
+    positive = torch.tensor([[c in pool.tags[i] for c in concepts] for i in rows]).flatten()
+    order = scores.argsort(descending=True)
+    # threshold at each sorted score: everything at or above it is called consistent
+    true_pos = positive[order].cumsum(0).double()
+    false_pos = (~positive[order]).cumsum(0).double()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    balanced = 0.5 * (true_pos / max(n_pos, 1) + 1 - false_pos / max(n_neg, 1))
+    best = int(balanced.argmax())
+    return Calibration(round(float(scores[order][best]), 6), round(float(balanced[best]), 4), n_pos, n_neg)
+
+
+class ClipJudge:
+    """Offline judge over the model's text tower (see the module docstring).
+
+    Args:
+        model: the CLIP model whose text tower embeds descriptions and concepts.
+        concepts: concept -> example texts; default: the default pool's single-concept texts for the concepts of
+            :data:`~clipheads.explain.pool.CONCEPT_WORDS`.
+        threshold: consistency threshold; default: calibrated on the default pool for this model.
+        pool, pool_features: the default pool and its features, if already computed (saves encoding it again).
+    """
+
+    def __init__(self, model: CLIPBackend, concepts: dict[str, Sequence[str]] | None = None,
+                 threshold: float | None = None, pool: TextPool | None = None,
+                 pool_features: torch.Tensor | None = None, batch_size: int = 256) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.name = "clip"
+        self.calibration: Calibration | None = None
+        if concepts is None or threshold is None:
+            pool, pool_features = self._known_pool(pool, pool_features)
+        if concepts is None:
+            self.concepts = [c for c in CONCEPT_WORDS if len(pool.single_concept(c)) >= 2]
+            if len(self.concepts) < 2:
+                raise JudgeError(f"{model.name}: its text tower knows example texts of fewer than 2 concepts of the "
+                                 "default vocabulary; give the judge concepts= (concept -> example texts)")
+            self.prototypes = _prototypes(pool_features, {c: pool.single_concept(c) for c in self.concepts})
+        else:
+            self.concepts = list(concepts)
+            self.prototypes = torch.stack([encode_texts(model, list(examples), batch_size).mean(0)
+                                           for examples in concepts.values()])
+            self.prototypes = torch.nn.functional.normalize(self.prototypes, dim=-1)
+        if threshold is None:
+            self.calibration = calibrate(pool_features, pool, [c for c in self.concepts
+                                                               if len(pool.single_concept(c)) >= 2])
+            threshold = self.calibration.threshold
+        self.threshold = float(threshold)
+
+    def _known_pool(self, pool: TextPool | None, features: torch.Tensor | None) -> tuple[TextPool, torch.Tensor]:
+        """The tagged pool (default: the default pool) restricted to texts the model's tokenizer knows."""
+        if pool is None or not any(pool.tags):
+            pool, features = default_pool(), None
+        known = known_texts(self.model, pool)
+        if features is not None and len(known) != len(pool):
+            index = {text: i for i, text in enumerate(pool.texts)}
+            features = features[[index[text] for text in known.texts]]
+        if features is None:
+            features = encode_texts(self.model, known.texts, self.batch_size)
+        return known, features
+
+    def _label_prototype(self, label: str) -> torch.Tensor:
+        if label in self.concepts:
+            return self.prototypes[self.concepts.index(label)]
+        return encode_texts(self.model, [label], self.batch_size)[0]  # a free-form label from another judge
+
+    def label(self, descriptions: Sequence[str]) -> str:
+        scores = _scores(encode_texts(self.model, descriptions, self.batch_size), self.prototypes)
+        return self.concepts[int(scores.mean(0).argmax())]
+
+    def judge(self, label: str, descriptions: Sequence[str]) -> list[bool]:
+        features = encode_texts(self.model, descriptions, self.batch_size)
+        cosine = features @ self._label_prototype(label)
+        score = cosine - (features @ self.prototypes.T).mean(dim=1)
+        return (score >= self.threshold).tolist()
+
+
+# ------------------------------------------------------------------------------------------------- LLM judge
+SYSTEM_PROMPT = ("You help interpret the attention heads of a CLIP image encoder. Each head is described by a few "
+                 "short texts: the directions in CLIP's joint text-image space that explain most of the variation "
+                 "of that head's output over many images. Answer with JSON only, without any other text.")
+LABEL_PROMPT = ("Texts describing one attention head, most important first:\n{numbered}\n\n"
+                "Which single property or concept do most of these texts share (for example: colours, animals, "
+                "geographic locations, textures, art styles, counting, body parts)? Name it in one to three words."
+                "{vocabulary}\n\nAnswer with JSON only: {{\"label\": \"<concept>\"}}")
+JUDGE_PROMPT = ("Concept: \"{label}\"\n\nTexts describing one attention head:\n{numbered}\n\n"
+                "For each text, in order, decide whether it is an instance of the concept or clearly about it "
+                "(true) or not (false).\n\nAnswer with JSON only: {{\"consistent\": [{k} booleans, in order]}}")
+
+RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+
+
+def _numbered(descriptions: Sequence[str]) -> str:
+    return "\n".join(f"{i + 1}. {text}" for i, text in enumerate(descriptions))
+
+
+class LLMJudge:
+    """A judge served by an OpenAI-compatible chat-completions endpoint (``POST {base_url}/chat/completions``).
+
+    Args:
+        base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1`` (env ``CLIPHEADS_LLM_BASE_URL``).
+        model: the model name the endpoint serves (env ``CLIPHEADS_LLM_MODEL``).
+        api_key: bearer key (env ``OPENAI_API_KEY``; may be empty for local servers). Never logged or written.
+        concepts: optional vocabulary the label should be chosen from.
+        timeout: seconds per request. retries: extra attempts after a timeout, connection error, 429 or 5xx,
+            waiting ``backoff * 2**attempt`` seconds in between.
+    """
+
+    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
+                 concepts: Sequence[str] | None = None, timeout: float = 60.0, retries: int = 3,
+                 backoff: float = 1.0, temperature: float = 0.0) -> None:
+        self.base_url = (base_url or os.environ.get("CLIPHEADS_LLM_BASE_URL") or "").rstrip("/")
+        self.model = model or os.environ.get("CLIPHEADS_LLM_MODEL") or ""
+        if not self.base_url or not self.model:
+            raise JudgeError("the LLM judge needs a base URL and a model name: pass --llm-base-url/--llm-model or "
+                             "set CLIPHEADS_LLM_BASE_URL and CLIPHEADS_LLM_MODEL")
+        self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.concepts = list(concepts) if concepts else None
+        self.timeout, self.retries, self.backoff, self.temperature = timeout, retries, backoff, temperature
+        self.name = f"llm:{self.model}"
+
+    def __repr__(self) -> str:  # the key stays out of reprs, logs and tracebacks
+        return f"LLMJudge(base_url={self.base_url!r}, model={self.model!r})"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _post(self, messages: list[dict]) -> str:
+        url = f"{self.base_url}/chat/completions"
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature}
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = httpx.post(url, json=payload, headers=headers, timeout=self.timeout)
+            except httpx.TimeoutException:
+                last = f"timed out after {self.timeout:g} s"
+            except httpx.TransportError as exc:
+                last = f"connection failed ({type(exc).__name__})"
+            else:
+                if response.status_code == 200:
+                    return self._content(response)
+                last = f"HTTP {response.status_code}"
+                if response.status_code not in RETRY_STATUS:
+                    raise JudgeError(self._redact(f"LLM judge {self.model} at {url}: {last}: "
+                                                  f"{response.text.strip()[:160]!r}"))
+            logger.warning("LLM judge %s: attempt %d/%d %s", self.model, attempt + 1, self.retries + 1, last)
+        raise JudgeError(f"LLM judge {self.model} at {url}: no answer after {self.retries + 1} attempts ({last})")
+
+    def _content(self, response: httpx.Response) -> str:
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(self._redact(f"LLM judge {self.model}: malformed chat-completions response (no "
+                                          f"choices[0].message.content): {response.text.strip()[:160]!r}")) from None
+        if not isinstance(content, str):
+            raise JudgeError(f"LLM judge {self.model}: malformed reply: message content is not text")
+        return content
+
+    def _ask(self, prompt: str, key: str, check) -> object:
+        content = self._post([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}])
+        match = re.search(r"\{.*\}", content, re.DOTALL)
+        try:
+            value = json.loads(match.group(0))[key] if match else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            value = None
+        if value is None or not check(value):
+            raise JudgeError(self._redact(f"LLM judge {self.model}: malformed reply, expected JSON with {key!r}: "
+                                          f"{content.strip()[:160]!r}"))
+        return value
+
+    def label(self, descriptions: Sequence[str]) -> str:
+        vocabulary = f" Choose one of: {', '.join(self.concepts)}." if self.concepts else ""
+        prompt = LABEL_PROMPT.format(numbered=_numbered(descriptions), vocabulary=vocabulary)
+        label = self._ask(prompt, "label", lambda v: isinstance(v, str) and 0 < len(v.strip()) <= 60)
+        return label.strip().lower()
+
+    def judge(self, label: str, descriptions: Sequence[str]) -> list[bool]:
+        prompt = JUDGE_PROMPT.format(label=label, numbered=_numbered(descriptions), k=len(descriptions))
+        return list(self._ask(prompt, "consistent", lambda v: isinstance(v, list) and len(v) == len(descriptions)
+                              and all(isinstance(b, bool) for b in v)))

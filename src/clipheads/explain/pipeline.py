@@ -1,0 +1,52 @@
+"""The explain pipeline in two calls: describe every head with TextSpan, then label it and score its CCS."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from clipheads.explain.concepts import CCSResult, concept_consistency
+from clipheads.explain.decomposition import decompose_batches
+from clipheads.explain.judges import Judge, encode_texts
+from clipheads.explain.pool import TextPool, default_pool, known_texts
+from clipheads.explain.textspan import TextSpanResult, describe_heads
+from clipheads.models import CLIPBackend
+
+logger = logging.getLogger(__name__)
+
+
+def describe_model(model: CLIPBackend, batches: Iterable[torch.Tensor], pool: TextPool | None = None, k: int = 5,
+                   layers: str | Sequence[int] | None = None, rank: int = 80,
+                   pool_features: torch.Tensor | None = None, text_batch_size: int = 256) -> TextSpanResult:
+    """TextSpan descriptions of the heads of ``layers`` (default: all) over an image set.
+
+    Args:
+        model: an unablated backend.
+        batches: preprocessed images, an iterable of ``[B, 3, H, W]``.
+        pool: texts to describe heads with (default: :func:`~clipheads.explain.pool.default_pool`).
+        pool_features: ``[M, D]`` features of ``pool.texts``, if already computed (texts the model's tokenizer
+            does not know are dropped first, see :func:`~clipheads.explain.pool.known_texts`).
+    """
+    pool = known_texts(model, pool or default_pool())
+    decomposition = decompose_batches(model, batches, layers)
+    logger.info("decomposed %d images into %d layers x %d heads", decomposition.n_images,
+                len(decomposition.layers), model.n_heads)
+    if pool_features is None or len(pool_features) != len(pool):
+        pool_features = encode_texts(model, pool.texts, text_batch_size)
+    meta = {"model": model.name, "texts": pool.source, "layers": decomposition.layers}
+    return describe_heads(decomposition, pool_features, pool.texts, k=k, rank=rank, meta=meta)
+
+
+def score_heads(descriptions: TextSpanResult, judges: Judge | Sequence[Judge], shape: tuple[int, int],
+                labeler: Judge | None = None, checkpoint=None,
+                progress: Callable[[int, int], None] | None = None) -> CCSResult:
+    """Label every described head and compute its CCS (see :func:`concept_consistency`)."""
+    meta = {**descriptions.meta, "variance": {d.label: d.variance for d in descriptions.heads}}
+    for judge in [judges] if isinstance(judges, Judge) else judges:
+        calibration = getattr(judge, "calibration", None)
+        if calibration is not None:
+            meta.setdefault("calibration", {})[judge.name] = calibration.to_dict()
+    return concept_consistency(descriptions.descriptions(), judges, shape, labeler=labeler, checkpoint=checkpoint,
+                               progress=progress, meta=meta)
