@@ -1,9 +1,95 @@
-"""Commands of this concern (filled in by its issue)."""
+"""``clipheads world make`` and ``clipheads world train``: the synthetic world and the small CLIP trained on it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+world_app = typer.Typer(
+    help=("The bundled synthetic world: rendered scenes (shapes, colours, sizes, positions, relations) with captions "
+          "and a planted spurious cue (a corner marker whose colour gives away the first object's shape in the "
+          "training split only), and the small CLIP that clipheads trains on it and ships as 'bundled'. "
+          "Typical use: 'clipheads world make --out world' then 'clipheads world train --data world --out my-clip'."),
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@world_app.command("make")
+def make(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created)."),
+    seed: int = typer.Option(0, help="World seed: the same seed writes byte-identical files."),
+    n_train: int = typer.Option(20000, help="Training images (0: held-out data only, e.g. for evaluation)."),
+    n_val: int = typer.Option(1000, help="Images of the validation split val_ood (marker random: search heads here)."),
+    n_test: int = typer.Option(1000, help="Images of each test split: test_ood (marker random), test_iid (training "
+                                          "correlation), test_anti (marker never matches)."),
+    n_pairs: int = typer.Option(200, help="Image pairs with swapped colour bindings (compositional task)."),
+    n_groups: int = typer.Option(100, help="Counterfactual groups per attribute (marker colour; first colour)."),
+) -> None:
+    """Render a world and write it in the standard formats (retrieval JSON, ImageFolder, caption selection,
+    compositional pairs, counterfactual groups)."""
+    from clipheads.world import WorldSizes, make_world
+
+    sizes = WorldSizes(train=n_train, val_ood=n_val, test_ood=n_test, test_iid=n_test, test_anti=n_test,
+                       compositional=n_pairs, counterfactual=n_groups)
+    paths = make_world(out, seed=seed, sizes=sizes)
+    table = Table(title=f"world (seed {seed}) in {paths.root}")
+    table.add_column("dataset")
+    table.add_column("format")
+    table.add_column("path")
+    table.add_row("retrieval (all splits)", "Karpathy JSON", _rel(paths.retrieval, paths.root))
+    for split, folder in paths.classification.items():
+        table.add_row(f"first-object shape, {split}", "ImageFolder", _rel(folder, paths.root))
+    for split, path in paths.selection.items():
+        table.add_row(f"caption selection, {split}", "selection JSON", _rel(path, paths.root))
+    if paths.compositional:
+        table.add_row("swapped colour bindings", "compositional JSON", _rel(paths.compositional, paths.root))
+    for attribute, path in paths.counterfactual.items():
+        table.add_row(f"counterfactual {attribute}", "counterfactual JSON", _rel(path, paths.root))
+    console.print(table)
+
+
+def _rel(path: Path | None, root: Path) -> str:
+    return str(path.relative_to(root)) if path is not None else "-"
+
+
+@world_app.command("train")
+def train(
+    data: Path = typer.Option(..., "--data", "-d", help="A world folder written by 'clipheads world make'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (Hugging Face format; load it "
+                                                     "with --model OUT)."),
+    config: str = typer.Option("small", help="Model size: 'small' (the bundled model: 6 layers x 8 heads, ~1.7M "
+                                             "parameters, CPU) or 'gpu' (12 layers x 12 heads, ViT-B/16-like)."),
+    steps: int = typer.Option(1200, help="Optimiser steps (the bundled model: 1200 steps of 128)."),
+    batch_size: int = typer.Option(128, help="Image-caption pairs per step (contrastive batch)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    seed: int = typer.Option(0, help="Seed of the initialisation and of the batch order."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on GPUs; slower on some CPUs)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    eval_images: int = typer.Option(1000, help="Images per held-out split for the model card's metrics."),
+) -> None:
+    """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
+    (data, config, seed, time, held-out metrics, the command to reproduce) and checksums."""
+    from clipheads.world.train import TrainConfig, train_clip
+
+    cfg = TrainConfig(preset=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
+                      device=device, eval_images=eval_images)
+    result = train_clip(data, out, cfg)
+    table = Table(title=f"world CLIP ({config}) after {steps} steps, {result.seconds / 60:.1f} min")
+    for column in ("split", "mean-R", "first shape read", "follows the marker"):
+        table.add_column(column)
+    for split, r in result.metrics.items():
+        table.add_row(split, f"{r.mean_recall:.1f}", f"{r.shape_accuracy:.1f}%", f"{r.cue_following:.1f}%")
+    console.print(table)
+    console.print(f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}; checkpoint, model card and checksums "
+                  f"in {out}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``clipheads world ...`` to the main app."""
+    app.add_typer(world_app, name="world")

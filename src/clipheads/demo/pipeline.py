@@ -1,0 +1,226 @@
+"""``clipheads demo``: the whole pipeline on the bundled model and a world generated on the fly.
+
+vanilla held-out evaluation -> single-head scan (val_ood) -> greedy, AAT-GA and AAT-BP (all on val_ood) ->
+held-out evaluation of the found masks (test splits) -> which heads carry the planted cue -> layer scan with
+caption selection -> head descriptions (TextSpan) and CCS -> one self-contained HTML report plus JSON.
+
+Design on validation data, report on test data: masks are chosen on ``val_ood`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+import clipheads
+from clipheads.demo.aat import (
+    BPConfig,
+    GAConfig,
+    MaskEvaluator,
+    backprop_gates,
+    genetic_search,
+    greedy_selection,
+    single_head_scan,
+    top_heads,
+)
+from clipheads.demo.cue import cue_share
+from clipheads.demo.data import RetrievalSet, load_retrieval_set
+from clipheads.files import write_json_atomic
+from clipheads.heads import parse_layer_ranges
+from clipheads.world import WorldSizes, make_world
+
+log = logging.getLogger(__name__)
+
+HELD_OUT = ("test_ood", "test_iid", "test_anti")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of one demo run. ``quick()`` is the reduced run used in CI."""
+
+    model: str = "bundled"
+    seed: int = 0
+    n_eval: int = 500  # images per held-out / validation split
+    n_selection: int = 200
+    n_counterfactual: int = 30  # cue groups for the cue analysis
+    n_describe: int = 500  # images for TextSpan
+    ga: GAConfig = None  # type: ignore[assignment]
+    bp: BPConfig = None  # type: ignore[assignment]
+    layer_ranges: str = "0-1,2-3,4-5"
+    k: int = 5
+
+    def __post_init__(self) -> None:
+        self.ga = self.ga or GAConfig(seed=self.seed)
+        self.bp = self.bp or BPConfig(seed=self.seed)
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        return cls(n_eval=150, n_selection=60, n_counterfactual=8, n_describe=150,
+                   ga=GAConfig(population=10, generations=4), bp=BPConfig(steps=40, batch_size=64), **overrides)
+
+
+def _pct(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: 100 * v for k, v in metrics.items()}
+
+
+@dataclass
+class SelectionSet:
+    """Caption-selection items with images preprocessed and candidate captions encoded once."""
+
+    items: list[dict]
+    pixels: torch.Tensor  # [N, 3, H, W]
+    candidates: list[torch.Tensor]  # per image: [C, D] normalised candidate features
+
+
+@torch.inference_mode()
+def load_selection_set(backend, path: Path, limit: int | None = None) -> SelectionSet:
+    import json
+
+    items = json.loads(Path(path).read_text())[:limit]
+    root = Path(path).parent
+    pixels = []
+    for item in items:
+        with Image.open(root / item["image"]) as image:
+            pixels.append(backend.preprocess(image))
+    return SelectionSet(items, torch.stack(pixels),
+                        [backend.encode_text(item["candidates"], normalize=True).float() for item in items])
+
+
+@torch.inference_mode()
+def caption_selection(backend, data: SelectionSet, mask=None, op: str = "identity") -> dict:
+    """Pick the best of each image's candidate captions; accuracy, CLIP score (100*max(cos,0)) and raw cosine of the
+    selected caption, and every candidate's logit."""
+    with clipheads.ablate(backend, mask, op=op) if mask is not None else nullcontext():
+        images = backend.encode_image(data.pixels, normalize=True).float()
+    correct, cosines, logits = 0, [], []
+    for image, texts, item in zip(images, data.candidates, data.items, strict=True):
+        cos = texts @ image
+        choice = int(cos.argmax())
+        correct += choice == item["answer"]
+        cosines.append(float(cos[choice]))
+        logits.append((backend.logit_scale * cos).tolist())
+    first = data.items[0]["candidates"][int(torch.tensor(logits[0]).argmax())]
+    return {"accuracy": 100 * correct / len(data.items),
+            "clip_score": sum(100 * max(c, 0) for c in cosines) / len(cosines),
+            "cosine": sum(cosines) / len(cosines), "logits": logits, "selected_first": first}
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bool = True) -> dict:
+    """Run the demo, write ``report.html``, ``summary.json`` and the masks under ``out_dir``; return the summary."""
+    config = config or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    sizes = WorldSizes(train=0, val_ood=config.n_eval, test_ood=config.n_eval, test_iid=config.n_eval,
+                       test_anti=config.n_eval, compositional=0, counterfactual=config.n_counterfactual)
+    world = make_world(out / "world", seed=config.seed, sizes=sizes, progress=progress)
+    backend = clipheads.load(config.model)
+    sets: dict[str, RetrievalSet] = {split: load_retrieval_set(backend, world.retrieval, split)
+                                     for split in ("val_ood", *HELD_OUT)}
+    lap("world and data", t0)
+
+    # 1. vanilla
+    t0 = time.perf_counter()
+    evaluators = {split: MaskEvaluator(backend, data) for split, data in sets.items()}
+    vanilla = clipheads.HeadMask.ones(backend)
+    vanilla_scores = {split: _pct(ev.metrics(vanilla)) for split, ev in evaluators.items()}
+    lap("vanilla evaluation", t0)
+
+    # 2. single-head scan on val_ood (and test_ood, to show how well validation predicts test)
+    t0 = time.perf_counter()
+    deltas = single_head_scan(evaluators["val_ood"], progress=progress)
+    deltas_test = single_head_scan(evaluators["test_ood"], progress=progress)
+    lap("single-head scan", t0)
+
+    # 3. search on val_ood
+    t0 = time.perf_counter()
+    candidates = top_heads(deltas, 12)
+    greedy_mask, greedy_history = greedy_selection(evaluators["val_ood"], [h for h in candidates
+                                                                          if deltas[h] > 0], max_heads=6)
+    lap("greedy", t0)
+    t0 = time.perf_counter()
+    ga = genetic_search(evaluators["val_ood"], config.ga, seeds=candidates, progress=progress)
+    lap("AAT-GA", t0)
+    t0 = time.perf_counter()
+    # gates are learned on val_ood pairs: the training split carries the cue, so gates learned there keep it
+    bp_mask, bp_gates, bp_losses = backprop_gates(backend, sets["val_ood"], config.bp, progress=progress)
+    lap("AAT-BP", t0)
+
+    masks = {"vanilla": vanilla, "greedy": greedy_mask, "AAT-GA": ga.mask, "AAT-BP": bp_mask}
+    for name, mask in masks.items():
+        if name != "vanilla":
+            mask.meta.update({"strategy": name, "searched_on": "val_ood", "model": backend.name})
+            mask.save(out / f"mask_{name.lower().replace('-', '_')}.json")
+    results = {name: {split: 100 * ev.metrics(mask)["mean_recall"] for split, ev in evaluators.items()}
+               for name, mask in masks.items()}
+
+    # 4. which heads carry the cue
+    t0 = time.perf_counter()
+    groups = _counterfactual_groups(backend, world.counterfactual["cue"])
+    share, share_all_heads = cue_share(backend, groups)
+    lap("cue analysis", t0)
+
+    # 5. layer scan with caption selection (test_ood candidates)
+    t0 = time.perf_counter()
+    selection = load_selection_set(backend, world.selection["test_ood"], config.n_selection)
+    layer_rows = [{"cancelled": "none", **caption_selection(backend, selection)}]
+    groups_of_layers = [[layer] for layer in range(backend.n_layers)] + parse_layer_ranges(config.layer_ranges)
+    for layers in tqdm(groups_of_layers, desc="layer scan", disable=not progress, leave=False):
+        mask = clipheads.HeadMask.from_layers(layers, backend)
+        name = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-L{layers[-1]}"
+        layer_rows.append({"cancelled": name, **caption_selection(backend, selection, mask)})
+    lap("layer scan", t0)
+
+    # 6. TextSpan descriptions and CCS
+    t0 = time.perf_counter()
+    from clipheads.explain.judges import ClipJudge
+    from clipheads.explain.pipeline import describe_model, score_heads
+
+    pixels = sets["val_ood"].pixels[: config.n_describe]
+    descriptions = describe_model(backend, [pixels[i:i + 250] for i in range(0, len(pixels), 250)], k=config.k)
+    ccs = score_heads(descriptions, ClipJudge(backend), (backend.n_layers, backend.n_heads))
+    lap("describe and CCS", t0)
+
+    summary = {
+        "config": asdict(config), "model": backend.name, "world": world.to_dict(), "timings_s": timings,
+        "vanilla": vanilla_scores, "mean_recall": results,
+        "ablated": {name: mask.ablated for name, mask in masks.items()},
+        "single_head_delta_val_ood": deltas.tolist(), "single_head_delta_test_ood": deltas_test.tolist(),
+        "scan_val_test_correlation": float(torch.corrcoef(torch.stack([deltas.flatten(),
+                                                                        deltas_test.flatten()]))[0, 1]),
+        "greedy_history": greedy_history, "ga_history": ga.history, "ga_fitness": ga.fitness,
+        "bp_gates": bp_gates.tolist(), "bp_losses": bp_losses,
+        "cue_share": share.tolist(), "cue_share_all_heads": share_all_heads,
+        "layer_scan": layer_rows, "ccs": ccs.to_dict(), "descriptions": descriptions.to_dict(),
+    }
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(out / "summary.json", summary)
+    from clipheads.demo.report import write_report
+
+    write_report(out / "report.html", summary, deltas, share, ccs)
+    return summary
+
+
+def _counterfactual_groups(backend, path: Path) -> list[torch.Tensor]:
+    import json
+
+    data = json.loads(Path(path).read_text())
+    root = Path(path).parent
+    groups: dict[str, list] = {}
+    for item in data["images"]:
+        with Image.open(root / item["image"]) as image:
+            groups.setdefault(item["group"], []).append(backend.preprocess(image))
+    return [torch.stack(images) for images in groups.values()]
