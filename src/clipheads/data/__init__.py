@@ -1,0 +1,59 @@
+"""Evaluation datasets in the formats users already have, and the image loader they stream through.
+
+=============  ============================================================  ===========================
+task           formats                                                       loader
+=============  ============================================================  ===========================
+retrieval      Karpathy split JSON, COCO captions JSON, CSV/TSV image,caption  :func:`load_retrieval`
+zeroshot       ImageFolder tree, CSV/TSV image,label (+ templates, names)     :func:`load_classification`
+selection      JSON/CSV image + candidate captions + answer                   :func:`load_caption_selection`
+compositional  JSON pairs of 2 images + 2 captions (Cola style)              :func:`load_compositional`
+bias           JSON neutral queries + counterfactual image groups            :func:`load_counterfactual`
+=============  ============================================================  ===========================
+
+Paths inside dataset files are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from clipheads.data.bias import CounterfactualDataset, load_counterfactual
+from clipheads.data.classification import (
+    DEFAULT_TEMPLATES,
+    ClassificationDataset,
+    load_classification,
+    load_classnames,
+    load_templates,
+)
+from clipheads.data.images import ImageFiles, PixelBatch, image_loader, iter_pixels, read_image
+from clipheads.data.matching import (
+    CaptionSelectionDataset,
+    CompositionalDataset,
+    load_caption_selection,
+    load_compositional,
+)
+from clipheads.data.retrieval import RETRIEVAL_READERS, RetrievalDataset, load_retrieval
+from clipheads.errors import DataError
+
+LOADERS: dict[str, Callable] = {
+    "retrieval": load_retrieval,
+    "zeroshot": load_classification,
+    "selection": load_caption_selection,
+    "compositional": load_compositional,
+    "bias": load_counterfactual,
+}
+
+
+def load_dataset(task: str, path: str | Path, **options):
+    """The dataset of ``task`` (a key of :data:`LOADERS`) read from ``path``; ``options`` go to its loader."""
+    if task not in LOADERS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(LOADERS)}")
+    return LOADERS[task](path, **options)
+
+
+__all__ = ["DEFAULT_TEMPLATES", "LOADERS", "RETRIEVAL_READERS", "CaptionSelectionDataset", "ClassificationDataset",
+           "CompositionalDataset", "CounterfactualDataset", "ImageFiles", "PixelBatch", "RetrievalDataset",
+           "image_loader", "iter_pixels", "load_caption_selection", "load_classification", "load_classnames",
+           "load_compositional", "load_counterfactual", "load_dataset", "load_retrieval", "load_templates",
+           "read_image"]

@@ -1,0 +1,127 @@
+"""Zero-shot classification datasets: ImageFolder trees or CSV of image + label, class names, prompt templates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipheads.data.io import column, read_table, require, resolve
+from clipheads.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DEFAULT_TEMPLATES = Path(__file__).resolve().parent / "templates" / "default.txt"
+
+
+def load_templates(path: str | Path | None = None) -> list[str]:
+    """Prompt templates, one per line with ``{}`` for the class name (``{c}`` also works); ``#`` starts a comment.
+
+    ``None`` reads the default set shipped with clipheads.
+    """
+    path = Path(path) if path is not None else DEFAULT_TEMPLATES
+    if not path.is_file():
+        raise DataError(f"template file {str(path)!r} does not exist")
+    templates = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.replace("{c}", "{}")
+        if line.count("{}") != 1:
+            raise DataError(f"{str(path)!r} line {n}: a template needs exactly one {{}} for the class name: {line!r}")
+        templates.append(line)
+    return require(templates, "templates", path)
+
+
+def load_classnames(path: str | Path) -> list[str]:
+    """Class names, one per line, in label order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class name file {str(path)!r} does not exist")
+    return require([line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()],
+                   "class names", path)
+
+
+@dataclass
+class ClassificationDataset:
+    """Images with integer labels into ``classnames``, and the templates that turn a class name into a prompt."""
+
+    image_paths: list[Path]
+    labels: list[int]
+    classnames: list[str]
+    templates: list[str] = field(default_factory=load_templates)
+    name: str = ""
+    source: str = ""
+    format: str = ""
+
+    def __post_init__(self) -> None:
+        require(self.image_paths, "images", self.source or "classification dataset")
+        if len(self.labels) != len(self.image_paths):
+            raise DataError(f"{self.source}: {len(self.image_paths)} images but {len(self.labels)} labels")
+        bad = [label for label in self.labels if not 0 <= label < len(self.classnames)]
+        if bad:
+            raise DataError(f"{self.source}: label {bad[0]} has no class name ({len(self.classnames)} class names)")
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def prompts(self) -> list[str]:
+        """Every class name in every template, class by class: ``[n_classes * n_templates]``."""
+        return [template.format(name) for name in self.classnames for template in self.templates]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "format": self.format, "source": self.source, "n_images": len(self),
+                "n_classes": len(self.classnames), "n_templates": len(self.templates)}
+
+
+def read_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """``root/<class_name>/*.png``: classes in sorted folder order, names with ``_`` read as spaces."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    require(paths, "images in class sub-folders (ImageFolder layout root/<class>/<image>)", root)
+    return paths, labels, [f.name.replace("_", " ") for f in folders]
+
+
+def read_classification_table(path: Path) -> tuple[list[Path], list[int], list[str]]:
+    """CSV/TSV with ``image`` and ``label`` columns; labels are class names (sorted) or integer class ids."""
+    rows = require(read_table(path), "rows", path)
+    image_col = column(rows, ("image", "filepath", "filename", "path"), path)
+    label_col = column(rows, ("label", "class", "classname", "target"), path)
+    raw = [row[label_col] for row in rows]
+    if all(value.lstrip("-").isdigit() for value in raw):
+        labels = [int(value) for value in raw]
+        classnames = [str(i) for i in range(max(labels) + 1)]
+    else:
+        classnames = sorted(set(raw))
+        labels = [classnames.index(value) for value in raw]
+    return [resolve(path.parent, row[image_col]) for row in rows], labels, classnames
+
+
+def load_classification(path: str | Path, templates: str | Path | list[str] | None = None,
+                        classnames: str | Path | list[str] | None = None) -> ClassificationDataset:
+    """Read an ImageFolder tree (a folder) or a CSV/TSV of image,label (a file).
+
+    Args:
+        templates: a template file, a list of templates, or ``None`` for the default set shipped with clipheads.
+        classnames: a file (one per line) or list of class names in label order, replacing the names found in the
+            data (needed for integer labels).
+    """
+    path = Path(path)
+    if path.is_dir():
+        paths, labels, names = read_image_folder(path)
+        fmt = "imagefolder"
+    elif path.is_file():
+        paths, labels, names = read_classification_table(path)
+        fmt = "csv"
+    else:
+        raise DataError(f"classification data {str(path)!r} does not exist (give an ImageFolder or a CSV)")
+    if classnames is not None:
+        given = load_classnames(classnames) if isinstance(classnames, str | Path) else list(classnames)
+        if len(given) != len(names):
+            raise DataError(f"{len(given)} class names given for {len(names)} classes in {str(path)!r}")
+        names = given
+    prompts = load_templates(templates) if not isinstance(templates, list) else templates
+    return ClassificationDataset(paths, labels, names, prompts, path.stem, str(path), fmt)

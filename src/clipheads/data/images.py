@@ -1,0 +1,98 @@
+"""Images on disk -> preprocessed pixel batches, through a ``torch.utils.data.DataLoader``.
+
+A worker never raises on a bad image: it hands back the file and the reason, and the main process either stops with
+one clear :class:`~clipheads.errors.DataError` line or, with ``skip_bad=True``, leaves the image out and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from clipheads.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB, or raise :class:`DataError` naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {str(path)!r} does not exist") from None
+    except _READ_ERRORS as exc:
+        raise DataError(f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc})") from None
+
+
+class ImageFiles(Dataset):
+    """``dataset[i] -> (i, pixels [3, H, W] or None, error or None)`` over a list of image files."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Transform) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.transform(read_image(self.paths[index])), None
+        except DataError as exc:
+            return index, None, str(exc)
+        except _READ_ERRORS as exc:  # raised by the transform on an image it cannot handle
+            return index, None, f"cannot preprocess image {str(self.paths[index])!r} ({type(exc).__name__}: {exc})"
+
+
+@dataclass
+class PixelBatch:
+    """Readable images of one loader batch: ``indices [B]`` into the file list and ``pixels [B, 3, H, W]``."""
+
+    indices: torch.Tensor
+    pixels: torch.Tensor | None
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (index, reason) of unreadable images
+
+
+def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> PixelBatch:
+    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
+    errors = [(i, error) for i, pixels, error in items if pixels is None]
+    if not good:
+        return PixelBatch(torch.empty(0, dtype=torch.long), None, errors)
+    return PixelBatch(torch.tensor([i for i, _ in good]), torch.stack([p for _, p in good]), errors)
+
+
+def image_loader(paths: Sequence[str | Path], transform: Transform, batch_size: int = 64,
+                 num_workers: int = 0) -> DataLoader:
+    """A DataLoader of :class:`PixelBatch` over ``paths`` in order (bad images are reported, not raised)."""
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    return DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=num_workers,
+                      collate_fn=_collate, shuffle=False, persistent_workers=False)
+
+
+def iter_pixels(loader: DataLoader, skip_bad: bool = False, skipped: list[str] | None = None,
+                progress: bool = False) -> Iterator[PixelBatch]:
+    """Batches with at least one readable image; a bad image raises :class:`DataError` unless ``skip_bad``.
+
+    The paths of skipped images are appended to ``skipped``. ``progress`` shows a tqdm bar.
+    """
+    for batch in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
+        for index, reason in batch.errors:
+            if not skip_bad:
+                raise DataError(f"{reason}; fix or remove it, or skip bad images (--skip-bad)")
+            logger.warning("skipping %s", reason)
+            if skipped is not None:
+                skipped.append(str(loader.dataset.paths[index]))
+        if batch.pixels is not None:
+            yield batch

@@ -1,0 +1,108 @@
+"""Matching images to captions: caption selection (one image, several candidates) and Cola-style compositional
+pairs (two images, two captions, each caption fits exactly one image)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipheads.data.io import column, read_json, read_table, require, resolve
+from clipheads.errors import DataError
+
+
+@dataclass
+class CaptionSelectionDataset:
+    """``candidates[i]`` are the captions offered for ``image_paths[i]``; ``answers[i]`` indexes the right one."""
+
+    image_paths: list[Path]
+    candidates: list[list[str]]
+    answers: list[int]
+    name: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        require(self.image_paths, "items", self.source or "caption selection dataset")
+        for path, candidates, answer in zip(self.image_paths, self.candidates, self.answers, strict=True):
+            if len(candidates) < 2:
+                raise DataError(f"{self.source}: image {str(path)!r} has {len(candidates)} candidate caption(s); "
+                                "caption selection needs at least 2")
+            if not 0 <= answer < len(candidates):
+                raise DataError(f"{self.source}: image {str(path)!r} has answer {answer} but {len(candidates)} "
+                                "candidates (answers are 0-based)")
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "format": "selection", "source": self.source, "n_images": len(self),
+                "n_candidates": sum(len(c) for c in self.candidates)}
+
+
+def _selection_item(item: object, n: int, root: Path, source: Path) -> tuple[Path, list[str], int]:
+    if not isinstance(item, dict) or not {"image", "candidates", "answer"} <= item.keys():
+        raise DataError(f"{str(source)!r}: item {n} needs 'image', 'candidates' and 'answer'")
+    try:
+        answer = int(item["answer"])
+    except (TypeError, ValueError):
+        raise DataError(f"{str(source)!r}: item {n} has a non-integer answer {item['answer']!r}") from None
+    return resolve(root, item["image"]), [str(c) for c in item["candidates"]], answer
+
+
+def load_caption_selection(path: str | Path) -> CaptionSelectionDataset:
+    """JSON ``[{"image", "candidates": [...], "answer": i}, ...]`` (or one such object), or a CSV/TSV with ``image``,
+    ``answer`` and candidate columns (every column whose name starts with ``caption`` or ``candidate``, in order)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        data = read_json(path)
+        items = [data] if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise DataError(f"{str(path)!r}: expected a list of caption selection items")
+        parsed = [_selection_item(item, n, path.parent, path) for n, item in enumerate(items)]
+    else:
+        rows = require(read_table(path), "rows", path)
+        image_col = column(rows, ("image", "filepath", "filename", "path"), path)
+        answer_col = column(rows, ("answer", "label", "target"), path)
+        candidate_cols = [c for c in rows[0] if c.startswith(("caption", "candidate"))]
+        parsed = [_selection_item({"image": row[image_col], "answer": row[answer_col],
+                                   "candidates": [row[c] for c in candidate_cols if row[c]]}, n, path.parent, path)
+                  for n, row in enumerate(rows)]
+    paths, candidates, answers = (list(values) for values in zip(*parsed, strict=True)) if parsed else ([], [], [])
+    return CaptionSelectionDataset(paths, candidates, answers, path.stem, str(path))
+
+
+@dataclass
+class CompositionalDataset:
+    """Pairs: ``image_pairs[i] = (a, b)`` and ``caption_pairs[i] = (fits a, fits b)``."""
+
+    image_pairs: list[tuple[Path, Path]]
+    caption_pairs: list[tuple[str, str]]
+    name: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        require(self.image_pairs, "pairs", self.source or "compositional dataset")
+
+    def __len__(self) -> int:
+        return len(self.image_pairs)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "format": "compositional", "source": self.source, "n_pairs": len(self)}
+
+
+def load_compositional(path: str | Path) -> CompositionalDataset:
+    """JSON ``[{"images": ["a.png", "b.png"], "captions": ["fits a", "fits b"]}, ...]``."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{str(path)!r}: expected a list of {{'images': [a, b], 'captions': [fits a, fits b]}}")
+    images, captions = [], []
+    for n, item in enumerate(data):
+        pair_images = item.get("images") if isinstance(item, dict) else None
+        pair_captions = item.get("captions") if isinstance(item, dict) else None
+        if not (isinstance(pair_images, list) and isinstance(pair_captions, list)
+                and len(pair_images) == 2 and len(pair_captions) == 2):
+            raise DataError(f"{str(path)!r}: item {n} needs exactly 2 'images' and 2 'captions' (caption i fits "
+                            "image i)")
+        images.append((resolve(path.parent, pair_images[0]), resolve(path.parent, pair_images[1])))
+        captions.append((str(pair_captions[0]), str(pair_captions[1])))
+    return CompositionalDataset(images, captions, path.stem, str(path))
