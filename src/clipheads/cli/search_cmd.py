@@ -1,9 +1,292 @@
-"""Commands of this concern (filled in by its issue)."""
+"""``clipheads scan``, ``clipheads layers`` and ``clipheads search``: decide which heads to ablate.
+
+Each command searches on one split and reports on a held-out one, writes its results into ``--out`` (resumable:
+re-running the same command continues where it stopped) and runs under ``torchrun`` to share the work.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from clipheads.cli.models_cmd import MODEL_HELP
+
+console = Console()
+
+TASK_HELP = "retrieval (default metric mean_recall), selection (caption selection, acc) or zeroshot (acc1)."
+SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole file."
+OP_HELP = "Ablation operator: identity (default), cls, zero, mean (head means of the search images) or scale."
+
+
+def _split(split: str | None) -> str | None:
+    return None if split is None or split.lower() in ("none", "all", "") else split
+
+
+class _Run:
+    """What every command sets up: the model, the process group, the search split and the held-out split."""
+
+    def __init__(self, model: str, device: str, precision: str, task: str, data: Path, search_split: str | None,
+                 metric: str | None, batch_size: int, num_workers: int, skip_bad: bool, templates: Path | None):
+        import clipheads
+        from clipheads.search import Distributed
+
+        self.dist = Distributed.from_env(device)
+        if self.dist.active and device.startswith("cuda"):
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        self.backend = clipheads.load(model, device=device, dtype=precision)
+        self.task, self.metric, self.templates = task, metric, templates
+        self.loader = {"batch_size": batch_size, "num_workers": num_workers, "skip_bad": skip_bad}
+        self.batch_size = batch_size
+        self.data = self.load(data, search_split)
+
+    def print(self, *args) -> None:
+        if self.dist.is_main:
+            console.print(*args)
+
+    def load(self, data: Path, split: str | None):
+        from clipheads.search.tasks import load_search_data
+
+        return load_search_data(self.backend, self.task, data, _split(split), metric=self.metric,
+                                templates=str(self.templates) if self.templates else None,
+                                progress=self.dist.is_main, **self.loader)
+
+    def evaluator(self, data, op: str, alpha: float | None, held_out: bool = False):
+        import clipheads
+        from clipheads.search import MaskEvaluator
+
+        means = None
+        if op == "mean":
+            means = clipheads.compute_head_means(self.backend, self.data.pixels.split(self.batch_size))
+        return MaskEvaluator(self.backend, data.pixels, data.objective, op, alpha=alpha, means=means,
+                             batch_size=self.batch_size, split=data.split, distributed=self.dist,
+                             cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
+
+    def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
+               alpha: float | None):
+        """The held-out evaluator, or ``None`` when no held-out split was asked for."""
+        has_splits = self.task == "retrieval"
+        if report_data is None and (not has_splits or _split(report_split) is None):
+            return None  # no held-out data asked for (files without splits need --report-data)
+        return self.evaluator(self.load(report_data or data_path, report_split), op, alpha, held_out=True)
+
+    def config(self, command: str, model: str, data: Path, search_split, report_data, report_split, op, alpha,
+               **extra) -> dict:
+        return {"command": command, "model": model, "task": self.task, "data": str(data),
+                "search_split": _split(search_split), "report_data": str(report_data) if report_data else None,
+                "report_split": _split(report_split), "op": op, "alpha": alpha, "metric": self.data.objective.name,
+                **extra}
+
+
+def _print_result(result, out: Path) -> None:
+    table = Table(title=f"{result.strategy}: {result.mask.n_ablated} heads ablated ({result.operator})")
+    for column in ("split", result.metric + " vanilla", "ablated", "change"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    table.add_row(f"search {result.search_split}", f"{result.search_baseline:.4f}", f"{result.search_metric:.4f}",
+                  f"{result.search_metric - result.search_baseline:+.4f}")
+    if result.heldout_metric is not None:
+        table.add_row(f"held-out {result.report_split}", f"{result.heldout_baseline:.4f}",
+                      f"{result.heldout_metric:.4f}", f"{result.heldout_metric - result.heldout_baseline:+.4f}")
+    console.print(table)
+    heads = ", ".join(result.mask.ablated[:24]) + (" ..." if result.mask.n_ablated > 24 else "")
+    console.print(f"ablated: {heads or 'none'}")
+    console.print(f"{result.evaluations} masks evaluated, {result.wall_seconds:.1f} s -> {out}/mask.json, "
+                  f"{out}/summary.json")
+
+
+def scan_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder."),
+    task: str = typer.Option("retrieval", "--task", "-t", help=TASK_HELP),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    search_split: str = typer.Option("val", help="Split to scan on. " + SPLIT_HELP),
+    report_split: str = typer.Option("test", help="Held-out split for the best top-k mask ('none': no report)."),
+    report_data: Path = typer.Option(None, help="Held-out dataset file (default: --data; needed for tasks whose "
+                                                "files have no splits)."),
+    allow_same_split: bool = typer.Option(False, "--allow-same-split", help="Allow reporting on the searched split."),
+    op: str = typer.Option("identity", help=OP_HELP),
+    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
+    templates: Path = typer.Option(None, help="zeroshot: prompt templates file."),
+    top_k: int = typer.Option(None, help="Evaluate the k most harmful heads together for k = 1..top-k."),
+    checkpoint_every: int = typer.Option(None, help="Checkpoint every N heads (default: one layer's worth)."),
+    out: Path = typer.Option(Path("scan-out"), "--out", "-o", help="Output folder (re-run to resume)."),
+    batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward."),
+    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+) -> None:
+    """Ablate every head alone: per-head change of the metric (heat map), and the top-k most harmful heads."""
+    from clipheads.heads import parse_head
+    from clipheads.search import RunFolder, check_splits, report_heldout, scan_heads, scan_search_result, write_result
+
+    started = time.perf_counter()
+    run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
+               templates)
+    evaluator = run.evaluator(run.data, op, alpha)
+    report = run.report(data, report_data, report_split, op, alpha)
+    check_splits(evaluator, report, allow_same_split)
+    folder = RunFolder(out, run.config("scan", model, data, search_split, report_data, report_split, op, alpha,
+                                       top_k=top_k), run.dist)
+    scan = scan_heads(evaluator, folder, checkpoint_every, top_k)
+    result = report_heldout(scan_search_result(scan, evaluator, time.perf_counter() - started), report)
+    write_result(result, folder)
+    if run.dist.is_main:
+        table = Table(title=f"Most harmful heads ({scan.operator}) on {scan.split}: vanilla {scan.metric} "
+                            f"{scan.baseline:.4f}")
+        for column in ("head", scan.metric, "change"):
+            table.add_column(column, justify="left" if column == "head" else "right")
+        for label in scan.ranking()[:10]:
+            value = float(scan.scores[parse_head(label)])
+            table.add_row(label, f"{value:.4f}", f"{value - scan.baseline:+.4f}")
+        console.print(table)
+        console.print(f"{len(scan.harmful())} heads improve {scan.metric} when ablated alone; "
+                      f"heat map: {out}/head_effects.png")
+        _print_result(result, out)
+
+
+def layers_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder."),
+    task: str = typer.Option("selection", "--task", "-t", help=TASK_HELP),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    split: str = typer.Option("none", help=SPLIT_HELP),
+    ranges: str = typer.Option(None, help="Layer groups, e.g. '0-2,3-5,6-8,9-11' (default: every layer alone)."),
+    op: str = typer.Option("identity", help=OP_HELP),
+    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    metric: str = typer.Option(None, help="Metric to report (default per task)."),
+    templates: Path = typer.Option(None, help="zeroshot: prompt templates file."),
+    out: Path = typer.Option(Path("layers-out"), "--out", "-o", help="Output folder."),
+    batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward."),
+    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+) -> None:
+    """Cancel every head of each layer (or layer range): the metric per group; for caption selection also the
+    selected caption and every candidate's logits (layers.json)."""
+    from clipheads.search import RunFolder, scan_layers
+
+    run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates)
+    evaluator = run.evaluator(run.data, op, alpha)
+    folder = RunFolder(out, run.config("layers", model, data, split, None, None, op, alpha, ranges=ranges), run.dist)
+    result = scan_layers(evaluator, ranges, run.data.details, folder)
+    if run.dist.is_main:
+        table = Table(title=f"Layer scan ({result.operator}) on {result.split}")
+        for column in ("layers cancelled", result.metric, "change"):
+            table.add_column(column, justify="left" if column.startswith("layers") else "right")
+        table.add_row("none", f"{result.baseline:.4f}", "")
+        for label, score in zip(result.labels, result.scores, strict=True):
+            table.add_row(label, f"{score:.4f}", f"{score - result.baseline:+.4f}")
+        console.print(table)
+        console.print(f"-> {out}/layers.json, {out}/layer_scan.png")
+
+
+def search_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder."),
+    strategy: str = typer.Option("ga", help="ga (AAT-GA), bp (AAT-BP) or greedy (forward selection)."),
+    task: str = typer.Option("retrieval", "--task", "-t", help=TASK_HELP),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    search_split: str = typer.Option("val", help="Split to search on (BP trains on its pairs). " + SPLIT_HELP),
+    report_split: str = typer.Option("test", help="Held-out split to report on ('none': no report)."),
+    report_data: Path = typer.Option(None, help="Held-out dataset file (default: --data; needed for tasks whose "
+                                                "files have no splits)."),
+    allow_same_split: bool = typer.Option(False, "--allow-same-split", help="Allow reporting on the searched split."),
+    op: str = typer.Option("identity", help=OP_HELP),
+    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
+    templates: Path = typer.Option(None, help="zeroshot: prompt templates file."),
+    beta: float = typer.Option(0.01, help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
+    beta_sweep: str = typer.Option(None, help="ga: comma-separated betas, one GA each (metric vs beta curve)."),
+    population: int = typer.Option(32, help="ga: population size."),
+    generations: int = typer.Option(20, help="ga: generations."),
+    elitism: int = typer.Option(2, help="ga: best masks kept unchanged each generation."),
+    crossover: float = typer.Option(0.8, help="ga: crossover rate."),
+    mutation: float = typer.Option(None, help="ga: per-head mutation rate (default 1 / number of heads)."),
+    seed_from_scan: bool = typer.Option(True, "--seed-from-scan/--no-seed-from-scan",
+                                        help="ga: run (or resume) a single-head scan and seed with its top-k masks."),
+    epochs: int = typer.Option(10, help="bp: epochs over the search split's image-text pairs."),
+    lr: float = typer.Option(0.1, help="bp: learning rate of the gate logits (Adam)."),
+    threshold: float = typer.Option(0.5, help="bp: heads with gate below this are ablated."),
+    max_heads: int = typer.Option(None, help="greedy: stop after this many heads."),
+    candidates: int = typer.Option(None, help="greedy: only try the N most harmful heads of a scan."),
+    seed: int = typer.Option(0, help="Random seed (GA population, BP batches)."),
+    out: Path = typer.Option(Path("search-out"), "--out", "-o", help="Output folder (re-run to resume)."),
+    batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward; BP: pairs per step."),
+    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+) -> None:
+    """Search a head mask (AAT-GA, AAT-BP or greedy) on one split and report it on a held-out split."""
+    from clipheads.errors import ClipHeadsError
+    from clipheads.search import (
+        BPConfig,
+        GAConfig,
+        GreedyConfig,
+        RunFolder,
+        bp_search,
+        check_splits,
+        ga_search,
+        greedy_search,
+        scan_heads,
+    )
+    from clipheads.search import beta_sweep as run_beta_sweep
+
+    if strategy not in ("ga", "bp", "greedy"):
+        raise ClipHeadsError(f"unknown --strategy {strategy!r}; choose ga, bp or greedy")
+    betas = [float(b) for b in beta_sweep.split(",") if b.strip()] if beta_sweep else None
+    if betas is not None and strategy != "ga":
+        raise ClipHeadsError("--beta-sweep runs AAT-GA once per beta; use it with --strategy ga")
+    run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
+               templates)
+    evaluator = run.evaluator(run.data, op, alpha)
+    report = run.report(data, report_data, report_split, op, alpha)
+    check_splits(evaluator, report, allow_same_split)
+    if strategy == "ga":
+        config = GAConfig(beta, population, generations, elitism, crossover, mutation, seed=seed,
+                          seed_from_scan=seed_from_scan)
+    elif strategy == "bp":
+        config = BPConfig(beta, epochs, batch_size, lr, threshold=threshold, seed=seed)
+    else:
+        config = GreedyConfig(beta, max_heads, candidates)
+    settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
+                          strategy=strategy, beta_sweep=betas, **config.to_dict())
+    folder = RunFolder(out, settings, run.dist)
+    scan = None
+    if (strategy == "ga" and seed_from_scan) or (strategy == "greedy" and candidates):
+        scan_folder = RunFolder(out / "scan", {**settings, "command": "scan"}, run.dist)
+        scan = scan_heads(evaluator, scan_folder, max_top_k=0)
+    if strategy == "bp":
+        if run.data.pairs is None:
+            raise ClipHeadsError(f"AAT-BP trains on image-text pairs; task {task!r} has none (use retrieval or "
+                                 "selection)")
+        result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split)
+    elif strategy == "greedy":
+        result = greedy_search(evaluator, config, folder, scan, report, allow_same_split)
+    elif betas:
+        sweep = run_beta_sweep(evaluator, config, betas, folder, scan, report, allow_same_split)
+        if run.dist.is_main:
+            table = Table(title=f"AAT-GA beta sweep ({evaluator.operator.describe()})")
+            for column in ("beta", "heads", f"{evaluator.objective.name} search", "held-out"):
+                table.add_column(column, justify="right")
+            for b, r in zip(sweep.betas, sweep.results, strict=True):
+                held = "" if r.heldout_metric is None else f"{r.heldout_metric:.4f}"
+                table.add_row(f"{b:g}", str(r.mask.n_ablated), f"{r.search_metric:.4f}", held)
+            console.print(table)
+            console.print(f"-> {out}/beta_sweep.json, {out}/metric_vs_beta.png, {out}/beta_<beta>/mask.json")
+        return
+    else:
+        result = ga_search(evaluator, config, folder, scan, report, allow_same_split)
+    if run.dist.is_main:
+        _print_result(result, out)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``clipheads scan``, ``clipheads layers`` and ``clipheads search``."""
+    app.command("scan")(scan_command)
+    app.command("layers")(layers_command)
+    app.command("search")(search_command)

@@ -1,0 +1,150 @@
+"""AAT-BP: one gate logit per head, learned by back-propagation with the model frozen, then thresholded.
+
+``gate = sigmoid(logit)`` soft-gates each head with the search operator (``g*out + (1-g)*replacement``). The loss
+is the CLIP contrastive loss of the training image-text pairs (image features of the gated model against cached
+text features) plus ``beta * mean(1 - gate)``, the price of ablating. The images' residual stream entering layer 0
+is taken from the evaluator's cache, so training never re-embeds an image.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clipheads.interventions import HeadMask, ablate
+from clipheads.search.engine import MaskEvaluator
+from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
+from clipheads.search.state import RunFolder
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "bp_state.pt"
+
+
+@dataclass
+class BPConfig:
+    """Hyper-parameters of AAT-BP. Gates start at ``sigmoid(init_logit)``; heads with ``gate < threshold`` are
+    ablated in the final mask."""
+
+    beta: float = 0.1
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.1
+    init_logit: float = 3.0
+    threshold: float = 0.5
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Symmetric CLIP contrastive loss of matched rows of ``[B, D]`` image and text features."""
+    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def threshold_mask(gates: torch.Tensor, threshold: float, target) -> HeadMask:
+    """Binary mask: heads whose gate is below ``threshold`` are ablated."""
+    return HeadMask.from_tensor((gates.detach().cpu() >= threshold).float(), target)
+
+
+def _epoch_batches(captions_of: Sequence[list[int]], batch_size: int, seed: int, epoch: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled ``(image indices, caption indices)`` batches: one random caption per image, fixed by seed+epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    images = [i for i, caps in enumerate(captions_of) if caps]
+    order = [images[i] for i in torch.randperm(len(images), generator=generator).tolist()]
+    picks = [captions_of[i][int(torch.randint(len(captions_of[i]), (1,), generator=generator))] for i in order]
+    return [(torch.tensor(order[i:i + batch_size]), torch.tensor(picks[i:i + batch_size]))
+            for i in range(0, len(order), batch_size)]
+
+
+def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_image: torch.Tensor | Sequence[int],
+              config: BPConfig, out: RunFolder | None = None, report: MaskEvaluator | None = None,
+              allow_same_split: bool = False) -> SearchResult:
+    """Learn head gates on the evaluator's images and their captions; checkpointed every epoch.
+
+    Args:
+        evaluator: the search split (its cached layer-0 residuals are the training images; it also scores the
+            thresholded mask after every epoch).
+        text_features: ``[N_txt, D]`` cached caption features; ``text_to_image``: ``[N_txt]`` image of each caption.
+    """
+    check_splits(evaluator, report, allow_same_split)
+    started = time.perf_counter()
+    backend = evaluator.backend
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long).tolist()
+    captions_of: list[list[int]] = [[] for _ in range(evaluator.n_images)]
+    for caption, image in enumerate(text_to_image):
+        captions_of[image].append(caption)
+    text_features = text_features.detach().to(backend.device, torch.float32)
+    residual = evaluator.residual(0)
+    n_total = evaluator.n_layers * evaluator.n_heads
+
+    logits = torch.full((evaluator.n_layers, evaluator.n_heads), float(config.init_logit), device=backend.device,
+                        requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=config.lr)
+    history: list[dict] = []
+    start_epoch, seconds = 0, 0.0
+    saved = out.load_tensors(CHECKPOINT) if out else None
+    if saved is not None:
+        with torch.no_grad():
+            logits.copy_(saved["logits"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_epoch, history, seconds = int(saved["epoch"]), list(saved["history"]), float(saved["seconds"])
+        log.info("AAT-BP: resuming at epoch %d", start_epoch)
+
+    frozen = [p for p in backend.model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            losses, contrastive = [], []
+            for images, captions in _epoch_batches(captions_of, config.batch_size, config.seed, epoch):
+                gates = torch.sigmoid(logits)
+                with ablate(backend, HeadMask.from_tensor(gates, backend), op=evaluator.operator):
+                    features = backend.pool(backend.run_layers(residual[images.to(residual.device)]))
+                task = clip_loss(features.float(), text_features[captions.to(text_features.device)],
+                                 backend.logit_scale)
+                loss = task + config.beta * (1 - gates).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                contrastive.append(task.item())
+            gates = torch.sigmoid(logits.detach())
+            mask = threshold_mask(gates, config.threshold, backend)
+            metric = evaluator.evaluate(mask)
+            history.append({"epoch": epoch, "loss": sum(losses) / len(losses),
+                            "contrastive": sum(contrastive) / len(contrastive), "mean_gate": float(gates.mean()),
+                            "n_ablated": mask.n_ablated, "metric": metric})
+            log.info("AAT-BP epoch %d: loss %.4f, %d heads below threshold, %s %.4f", epoch, history[-1]["loss"],
+                     mask.n_ablated, evaluator.objective.name, metric)
+            seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            if out is not None:
+                out.save_tensors({"logits": logits.detach().cpu(), "optimizer": optimizer.state_dict(),
+                                  "epoch": epoch + 1, "history": history, "seconds": seconds}, CHECKPOINT)
+                out.write_history(history)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+    gates = torch.sigmoid(logits.detach()).cpu()
+    mask = threshold_mask(gates, config.threshold, backend)
+    metric = evaluator.evaluate(mask)
+    result = SearchResult("bp", mask, evaluator.objective.name, evaluator.operator.describe(), config.beta,
+                          evaluator.split, metric, evaluator.baseline, fitness(metric, mask.n_ablated, n_total,
+                                                                               config.beta),
+                          evaluations=evaluator.n_evaluated, history=history,
+                          wall_seconds=seconds + time.perf_counter() - started, gates=gates,
+                          extra={"config": config.to_dict()})
+    report_heldout(result, report)
+    write_result(result, out)
+    return result

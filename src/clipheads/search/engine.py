@@ -1,0 +1,203 @@
+"""Evaluating many head masks fast: cached residual streams, several masks per forward, and a memo.
+
+* The residual stream entering every layer is computed once for the evaluation images with the unablated model
+  (``embed`` + ``run_layers``). A mask whose first ablated layer is ``l`` recomputes only layers ``l`` and later
+  (from the nearest cached layer at or before ``l`` when only every ``cache_stride``-th layer is kept).
+* Masks are grouped by the cached layer they resume from and stacked along the batch: ``k`` masks x ``b`` images run as
+  one ``[k*b, T, W]`` forward, with one hook per layer that gives each mask's chunk of the batch its own gate row.
+* A mask is evaluated once: scores are memoised by the operator and the mask's gates.
+* Under ``torchrun`` the groups are shared out over ranks and the scores gathered on every rank. Groups are formed
+  before sharding, so a mask's score does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from clipheads.errors import ClipHeadsError
+from clipheads.interventions import HeadMask, Operator, resolve_operator
+from clipheads.models import CLIPBackend
+from clipheads.search.distributed import SINGLE, Distributed
+from clipheads.search.objectives import Objective
+
+log = logging.getLogger(__name__)
+
+
+def stacked_gate_hook(operator: Operator, layer_gates: torch.Tensor, layer: int) -> Callable:
+    """A head hook for a batch made of ``k`` equal chunks, chunk ``i`` gated by ``layer_gates[i]`` (``[k, H]``).
+
+    Same arithmetic as :meth:`Operator.mix` (``g*z + (1-g)*replacement``), with one gate row per sample.
+    """
+    k, n_heads = layer_gates.shape
+
+    def hook(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # z, v: [k*b, T, H, d]
+        g = layer_gates.to(z.device, z.dtype).repeat_interleave(z.shape[0] // k, dim=0).view(-1, 1, n_heads, 1)
+        return g * z + (1 - g) * operator.replacement(z, v, layer)
+
+    return hook
+
+
+def first_layer(mask: HeadMask) -> int | None:
+    """The first layer with an ablated (or soft-gated) head, ``None`` for a mask that keeps every head."""
+    layers = mask.layers
+    return layers[0] if layers else None
+
+
+class MaskEvaluator:
+    """Scores head masks on a fixed image set: ``objective(image features of the ablated model)``.
+
+    Args:
+        backend: the model (left unablated; the evaluator installs and removes its own hooks).
+        pixels: ``[N, 3, H, W]`` preprocessed evaluation images.
+        objective: image features ``[N, D]`` -> float, higher is better (text features cached inside it).
+        op, alpha, means: the ablation operator (see :mod:`clipheads.interventions.operators`).
+        batch_size: most rows (images x stacked masks) in one forward.
+        masks_per_forward: masks stacked per forward (default: as many as ``batch_size`` allows, at least 1).
+        cache_stride: keep the residual entering every ``cache_stride``-th layer (1 = every layer, most memory).
+        split: name of the image set (for refusing to report on the split that was searched).
+        distributed: rank and world size (default: one process).
+        progress: show a progress bar over forward groups (main rank only).
+    """
+
+    def __init__(self, backend: CLIPBackend, pixels: torch.Tensor, objective: Objective,
+                 op: str | Operator = "identity", *, alpha: float | None = None, means: torch.Tensor | None = None,
+                 batch_size: int = 64, masks_per_forward: int | None = None, cache_stride: int = 1, split: str = "",
+                 distributed: Distributed = SINGLE, progress: bool = False) -> None:
+        if backend.intervention is not None or backend.hooked_layers:
+            raise ClipHeadsError("the model passed to the search has an ablation applied; call clipheads.remove "
+                                 "first (the search installs its own hooks)")
+        if len(pixels) == 0:
+            raise ClipHeadsError(f"no evaluation images for the search{f' (split {split!r})' if split else ''}")
+        self.backend = backend
+        self.objective = objective
+        self.operator = resolve_operator(op, alpha=alpha, means=means)
+        self.batch_size = max(1, int(batch_size))
+        self.n_images = len(pixels)
+        self.image_batch = min(self.n_images, self.batch_size)
+        self.masks_per_forward = masks_per_forward or max(1, self.batch_size // self.n_images)
+        self.split = split
+        self.distributed = distributed
+        self.progress = progress
+        self.n_layers, self.n_heads = backend.n_layers, backend.n_heads
+        self.cached_layers = sorted(set(range(0, self.n_layers, max(1, cache_stride))))
+        self.n_forward_masks = 0  # masks evaluated by a forward pass (all ranks together)
+        self.n_local_masks = 0  # of those, the masks this rank evaluated
+        self._cache, self.baseline_features = self._build_cache(pixels)
+        self.baseline = float(objective(self.baseline_features))
+        self._memo: dict[bytes, float] = {self._key(HeadMask.ones(backend)): self.baseline}
+
+    # ------------------------------------------------------------------ cache
+    @torch.no_grad()  # not inference_mode: AAT-BP back-propagates from these tensors into the gates
+    def _build_cache(self, pixels: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        backend = self.backend
+        cache: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cached_layers}
+        features = []
+        for i in range(0, self.n_images, self.image_batch):
+            x = backend.embed(pixels[i:i + self.image_batch].to(backend.device, backend.dtype))
+            for layer in range(self.n_layers):
+                if layer in cache:
+                    cache[layer].append(x)
+                x = backend.run_layers(x, layer, layer + 1)
+            features.append(backend.pool(x))
+        return {layer: torch.cat(chunks) for layer, chunks in cache.items()}, torch.cat(features)
+
+    def _begin(self, layer: int) -> int:
+        """The cached layer a mask whose first ablated layer is ``layer`` resumes from."""
+        return max(cached for cached in self.cached_layers if cached <= layer)
+
+    def residual(self, layer: int) -> torch.Tensor:
+        """Cached residual stream entering ``layer`` (must be a cached layer), ``[N, T, W]``."""
+        return self._cache[layer]
+
+    # ------------------------------------------------------------------- memo
+    def _key(self, mask: HeadMask) -> bytes:
+        return self.operator.describe().encode() + b"|" + mask.key()
+
+    def known(self, mask: HeadMask) -> float | None:
+        """The memoised score of ``mask``, if it was evaluated."""
+        return self._memo.get(self._key(mask))
+
+    def remember(self, mask: HeadMask, score: float) -> None:
+        """Pre-load a score (e.g. from a checkpoint) so that ``mask`` is not evaluated again."""
+        self._memo[self._key(mask)] = float(score)
+
+    @property
+    def n_evaluated(self) -> int:
+        """Distinct masks scored so far (memo size, the unablated model included)."""
+        return len(self._memo)
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, mask: HeadMask) -> float:
+        return self.evaluate_many([mask])[0]
+
+    def evaluate_many(self, masks: Sequence[HeadMask]) -> list[float]:
+        """Scores of ``masks``, in order. New masks are batched, sharded over ranks and memoised."""
+        pending: dict[bytes, HeadMask] = {}
+        for mask in masks:
+            mask.check(self.backend)
+            key = self._key(mask)
+            if key not in self._memo and key not in pending:
+                pending[key] = mask
+        if pending:
+            groups = self._groups(list(pending.items()))
+            mine = self.distributed.shard(list(enumerate(groups)))
+            local: dict[bytes, float] = {}
+            bar = tqdm(mine, desc="masks", unit="group", disable=not (self.progress and self.distributed.is_main),
+                       leave=False)
+            for _, group in bar:
+                for (key, _), features in zip(group, self._features([m for _, m in group]), strict=True):
+                    local[key] = float(self.objective(features))
+            self.n_local_masks += len(local)
+            self._memo.update(self.distributed.gather(local))
+            self.n_forward_masks += len(pending)
+        return [self._memo[self._key(mask)] for mask in masks]
+
+    def features_many(self, masks: Sequence[HeadMask]) -> list[torch.Tensor]:
+        """Image features ``[N, D]`` of each mask (not memoised, not sharded: for small sets like layer scans)."""
+        out: list[torch.Tensor] = []
+        for group in self._groups(list(enumerate(masks))):
+            out.extend(zip([i for i, _ in group], self._features([m for _, m in group]), strict=True))
+        return [features for _, features in sorted(out, key=lambda item: item[0])]
+
+    def _groups(self, items: list[tuple]) -> list[list[tuple]]:
+        """Stack masks that resume from the same cached layer; a deterministic order independent of the world size."""
+        def start(item) -> int:
+            layer = first_layer(item[1])
+            return self.n_layers if layer is None else self._begin(layer)
+
+        ordered = sorted(items, key=start)  # stable: ties keep their order
+        groups: list[list[tuple]] = []
+        for item in ordered:
+            if groups and len(groups[-1]) < self.masks_per_forward and start(groups[-1][0]) == start(item):
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
+
+    @torch.no_grad()
+    def _features(self, masks: list[HeadMask]) -> list[torch.Tensor]:
+        """Image features of each mask of one group: ``k`` masks stacked along the batch, ``[N, D]`` each."""
+        starts = [first_layer(m) for m in masks]
+        if all(s is None for s in starts):
+            return [self.baseline_features for _ in masks]
+        backend, k = self.backend, len(masks)
+        start = min(s for s in starts if s is not None)
+        begin = self._begin(start)
+        gates = torch.stack([m.gates.detach() for m in masks]).to(backend.device)  # [k, L, H]
+        hooked = sorted({layer for m in masks for layer in m.layers})
+        chunks = []
+        try:
+            for layer in hooked:
+                backend.set_head_hook(layer, stacked_gate_hook(self.operator, gates[:, layer], layer))
+            rows = max(1, self.batch_size // k)
+            for i in range(0, self.n_images, rows):
+                x = self._cache[begin][i:i + rows]
+                x = x.repeat(k, 1, 1)  # [k*b, T, W], mask-major
+                chunks.append(backend.pool(backend.run_layers(x, begin)).view(k, len(x) // k, -1))
+        finally:
+            backend.clear_head_hooks()
+        return list(torch.cat(chunks, dim=1).unbind(0))

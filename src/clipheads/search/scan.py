@@ -1,0 +1,200 @@
+"""Single-head scan (every head ablated alone) and layer scan (every head of a layer or layer range cancelled)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from clipheads.heads import head_label, parse_head, parse_layer_ranges
+from clipheads.interventions import HeadMask
+from clipheads.search import plots
+from clipheads.search.engine import MaskEvaluator
+from clipheads.search.results import SearchResult
+from clipheads.search.state import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanResult:
+    """Metric with each head ablated alone. ``scores[l, h]``: metric with head ``L{l}.H{h}`` ablated; ``delta`` =
+    ``scores - baseline`` (positive: ablating the head helps, the head is harmful)."""
+
+    baseline: float
+    scores: torch.Tensor
+    metric: str
+    operator: str
+    split: str = ""
+    top_k: list[dict] = field(default_factory=list)  # [{"k", "heads", "metric"}]: the k most harmful heads together
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.scores - self.baseline
+
+    def ranking(self) -> list[str]:
+        """Every head, most harmful first (largest metric gain when ablated; ties in layer-head order)."""
+        flat = self.delta.flatten().tolist()
+        order = sorted(range(len(flat)), key=lambda i: -flat[i])
+        n_heads = self.scores.shape[1]
+        return [head_label(i // n_heads, i % n_heads) for i in order]
+
+    def harmful(self) -> list[str]:
+        """Heads whose ablation alone improves the metric, most harmful first."""
+        return [label for label in self.ranking() if float(self.delta[parse_head(label)]) > 0]
+
+    def top_k_mask(self, k: int) -> HeadMask:
+        """The mask ablating the ``k`` most harmful heads."""
+        return HeadMask.from_heads(self.ranking()[:k], tuple(self.scores.shape))
+
+    def best_top_k(self) -> dict | None:
+        """The top-k entry with the highest metric (``None`` if no top-k mask was evaluated)."""
+        return max(self.top_k, key=lambda e: e["metric"]) if self.top_k else None
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "operator": self.operator, "split": self.split, "baseline": self.baseline,
+                "scores": self.scores.tolist(), "delta": self.delta.tolist(),
+                "heads": {label: {"metric": float(self.scores[parse_head(label)]),
+                                  "delta": float(self.delta[parse_head(label)])} for label in self.ranking()},
+                "harmful": self.harmful(), "top_k": self.top_k}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ScanResult:
+        return cls(float(data["baseline"]), torch.tensor(data["scores"]), data["metric"], data["operator"],
+                   data.get("split", ""), list(data.get("top_k", [])))
+
+
+def single_head_masks(evaluator: MaskEvaluator) -> dict[str, HeadMask]:
+    """One mask per head, in layer-head order."""
+    shape = (evaluator.n_layers, evaluator.n_heads)
+    return {head_label(l_, h): HeadMask.from_heads([(l_, h)], shape)
+            for l_ in range(evaluator.n_layers) for h in range(evaluator.n_heads)}
+
+
+def scan_heads(evaluator: MaskEvaluator, out: RunFolder | None = None, checkpoint_every: int | None = None,
+               max_top_k: int | None = None) -> ScanResult:
+    """Ablate every head alone; then evaluate the top-k most harmful heads together for k = 1..max_top_k.
+
+    Args:
+        evaluator: scores masks on the search split.
+        out: output folder: the scan is checkpointed there every ``checkpoint_every`` heads (default: one layer's
+            worth) and resumed from it; ``scan.json`` and ``head_effects.png`` are written at the end.
+        max_top_k: largest k for the top-k curve (default: the number of harmful heads, at most 2 layers' worth).
+    """
+    started = time.perf_counter()
+    masks = single_head_masks(evaluator)
+    state = (out.load_state() if out else None) or {"scores": {}}
+    done: dict[str, float] = state["scores"]
+    for label, score in done.items():
+        evaluator.remember(masks[label], score)
+    step = checkpoint_every or evaluator.n_heads
+    labels = list(masks)
+    for i in range(0, len(labels), step):
+        chunk = [label for label in labels[i:i + step] if label not in done]
+        if not chunk:
+            continue
+        done.update(zip(chunk, evaluator.evaluate_many([masks[label] for label in chunk]), strict=True))
+        if out is not None:
+            out.save_state({"scores": done})
+            out.write_history([{"head": label, "metric": done[label], "delta": done[label] - evaluator.baseline}
+                               for label in labels if label in done])
+        log.info("scan: %d/%d heads", len(done), len(labels))
+    scores = torch.tensor([[done[head_label(l_, h)] for h in range(evaluator.n_heads)]
+                           for l_ in range(evaluator.n_layers)])
+    result = ScanResult(evaluator.baseline, scores, evaluator.objective.name, evaluator.operator.describe(),
+                        evaluator.split)
+    n_top = max_top_k if max_top_k is not None else min(len(result.harmful()), 2 * evaluator.n_heads)
+    top_masks = [result.top_k_mask(k) for k in range(1, n_top + 1)]
+    result.top_k = [{"k": k, "heads": result.ranking()[:k], "metric": metric}
+                    for k, metric in enumerate(evaluator.evaluate_many(top_masks), start=1)]
+    if out is not None and out.distributed.is_main:
+        out.write_json("scan.json", {**result.to_dict(), "wall_seconds": time.perf_counter() - started})
+        plots.plot_head_effects(result.delta, out.file("head_effects.png"),
+                                title=f"Single-head ablation ({result.operator}) on {result.split or 'search split'}",
+                                label=f"change of {result.metric} when ablated")
+    return result
+
+
+def scan_search_result(scan: ScanResult, evaluator: MaskEvaluator, wall_seconds: float = 0.0) -> SearchResult:
+    """The scan's best top-k mask as a search result (the unablated model if no head is harmful)."""
+    best = scan.best_top_k()
+    if best is None or best["metric"] <= scan.baseline:
+        mask, metric = HeadMask.ones(evaluator.backend), scan.baseline
+    else:
+        mask, metric = HeadMask.from_heads(best["heads"], evaluator.backend), best["metric"]
+    return SearchResult("scan-top-k", mask, scan.metric, scan.operator, 0.0, scan.split, metric, scan.baseline,
+                        metric, evaluations=evaluator.n_forward_masks, wall_seconds=wall_seconds,
+                        extra={"top_k": scan.top_k, "ranking": scan.ranking()})
+
+
+# ----------------------------------------------------------------------------- layer scan
+@dataclass
+class LayerScanResult:
+    """Metric with every head of each layer group cancelled; ``details`` holds task extras per group (e.g. the
+    selected caption and every candidate's logits for caption selection)."""
+
+    baseline: float
+    groups: list[list[int]]
+    scores: list[float]
+    metric: str
+    operator: str
+    split: str = ""
+    details: list[dict] | None = None
+    baseline_details: dict | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return [layer_group_label(g) for g in self.groups]
+
+    def to_dict(self) -> dict:
+        rows = []
+        for i, (label, score) in enumerate(zip(self.labels, self.scores, strict=True)):
+            row = {"layers": label, "metric": score, "change": score - self.baseline}
+            if self.details is not None:
+                row["details"] = self.details[i]
+            rows.append(row)
+        return {"metric": self.metric, "operator": self.operator, "split": self.split, "baseline": self.baseline,
+                "baseline_details": self.baseline_details, "groups": rows}
+
+
+def layer_group_label(layers: Sequence[int]) -> str:
+    """``[3]`` -> ``"3"``, ``[0, 1, 2]`` -> ``"0-2"``, ``[0, 5]`` -> ``"0,5"``."""
+    layers = sorted(layers)
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(layer) for layer in layers)
+
+
+def scan_layers(evaluator: MaskEvaluator, ranges: str | Sequence[Sequence[int]] | None = None,
+                details: Callable[[torch.Tensor], dict] | None = None, out: RunFolder | None = None
+                ) -> LayerScanResult:
+    """Cancel all heads of each layer (default) or of each layer range (``"0-2,3-5"``) with the evaluator's operator.
+
+    Args:
+        details: optional image features ``[N, D]`` -> dict of task extras, computed for the unablated model and
+            every group (e.g. the caption-selection metric with the selected caption and candidate logits).
+        out: writes ``layers.json`` and ``layer_scan.png``.
+    """
+    if ranges is None:
+        groups = [[layer] for layer in range(evaluator.n_layers)]
+    elif isinstance(ranges, str):
+        groups = parse_layer_ranges(ranges)
+    else:
+        groups = [sorted(int(v) for v in g) for g in ranges]
+    shape = (evaluator.n_layers, evaluator.n_heads)
+    masks = [HeadMask.from_layers(group, shape) for group in groups]
+    scores = evaluator.evaluate_many(masks)
+    group_details = baseline_details = None
+    if details is not None:
+        group_details = [details(features) for features in evaluator.features_many(masks)]
+        baseline_details = details(evaluator.baseline_features)
+    result = LayerScanResult(evaluator.baseline, groups, scores, evaluator.objective.name,
+                             evaluator.operator.describe(), evaluator.split, group_details, baseline_details)
+    if out is not None and out.distributed.is_main:
+        out.write_json("layers.json", result.to_dict())
+        plots.plot_layer_scan(result.labels, scores, result.baseline, out.file("layer_scan.png"), metric=result.metric,
+                              title=f"Layer scan ({result.operator})")
+    return result

@@ -1,0 +1,115 @@
+"""A dataset split made ready for a search: images preprocessed in memory, text features encoded once, the objective.
+
+Tasks: ``retrieval`` (default metric ``mean_recall``), ``selection`` (caption selection, ``acc``; the layer scan
+also reports the selected caption and every candidate's logits) and ``zeroshot`` (``acc1``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipheads.data import image_loader, iter_pixels, load_caption_selection, load_classification, load_retrieval
+from clipheads.errors import ClipHeadsError, DataError
+from clipheads.eval import encode_texts
+from clipheads.metrics import caption_selection_metrics, zeroshot_classifier, zeroshot_metrics
+from clipheads.models import CLIPBackend
+from clipheads.search.objectives import Objective, metric_value, retrieval_objective
+
+TASKS = ("retrieval", "selection", "zeroshot")
+DEFAULT_METRICS = {"retrieval": "mean_recall", "selection": "acc", "zeroshot": "acc1"}
+
+
+@dataclass
+class SearchData:
+    """One split: ``pixels [N, 3, H, W]``, the ``objective`` over their features, and for AAT-BP the image-text
+    ``pairs`` (text features ``[N_txt, D]``, image index ``[N_txt]``). ``details`` gives task extras per mask."""
+
+    split: str
+    pixels: torch.Tensor
+    objective: Objective
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    details: Callable[[torch.Tensor], dict] | None = None
+    skipped: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+def load_pixels(backend: CLIPBackend, paths: list[Path], batch_size: int = 64, num_workers: int = 0,
+                skip_bad: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Preprocessed pixels of the readable images ``[N_kept, 3, H, W]``, their positions ``[N_kept]``, skipped files."""
+    skipped: list[str] = []
+    chunks, kept = [], []
+    for batch in iter_pixels(image_loader(paths, backend.preprocess, batch_size, num_workers), skip_bad, skipped,
+                             progress):
+        chunks.append(batch.pixels)
+        kept.append(batch.indices)
+    if not chunks:
+        raise DataError(f"none of the {len(paths)} images could be read (first: {str(paths[0])!r})")
+    return torch.cat(chunks), torch.cat(kept), skipped
+
+
+def split_label(path: str | os.PathLike, split: str | None) -> str:
+    """How a split is named in results: ``dataset_coco.json:val`` for a file with splits, else the file's name."""
+    return f"{Path(path).name}:{split}" if split else Path(path).name
+
+
+def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, split: str | None = None, *,
+                     metric: str | None = None, templates: str | None = None, batch_size: int = 64,
+                     num_workers: int = 0, skip_bad: bool = False, progress: bool = False) -> SearchData:
+    """Read ``path`` (``split`` for files with splits), preprocess its images and encode its texts once."""
+    if task not in TASKS:
+        raise ClipHeadsError(f"the search supports the tasks {', '.join(TASKS)}; got {task!r}")
+    metric = metric or DEFAULT_METRICS[task]
+    label = split_label(path, split if task == "retrieval" else None)  # only retrieval files carry splits
+    encode = {"batch_size": batch_size, "progress": progress}
+    if task == "retrieval":
+        dataset = load_retrieval(path, split=split)
+        pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
+        position = torch.full((len(dataset),), -1, dtype=torch.long)
+        position[kept] = torch.arange(len(kept))
+        text_to_image = position[torch.tensor(dataset.text_to_image)]
+        keep = text_to_image >= 0
+        texts = encode_texts(backend, dataset.texts, **encode)[keep]
+        return SearchData(label, pixels, retrieval_objective(texts, text_to_image[keep], metric),
+                          (texts, text_to_image[keep]), skipped=skipped, source=str(path))
+    if task == "selection":
+        dataset = load_caption_selection(path)
+        pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
+        kept_list = kept.tolist()
+        candidates = [c for i in kept_list for c in dataset.candidates[i]]
+        candidate_image = torch.tensor([n for n, i in enumerate(kept_list) for _ in dataset.candidates[i]])
+        answers = [dataset.answers[i] for i in kept_list]
+        features = encode_texts(backend, candidates, **encode)
+        offsets = [0]
+        for i in kept_list:
+            offsets.append(offsets[-1] + len(dataset.candidates[i]))
+
+        def selection(image_features: torch.Tensor):
+            image = F.normalize(image_features.float(), dim=-1).cpu()
+            return caption_selection_metrics(image, features, candidate_image, answers, backend.logit_scale)
+
+        def details(image_features: torch.Tensor) -> dict:
+            result = selection(image_features)
+            return {**result.metrics, "selected": [dataset.candidates[i][p] for i, p in
+                                                   zip(kept_list, result.predictions, strict=True)],
+                    "predictions": result.predictions, "logits": result.logits}
+
+        right = features[torch.tensor([offsets[n] + a for n, a in enumerate(answers)])]
+        return SearchData(label, pixels, Objective(lambda f: metric_value(selection(f), metric), metric),
+                          (right, torch.arange(len(kept_list))), details, skipped, str(path))
+    dataset = load_classification(path, templates=templates)
+    pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
+    prompts = encode_texts(backend, dataset.prompts(), **encode)
+    classifier = zeroshot_classifier(prompts.view(len(dataset.classnames), len(dataset.templates), -1))
+    labels = torch.tensor(dataset.labels)[kept]
+
+    def zeroshot(image_features: torch.Tensor) -> float:
+        image = F.normalize(image_features.float(), dim=-1).cpu()
+        return metric_value(zeroshot_metrics(image, classifier, labels, dataset.classnames).metrics, metric)
+
+    return SearchData(label, pixels, Objective(zeroshot, metric), None, None, skipped, str(path))

@@ -1,0 +1,66 @@
+"""A tiny model with one planted harmful head, and the task on which it is harmful (shared by the search tests and
+the torchrun worker: ``python -m torch.distributed.run --nproc_per_node 2 tests/search/planted.py OUT``).
+
+The out_proj columns of head ``L1.H2`` are scaled up, so that this head's output swamps the image features. The
+"captions" of the images are the features of the same model with that head cancelled (identity operator), centred
+over the images: the planted head is the one whose ablation makes every image match its caption.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import clipheads
+from clipheads.models.random_init import tiny_model
+from clipheads.search import Distributed, GAConfig, MaskEvaluator, Objective, RunFolder, ga_search, scan_heads
+
+PLANTED = "L1.H2"
+
+
+def planted_model(kind: str = "hf", seed: int = 0, strength: float = 8.0):
+    backend = tiny_model(kind, seed=seed)
+    layer, head = clipheads.parse_head(PLANTED)
+    d = backend.head_dim
+    with torch.no_grad():
+        backend.out_proj(layer).weight[:, head * d:(head + 1) * d] *= strength
+    return backend
+
+
+def match_score(image_features: torch.Tensor, text_features: torch.Tensor, scale: float = 30.0) -> float:
+    """Mean log-probability of the right caption for each image and the right image for each caption."""
+    logits = scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    return float((logits.log_softmax(dim=1).diagonal().mean() + logits.log_softmax(dim=0).diagonal().mean()) / 2)
+
+
+def planted_task(backend, n_images: int = 8, seed: int = 0):
+    """``(pixels [N, 3, 32, 32], caption features [N, D], objective)`` for the planted model."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n_images, 3, backend.image_size, backend.image_size, generator=generator)
+    with torch.no_grad(), clipheads.ablate(backend, clipheads.HeadMask.from_heads(PLANTED, backend)):
+        clean = backend.encode_image(pixels)
+    captions = clean - clean.mean(dim=0)  # what tells the images apart
+    return pixels, captions, Objective(lambda features: match_score(features, captions), "match")
+
+
+def scan_and_ga(out: str, distributed: Distributed) -> dict:
+    backend = planted_model()
+    pixels, _, objective = planted_task(backend)
+    evaluator = MaskEvaluator(backend, pixels, objective, batch_size=16, distributed=distributed)
+    scan = scan_heads(evaluator)
+    config = GAConfig(beta=0.5, population=8, generations=3, seed=3)
+    result = ga_search(evaluator, config, RunFolder(out, {"test": "distributed"}, distributed), scan=scan)
+    return {"scores": scan.scores.tolist(), "mask": result.mask.ablated, "history": result.history,
+            "evaluated_here": evaluator.n_local_masks, "evaluated": evaluator.n_forward_masks}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist = Distributed.from_env()
+    summary = scan_and_ga(sys.argv[1], dist)
+    if dist.is_main:
+        with open(f"{sys.argv[1]}/result.json", "w") as handle:
+            json.dump({"world_size": dist.world_size, **summary}, handle)

@@ -1,0 +1,82 @@
+"""``clipheads scan``, ``layers`` and ``search`` end to end on a tiny saved model and a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import clipheads
+from clipheads.cli import app
+from clipheads.models.random_init import random_hf_clip, save_hf
+from clipheads.search import ConfigMismatchError
+
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+SHAPES = ["cat", "dog", "car", "tree", "house", "circle"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    save_hf(random_hf_clip("tiny", seed=3), root / "model")
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        caption = f"a {COLOURS[i % 6]} {SHAPES[(i * 5) % 6]}"
+        images.append({"filename": f"{i}.png", "split": "val" if i < 6 else "test", "imgid": i,
+                       "sentences": [{"raw": caption}, {"raw": caption + " on the left"}]})
+    (root / "karpathy.json").write_text(json.dumps({"dataset": "toy", "images": images}))
+    selection = [{"image": f"{i}.png", "candidates": [f"a {c} cat" for c in COLOURS[:3]], "answer": i % 3}
+                 for i in range(6)]
+    (root / "selection.json").write_text(json.dumps(selection))
+    return root
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=True)
+
+
+def test_scan_then_ga_then_bp(world, tmp_path):
+    common = ["--model", world / "model", "--data", world / "karpathy.json", "--batch-size", 16]
+    result = invoke("scan", *common, "--out", tmp_path / "scan")
+    assert result.exit_code == 0, result.output
+    assert "Most harmful heads" in result.output
+    summary = json.loads((tmp_path / "scan" / "summary.json").read_text())
+    assert summary["search"]["split"] == "karpathy.json:val" and summary["heldout"]["split"] == "karpathy.json:test"
+    assert len(json.loads((tmp_path / "scan" / "scan.json").read_text())["heads"]) == 8
+
+    ga = ["search", *common, "--strategy", "ga", "--population", 6, "--generations", 2, "--out", tmp_path / "ga"]
+    result = invoke(*ga)
+    assert result.exit_code == 0, result.output
+    mask = clipheads.HeadMask.load(tmp_path / "ga" / "mask.json")
+    assert (tmp_path / "ga" / "scan" / "scan.json").exists() and (tmp_path / "ga" / "fitness.png").exists()
+    assert invoke(*ga).exit_code == 0  # resumes the finished run
+    assert clipheads.HeadMask.load(tmp_path / "ga" / "mask.json") == mask
+    changed = invoke(*ga[:-2], "--seed", 1, "--out", tmp_path / "ga")
+    assert isinstance(changed.exception, ConfigMismatchError) and "seed: 0 -> 1" in str(changed.exception)
+
+    result = invoke("search", *common, "--strategy", "bp", "--epochs", 1, "--out", tmp_path / "bp")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "bp" / "summary.json").read_text())["gates"]) == 2
+
+
+def test_same_split_is_refused(world, tmp_path):
+    result = invoke("search", "--model", world / "model", "--data", world / "karpathy.json", "--search-split", "val",
+                    "--report-split", "val", "--out", tmp_path / "same")
+    assert isinstance(result.exception, clipheads.ClipHeadsError)
+    assert "--allow-same-split" in str(result.exception)
+
+
+def test_layer_scan_with_caption_selection(world, tmp_path):
+    result = invoke("layers", "--model", world / "model", "--data", world / "selection.json", "--task", "selection",
+                    "--ranges", "0,1", "--out", tmp_path / "layers")
+    assert result.exit_code == 0, result.output
+    layers = json.loads((tmp_path / "layers" / "layers.json").read_text())
+    assert [g["layers"] for g in layers["groups"]] == ["0", "1"]
+    details = layers["groups"][0]["details"]
+    assert len(details["logits"]) == 6 and len(details["logits"][0]) == 3
+    assert details["selected"][0] in ["a red cat", "a green cat", "a blue cat"]
