@@ -20,20 +20,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import clipheads
-from clipheads.demo.aat import (
-    BPConfig,
-    GAConfig,
-    MaskEvaluator,
-    backprop_gates,
-    genetic_search,
-    greedy_selection,
-    single_head_scan,
-    top_heads,
-)
 from clipheads.demo.cue import cue_share
 from clipheads.demo.data import RetrievalSet, load_retrieval_set
 from clipheads.files import write_json_atomic
 from clipheads.heads import parse_layer_ranges
+from clipheads.search import (
+    BPConfig,
+    GAConfig,
+    GreedyConfig,
+    MaskEvaluator,
+    bp_search,
+    ga_search,
+    greedy_search,
+    retrieval_objective,
+    scan_heads,
+)
 from clipheads.world import WorldSizes, make_world
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,14 @@ class DemoConfig:
     k: int = 5
 
     def __post_init__(self) -> None:
-        self.ga = self.ga or GAConfig(seed=self.seed)
-        self.bp = self.bp or BPConfig(seed=self.seed)
+        self.ga = self.ga or GAConfig(population=24, generations=12, seed=self.seed)
+        self.bp = self.bp or BPConfig(epochs=10, batch_size=64, init_logit=1.5, lr=0.2, seed=self.seed)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         return cls(n_eval=150, n_selection=60, n_counterfactual=8, n_describe=150,
-                   ga=GAConfig(population=10, generations=4), bp=BPConfig(steps=40, batch_size=64), **overrides)
-
-
-def _pct(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: 100 * v for k, v in metrics.items()}
+                   ga=GAConfig(population=10, generations=4),
+                   bp=BPConfig(epochs=10, batch_size=50, init_logit=1.5, lr=0.2), **overrides)
 
 
 @dataclass
@@ -132,39 +130,38 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bo
                                      for split in ("val_ood", *HELD_OUT)}
     lap("world and data", t0)
 
-    # 1. vanilla
+    # 1. vanilla: every split's residual stream is cached once; masks then re-run only from their first layer
     t0 = time.perf_counter()
-    evaluators = {split: MaskEvaluator(backend, data) for split, data in sets.items()}
-    vanilla = clipheads.HeadMask.ones(backend)
-    vanilla_scores = {split: _pct(ev.metrics(vanilla)) for split, ev in evaluators.items()}
+    evaluators = {split: MaskEvaluator(backend, data.pixels, retrieval_objective(data.text_features,
+                                                                                 data.text_to_image))
+                  for split, data in sets.items()}
     lap("vanilla evaluation", t0)
 
-    # 2. single-head scan on val_ood (and test_ood, to show how well validation predicts test)
+    # 2. single-head scan on val_ood (and on test_ood, to show how well validation predicts test)
     t0 = time.perf_counter()
-    deltas = single_head_scan(evaluators["val_ood"], progress=progress)
-    deltas_test = single_head_scan(evaluators["test_ood"], progress=progress)
+    scan = scan_heads(evaluators["val_ood"])
+    deltas, deltas_test = 100 * scan.delta, 100 * scan_heads(evaluators["test_ood"]).delta
     lap("single-head scan", t0)
 
     # 3. search on val_ood
     t0 = time.perf_counter()
-    candidates = top_heads(deltas, 12)
-    greedy_mask, greedy_history = greedy_selection(evaluators["val_ood"], [h for h in candidates
-                                                                          if deltas[h] > 0], max_heads=6)
+    greedy = greedy_search(evaluators["val_ood"], GreedyConfig(max_heads=6, candidates=12), scan=scan)
     lap("greedy", t0)
     t0 = time.perf_counter()
-    ga = genetic_search(evaluators["val_ood"], config.ga, seeds=candidates, progress=progress)
+    ga = ga_search(evaluators["val_ood"], config.ga, scan=scan)
     lap("AAT-GA", t0)
     t0 = time.perf_counter()
-    # gates are learned on val_ood pairs: the training split carries the cue, so gates learned there keep it
-    bp_mask, bp_gates, bp_losses = backprop_gates(backend, sets["val_ood"], config.bp, progress=progress)
+    val = sets["val_ood"]
+    bp = bp_search(evaluators["val_ood"], val.text_features, val.text_to_image, config.bp)
     lap("AAT-BP", t0)
 
-    masks = {"vanilla": vanilla, "greedy": greedy_mask, "AAT-GA": ga.mask, "AAT-BP": bp_mask}
+    masks = {"vanilla": clipheads.HeadMask.ones(backend), "greedy": greedy.mask, "AAT-GA": ga.mask,
+             "AAT-BP": bp.mask}
     for name, mask in masks.items():
         if name != "vanilla":
             mask.meta.update({"strategy": name, "searched_on": "val_ood", "model": backend.name})
             mask.save(out / f"mask_{name.lower().replace('-', '_')}.json")
-    results = {name: {split: 100 * ev.metrics(mask)["mean_recall"] for split, ev in evaluators.items()}
+    results = {name: {split: 100 * ev.evaluate(mask) for split, ev in evaluators.items()}
                for name, mask in masks.items()}
 
     # 4. which heads carry the cue
@@ -196,13 +193,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bo
 
     summary = {
         "config": asdict(config), "model": backend.name, "world": world.to_dict(), "timings_s": timings,
-        "vanilla": vanilla_scores, "mean_recall": results,
+        "mean_recall": results,
         "ablated": {name: mask.ablated for name, mask in masks.items()},
         "single_head_delta_val_ood": deltas.tolist(), "single_head_delta_test_ood": deltas_test.tolist(),
         "scan_val_test_correlation": float(torch.corrcoef(torch.stack([deltas.flatten(),
                                                                         deltas_test.flatten()]))[0, 1]),
-        "greedy_history": greedy_history, "ga_history": ga.history, "ga_fitness": ga.fitness,
-        "bp_gates": bp_gates.tolist(), "bp_losses": bp_losses,
+        "greedy_history": greedy.history, "ga_history": ga.history, "ga_fitness": ga.fitness,
+        "bp_gates": bp.gates.tolist(), "bp_history": bp.history,
         "cue_share": share.tolist(), "cue_share_all_heads": share_all_heads,
         "layer_scan": layer_rows, "ccs": ccs.to_dict(), "descriptions": descriptions.to_dict(),
     }
