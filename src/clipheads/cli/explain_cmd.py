@@ -44,19 +44,10 @@ def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> l
 
 
 def _pixel_batches(backend, paths: list[Path], batch_size: int):
-    import torch
-    from PIL import Image, UnidentifiedImageError
-    from tqdm import tqdm
+    from clipheads.data import image_loader, iter_pixels
 
-    for start in tqdm(range(0, len(paths), batch_size), desc="images", unit="batch", leave=False):
-        batch = []
-        for path in paths[start:start + batch_size]:
-            try:
-                with Image.open(path) as image:
-                    batch.append(backend.preprocess(image))
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"cannot read image {str(path)!r} ({type(exc).__name__})") from None
-        yield torch.stack(batch)
+    for batch in iter_pixels(image_loader(paths, backend.preprocess, batch_size), progress=True):
+        yield batch.pixels
 
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,

@@ -66,20 +66,13 @@ def mask(
 
 
 def _image_batches(backend, folder: Path, batch_size: int):
-    from PIL import Image, UnidentifiedImageError
+    from clipheads.data import image_loader, iter_pixels
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images (.png/.jpg/...) found under {str(folder)!r}")
-    for start in range(0, len(files), batch_size):
-        batch = []
-        for path in files[start:start + batch_size]:
-            try:
-                with Image.open(path) as image:
-                    batch.append(backend.preprocess(image))
-            except (OSError, UnidentifiedImageError) as exc:
-                raise DataError(f"cannot read image {str(path)!r}: {exc}") from None
-        yield torch.stack(batch)
+    for batch in iter_pixels(image_loader(files, backend.preprocess, batch_size), progress=True):
+        yield batch.pixels
 
 
 def register(app: typer.Typer) -> None:

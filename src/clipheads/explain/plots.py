@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from clipheads.files import write_bytes_atomic
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
-    return Path(path)
+from clipheads.report.figures import pyplot, save_figure
 
 
 def plot_ccs_heatmap(scores: torch.Tensor, path: str | os.PathLike, k: int, title: str = "Concept Consistency Score"
                      ) -> Path:
     """Save a layers x heads heat map of ``scores`` (``[n_layers, n_heads]``, NaN = not described) as PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     n_layers, n_heads = scores.shape
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 1.5), max(2.5, 0.4 * n_layers + 1.2)))
     cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
@@ -49,7 +31,7 @@ def plot_ccs_heatmap(scores: torch.Tensor, path: str | os.PathLike, k: int, titl
     ax.set_yticks(range(n_layers))
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=f"CCS (0..{k})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metric_changes(changes: Mapping[str, Mapping[str, tuple[float, float]]], path: str | os.PathLike,
@@ -59,7 +41,7 @@ def plot_metric_changes(changes: Mapping[str, Mapping[str, tuple[float, float]]]
     Args:
         changes: head set name -> metric -> ``(mean change, std over seeds)`` (std 0 for a single run).
     """
-    plt = _pyplot()
+    plt = pyplot()
     names = list(changes)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * len(names) / 2 + 2), 3.6))
     width = 0.8 / max(len(names), 1)
@@ -73,4 +55,4 @@ def plot_metric_changes(changes: Mapping[str, Mapping[str, tuple[float, float]]]
     ax.set_ylabel("after - before")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -7,11 +7,11 @@
 Training (``clipheads.world.train``) imports transformers and is not loaded here.
 """
 
-from clipheads.world.evaluate import SplitResult, evaluate_world, retrieval_metrics
+from clipheads.world.evaluate import SplitResult, evaluate_world
 from clipheads.world.grammar import vocabulary, world_tokenizer
 from clipheads.world.make import HELD_OUT, SPLITS, WorldPaths, WorldSizes, generate_split, make_world, read_split
 from clipheads.world.scene import CUE_SHAPE, MARKER_COLOURS, SHAPE_CUE, SHAPES, Scene, render_scene, sample_scene
 
 __all__ = ["CUE_SHAPE", "HELD_OUT", "MARKER_COLOURS", "SHAPES", "SHAPE_CUE", "SPLITS", "Scene", "SplitResult",
            "WorldPaths", "WorldSizes", "evaluate_world", "generate_split", "make_world", "read_split",
-           "render_scene", "retrieval_metrics", "sample_scene", "vocabulary", "world_tokenizer"]
+           "render_scene", "sample_scene", "vocabulary", "world_tokenizer"]

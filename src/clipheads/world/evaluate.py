@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipheads.metrics import retrieval_metrics
 from clipheads.models.base import CLIPBackend
 from clipheads.world.grammar import positional_caption, shape_swapped_caption
 from clipheads.world.make import HELD_OUT, generate_split, read_split
@@ -85,30 +86,6 @@ def encode_texts(backend: CLIPBackend, texts: Sequence[str], batch_size: int = 1
     return torch.cat(features)
 
 
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_image: Sequence[int],
-                      ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
-    """Recall@k both ways (clip_benchmark's keys and conventions) and their mean.
-
-    Args:
-        image_features: ``[N_img, D]`` normalised. text_features: ``[N_txt, D]`` normalised.
-        text_image: for each text, the index of its image.
-
-    Returns:
-        ``image_retrieval_recall@k`` (text -> image: the text's image is in the top k), ``text_retrieval_recall@k``
-        (image -> text: one of the image's texts is in the top k), as fractions, and ``mean_recall`` (their mean).
-    """
-    scores = text_features @ image_features.T  # [N_txt, N_img]
-    positive = torch.zeros_like(scores, dtype=torch.bool)
-    positive[torch.arange(len(text_image)), torch.as_tensor(text_image)] = True
-    metrics = {}
-    for k in ks:
-        top_images = scores.topk(min(k, scores.shape[1]), dim=1).indices
-        metrics[f"image_retrieval_recall@{k}"] = positive.gather(1, top_images).any(1).float().mean().item()
-        top_texts = scores.T.topk(min(k, scores.shape[0]), dim=1).indices
-        metrics[f"text_retrieval_recall@{k}"] = positive.T.gather(1, top_texts).any(1).float().mean().item()
-    metrics["mean_recall"] = float(np.mean(list(metrics.values())))
-    return metrics
-
 
 @dataclass
 class SplitResult:
@@ -158,8 +135,8 @@ def evaluate_sample(backend: CLIPBackend, sample: WorldSample) -> SplitResult:
 
 def world_retrieval_metric(image_features: torch.Tensor, text_features: torch.Tensor,
                            text_image: Sequence[int]) -> dict[str, float]:
-    """The one place where the world picks its retrieval metric (switch to ``clipheads.metrics`` here)."""
-    return retrieval_metrics(image_features, text_features, text_image)
+    """mean-R and recalls of the world splits, from :func:`clipheads.metrics.retrieval_metrics`."""
+    return retrieval_metrics(image_features, text_features, torch.as_tensor(text_image)).metrics
 
 
 def evaluate_world(backend: CLIPBackend, seed: int = 0, n_per_split: int = 1000,

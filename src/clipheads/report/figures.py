@@ -1,0 +1,28 @@
+"""matplotlib without a display (Agg), and PNG figures written atomically."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+from clipheads.files import write_bytes_atomic
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (imported on first use: plotting is optional work)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG atomically and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+    return Path(path)
