@@ -133,7 +133,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bo
     # 1. vanilla: every split's residual stream is cached once; masks then re-run only from their first layer
     t0 = time.perf_counter()
     evaluators = {split: MaskEvaluator(backend, data.pixels, retrieval_objective(data.text_features,
-                                                                                 data.text_to_image))
+                                                                                 data.text_to_image),
+                                       progress=progress)
                   for split, data in sets.items()}
     lap("vanilla evaluation", t0)
 
