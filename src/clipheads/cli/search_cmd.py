@@ -119,14 +119,26 @@ def scan_command(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
     precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+    method: str = typer.Option("exact", help="exact (one forward per head) or attribution (every head estimated "
+                                             "from one forward and one backward pass; retrieval only)."),
+    verify_top: int = typer.Option(None, help="attribution: ablate exactly the K heads estimated most harmful and the "
+                                              "K most beneficial, and compare estimate and exact change."),
 ) -> None:
     """Ablate every head alone: per-head change of the metric (heat map), and the top-k most harmful heads."""
+    from clipheads.errors import ClipHeadsError
     from clipheads.heads import parse_head
     from clipheads.search import RunFolder, check_splits, report_heldout, scan_heads, scan_search_result, write_result
 
+    if method not in ("exact", "attribution"):
+        raise ClipHeadsError(f"unknown --method {method!r}; choose exact or attribution")
+    if verify_top is not None and method != "attribution":
+        raise ClipHeadsError("--verify-top checks an attribution estimate; use it with --method attribution")
     started = time.perf_counter()
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
+    if method == "attribution":
+        _attribution_scan(run, model, data, search_split, op, alpha, verify_top, out)
+        return
     evaluator = run.evaluator(run.data, op, alpha)
     report = run.report(data, report_data, report_split, op, alpha)
     check_splits(evaluator, report, allow_same_split)
@@ -147,6 +159,61 @@ def scan_command(
         console.print(f"{len(scan.harmful())} heads improve {scan.metric} when ablated alone; "
                       f"heat map: {out}/head_effects.png")
         _print_result(result, out)
+
+
+def _attribution_scan(run: _Run, model: str, data: Path, search_split: str, op: str, alpha: float | None,
+                      verify_top: int | None, out: Path) -> None:
+    """``scan --method attribution``: estimate every head's effect, optionally verify the extremes exactly."""
+    import clipheads
+    from clipheads.errors import ClipHeadsError
+    from clipheads.search import RunFolder, plots
+    from clipheads.search.attribution import attribution_scan
+    from clipheads.search.verify import estimated_ranking, plot_estimate_vs_exact, verify_attribution
+
+    if run.data.pairs is None:
+        raise ClipHeadsError(f"the attribution scan differentiates a contrastive loss over image-text pairs; task "
+                             f"{run.task!r} has none (use retrieval or selection)")
+    started = time.perf_counter()
+    means = None
+    if op == "mean":
+        means = clipheads.compute_head_means(run.backend, run.data.pixels.split(run.batch_size))
+    folder = RunFolder(out, run.config("scan", model, data, search_split, None, None, op, alpha,
+                                       method="attribution", verify_top=verify_top), run.dist)
+    estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha, means=means,
+                                batch_size=run.batch_size)
+    ranking = estimated_ranking(estimate.estimated_delta)
+    verification = None
+    if verify_top:
+        evaluator = run.evaluator(run.data, op, alpha)
+        verification = verify_attribution(evaluator, estimate.estimated_delta, verify_top)
+    if not run.dist.is_main:
+        return
+    split = run.data.split
+    folder.write_json("attribution.json", {**estimate.to_dict(), "split": split, "ranking": ranking,
+                                           "wall_seconds": time.perf_counter() - started})
+    plots.plot_head_effects(estimate.estimated_delta, folder.file("head_effects.png"),
+                            title=f"Attribution estimate ({op}) on {split}",
+                            label="estimated change of the contrastive surrogate when ablated")
+    table = Table(title=f"Most harmful heads by attribution ({op}) on {split}: surrogate {estimate.surrogate:.4f}")
+    for column in ("head", "estimated change"):
+        table.add_column(column, justify="left" if column == "head" else "right")
+    for label in ranking[:10]:
+        table.add_row(label, f"{float(estimate.estimated_delta[clipheads.parse_head(label)]):+.4f}")
+    console.print(table)
+    written = [f"{out}/attribution.json", f"{out}/head_effects.png"]
+    if verification is not None:
+        folder.write_json("verify.json", verification.to_dict())
+        plot_estimate_vs_exact(verification, folder.file("estimate_vs_exact.png"))
+        table = Table(title=f"Estimate vs exact ({verification.metric} vanilla {verification.baseline:.4f})")
+        for column in ("head", "estimated as", "estimated change", f"exact change of {verification.metric}"):
+            table.add_column(column, justify="left" if column in ("head", "estimated as") else "right")
+        for row in verification.to_dict()["heads"]:
+            table.add_row(row["head"], row["group"], f"{row['estimated_delta']:+.4f}", f"{row['exact_delta']:+.4f}")
+        console.print(table)
+        console.print(f"Spearman {verification.spearman:.3f}, same sign {verification.sign_agreement():.0%} "
+                      f"over {len(verification.heads)} heads")
+        written += [f"{out}/verify.json", f"{out}/estimate_vs_exact.png"]
+    console.print(f"{time.perf_counter() - started:.1f} s -> " + ", ".join(written))
 
 
 def layers_command(
