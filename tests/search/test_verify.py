@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,36 +17,24 @@ from clipheads.search import MaskEvaluator
 from clipheads.search.attribution import attribution_scan
 from clipheads.search.verify import estimated_ranking, plot_estimate_vs_exact, spearman, verify_attribution
 
-_spec = importlib.util.spec_from_file_location("search_planted",
-                                               Path(__file__).parents[1] / "search" / "planted.py")
-planted = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(planted)
 
-
-@pytest.fixture(scope="module", params=["hf", "open_clip"])
-def planted_setup(request):
-    backend = planted.planted_model(request.param)
-    pixels, captions, objective = planted.planted_task(backend)
-    return backend, pixels, captions, objective
-
-
-def test_planted_head_ranks_first_and_is_verified(planted_setup, tmp_path):
+def test_planted_head_ranks_first_and_is_verified(planted_setup, planted_module, tmp_path):
     backend, pixels, captions, objective = planted_setup
     estimate = attribution_scan(backend, pixels, captions, torch.arange(len(pixels)), batch_size=4)
     ranking = estimated_ranking(estimate.estimated_delta)
-    assert ranking[0] == planted.PLANTED
-    assert estimate.estimated_delta[clipheads.parse_head(planted.PLANTED)] > 0
+    assert ranking[0] == planted_module.PLANTED
+    assert estimate.estimated_delta[clipheads.parse_head(planted_module.PLANTED)] > 0
 
     evaluator = MaskEvaluator(backend, pixels, objective, batch_size=16)
     verification = verify_attribution(evaluator, estimate.estimated_delta, k=2)
     assert verification.heads[:2] == ranking[:2] and verification.heads[2:] == ranking[::-1][:2]
     assert verification.groups == ["harmful", "harmful", "beneficial", "beneficial"]
-    with torch.no_grad(), clipheads.ablate(backend, clipheads.HeadMask.from_heads(planted.PLANTED, backend)):
+    with torch.no_grad(), clipheads.ablate(backend, clipheads.HeadMask.from_heads(planted_module.PLANTED, backend)):
         ablated = objective(backend.encode_image(pixels))
     assert verification.exact[0] == pytest.approx(ablated - evaluator.baseline, abs=1e-4)
     assert verification.exact[0] == max(verification.exact) and verification.exact[0] > 0
     data = verification.to_dict()
-    assert data["heads"][0] == {"head": planted.PLANTED, "group": "harmful",
+    assert data["heads"][0] == {"head": planted_module.PLANTED, "group": "harmful",
                                 "estimated_delta": verification.estimated[0], "exact_delta": verification.exact[0]}
     assert plot_estimate_vs_exact(verification, tmp_path / "scatter.png").read_bytes()[:4] == b"\x89PNG"
 
