@@ -1,4 +1,4 @@
-"""``clipheads describe`` and ``clipheads ccs`` on a tiny saved model and a folder of images."""
+"""``clipheads describe``, ``clipheads ccs`` and ``clipheads prune`` on a tiny saved model and tiny data."""
 
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ def test_describe_then_ccs_from_descriptions(setup):
     assert "L1.H2" in result.output
 
     result = runner.invoke(app, ["ccs", "--model", str(setup / "model"), "--descriptions",
-                                 str(out / "descriptions.json"), "--out", str(out)])
+                                 str(out / "descriptions.json"), "--judge", "clip", "--out", str(out)])
     assert result.exit_code == 0, result.output
     scored = json.loads((out / "ccs.json").read_text())
     assert [h["head"] for h in scored["heads"]] == ["L1.H0", "L1.H1", "L1.H2", "L1.H3"]
     assert all(0 <= h["ccs"] <= 3 and h["ccs"] == sum(h["consistent"]) for h in scored["heads"])
     assert scored["judges"] == ["clip"] and "threshold" in scored["meta"]["calibration"]["clip"]
     assert (out / "ccs_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert "CCS distribution: 0:" in result.output
 
 
 def test_bad_input_is_one_clear_line(setup, tmp_path):
@@ -54,3 +55,70 @@ def test_bad_input_is_one_clear_line(setup, tmp_path):
     empty.mkdir()
     result = runner.invoke(app, ["describe", "--model", str(setup / "model"), "--data", str(empty)])
     assert "found 0 images" in str(result.exception)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from clipheads.world import WorldSizes, make_world
+
+    sizes = WorldSizes(train=0, val_ood=12, test_ood=12, test_iid=0, test_anti=0, compositional=0, counterfactual=3)
+    return make_world(tmp_path_factory.mktemp("world"), seed=0, sizes=sizes, progress=False)
+
+
+def _ccs_file(path, scores: list[list[int]], k: int = 3):
+    from clipheads.explain.concepts import CCSResult, HeadConcept
+
+    heads = [HeadConcept(layer, head, "colour", ["red"] * k, [i < s for i in range(k)])
+             for layer, row in enumerate(scores) for head, s in enumerate(row)]
+    return CCSResult(heads, k, (len(scores), len(scores[0])), ["clip"], "clip").save(path)
+
+
+def test_prune_end_to_end_on_a_tiny_world(setup, world, tmp_path):
+    """describe -> ccs -> prune on real files: a table, prune.json, prune.png and MaxSkew per attribute."""
+    runner = CliRunner()
+    model = str(setup / "model")
+    result = runner.invoke(app, ["ccs", "--model", model, "--data", str(world.retrieval), "--split", "val_ood",
+                                 "--k", "3", "--judge", "clip", "--out", str(tmp_path), "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "ccs.json").read_text())
+    assert len(scored["heads"]) == 8  # tiny: 2 layers x 4 heads
+    common = ["--model", model, "--retrieval", str(world.retrieval), "--split", "test_ood",
+              "--zeroshot", str(world.classification["test_ood"]), "--templates", str(world.templates),
+              "--bias", str(world.counterfactual["cue"]), "--bias", str(world.counterfactual["colour"]),
+              "--batch-size", "8"]
+    out = tmp_path / "top"
+    result = runner.invoke(app, ["prune", "--ccs", str(tmp_path / "ccs.json"), "--top", "2", "--seeds", "2",
+                                 "--out", str(out), *common])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prune.json").read_text())
+    assert len(report["selected"]["heads"]) == 2 and [len(r["heads"]) for r in report["random"]] == [2, 2]
+    assert report["operator"] == {"name": "scale", "alpha": 0.0}
+    metrics = set(report["baseline"])
+    assert {"retrieval/mean_recall", "zeroshot/acc1", "bias:counterfactual_cue/max_skew@10/cue",
+            "bias:counterfactual_colour/max_skew@10/colour"} <= metrics
+    assert set(report["selected"]["metrics"]) == metrics and all(set(r["metrics"]) == metrics for r in report["random"])
+    assert set(report["meta"]["max_skew"]) == {"cue", "colour"}
+    for row in report["meta"]["max_skew"].values():
+        assert set(row) == {"before", "after", "random_after_mean", "random_after_std"} and row["before"] >= 0
+    assert report["meta"]["max_skew"]["cue"]["before"] == report["baseline"]["bias:counterfactual_cue/max_skew@10/cue"]
+    assert "MaxSkew@10 per attribute" in result.output and "retrieval/mean_recall" in result.output
+    assert "random seed 1: " in result.output
+    assert (out / "prune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prune_groups_and_an_empty_group(setup, world, tmp_path):
+    runner = CliRunner()
+    ccs = _ccs_file(tmp_path / "ccs.json", [[3, 3, 2, 2], [2, 1, 0, 2]])
+    common = ["--ccs", str(ccs), "--model", str(setup / "model"), "--bias", str(world.counterfactual["cue"]),
+              "--skew-k", "4", "--seeds", "1", "--batch-size", "8"]
+    result = runner.invoke(app, ["prune", "--group", "low", "--out", str(tmp_path / "low"), *common])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "low" / "prune.json").read_text())
+    assert report["selected"]["heads"] == ["L1.H1", "L1.H2"] and report["meta"]["group"] == "low"
+    assert set(report["baseline"]) == {"bias/max_skew@4/cue"}  # one attribute: no duplicate mean row
+    empty = _ccs_file(tmp_path / "none_high.json", [[2, 2, 2, 2], [2, 1, 0, 2]])
+    result = runner.invoke(app, ["prune", "--group", "high", *common[2:], "--ccs", str(empty)])
+    assert result.exit_code != 0 and "no head is in the CCS group 'high'" in str(result.exception)
+    result = runner.invoke(app, ["prune", "--group", "low", "--out", str(tmp_path / "x"), "--ccs", str(ccs),
+                                 "--model", str(setup / "model")])
+    assert "give at least one of --retrieval, --zeroshot, --bias" in str(result.exception)

@@ -16,7 +16,17 @@ import torch.nn.functional as F
 
 import clipheads
 from clipheads.models.random_init import tiny_model
-from clipheads.search import Distributed, GAConfig, MaskEvaluator, Objective, RunFolder, ga_search, scan_heads
+from clipheads.search import (
+    BPConfig,
+    Distributed,
+    GAConfig,
+    MaskEvaluator,
+    Objective,
+    RunFolder,
+    bp_search,
+    ga_search,
+    scan_heads,
+)
 
 PLANTED = "L1.H2"
 
@@ -48,13 +58,16 @@ def planted_task(backend, n_images: int = 8, seed: int = 0):
 
 def scan_and_ga(out: str, distributed: Distributed) -> dict:
     backend = planted_model()
-    pixels, _, objective = planted_task(backend)
+    pixels, captions, objective = planted_task(backend)
     evaluator = MaskEvaluator(backend, pixels, objective, batch_size=16, distributed=distributed)
     scan = scan_heads(evaluator)
     config = GAConfig(beta=0.5, population=8, generations=3, seed=3)
     result = ga_search(evaluator, config, RunFolder(out, {"test": "distributed"}, distributed), scan=scan)
+    # batches of 5 images: split 3 + 2 over two ranks
+    bp = bp_search(evaluator, captions, torch.arange(len(pixels)), BPConfig(beta=0.1, epochs=2, batch_size=5, lr=0.5))
     return {"scores": scan.scores.tolist(), "mask": result.mask.ablated, "history": result.history,
-            "evaluated_here": evaluator.n_local_masks, "evaluated": evaluator.n_forward_masks}
+            "evaluated_here": evaluator.n_local_masks, "evaluated": evaluator.n_forward_masks,
+            "bp_gates": bp.gates.tolist(), "bp_mask": bp.mask.ablated, "bp_loss": [h["loss"] for h in bp.history]}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Two processes under torchrun (gloo, CPU) give the same scan and GA result as one process."""
+"""Two processes under torchrun (gloo, CPU) give the same scan, GA and BP result as one process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from clipheads.search import Distributed
@@ -36,3 +37,7 @@ def test_two_processes_equal_one(tmp_path, planted_module):
     assert two["mask"] == one["mask"] == [planted_module.PLANTED]
     assert two["history"] == one["history"]
     assert (tmp_path / "two" / "mask.json").read_text() == (tmp_path / "one" / "mask.json").read_text()
+    # BP splits each batch over the ranks and sums the gate gradients: equal up to summation order
+    torch.testing.assert_close(torch.tensor(two["bp_gates"]), torch.tensor(one["bp_gates"]), atol=1e-5, rtol=0)
+    assert two["bp_loss"] == pytest.approx(one["bp_loss"], abs=1e-5)
+    assert two["bp_mask"] == one["bp_mask"]

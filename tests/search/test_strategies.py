@@ -24,6 +24,7 @@ from clipheads.search import (
     scan_layers,
     scan_search_result,
 )
+from clipheads.search.attribution import attribution_scan
 
 GA = GAConfig(beta=4.0, population=8, generations=4, seed=1)
 PLANTED = "L1.H2"
@@ -73,6 +74,21 @@ def test_bp_finds_the_planted_head(planted_setup, evaluator, tmp_path):
     assert (tmp_path / "gates.png").exists()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["gates"][1][2] == pytest.approx(float(result.gates[1, 2]))
+
+
+def test_bp_starts_heads_ranked_harmful_at_half_gate(planted_setup, evaluator):
+    _, pixels, captions, _ = planted_setup
+    backend = evaluator.backend
+    estimate = attribution_scan(backend, pixels, captions, torch.arange(len(captions)), batch_size=4)
+    seeded = estimate.as_scan()
+    config = BPConfig(epochs=0)
+    result = bp_search(evaluator, captions, torch.arange(len(captions)), config, seed_ranking=seeded)
+    harmful = [clipheads.parse_head(label) for label in seeded.harmful()]
+    assert (PLANTED and clipheads.parse_head(PLANTED)) in harmful
+    for layer in range(backend.n_layers):
+        for head in range(backend.n_heads):
+            expected = 0.5 if (layer, head) in harmful else float(torch.sigmoid(torch.tensor(config.init_logit)))
+            assert float(result.gates[layer, head]) == pytest.approx(expected)
 
 
 def test_greedy_finds_the_planted_head(evaluator):

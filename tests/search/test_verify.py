@@ -94,3 +94,33 @@ def test_verify_top_needs_attribution(world, tmp_path):
     result = invoke("scan", "--model", world / "model", "--data", world / "karpathy.json", "--verify-top", 2,
                     "--out", tmp_path / "x")
     assert isinstance(result.exception, clipheads.ClipHeadsError) and "--method attribution" in str(result.exception)
+
+
+def test_scan_cli_attribution_scores_top_k_masks_exactly(world, tmp_path):
+    out = tmp_path / "attr"
+    result = invoke("scan", "--model", world / "model", "--data", world / "karpathy.json", "--report-split", "val",
+                    "--allow-same-split", "--method", "attribution", "--top-k", 3, "--batch-size", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    estimate = json.loads((out / "attribution.json").read_text())
+    assert estimate["surrogate_name"] == "soft_recall"
+    assert [e["k"] for e in estimate["top_k"]] == [1, 2, 3]
+    assert [e["heads"] for e in estimate["top_k"]] == [estimate["ranking"][:k] for k in (1, 2, 3)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == "mean_recall"  # the real metric scores the top-k masks, not the estimate
+    assert all(0 <= e["metric"] <= 1 for e in estimate["top_k"])
+    best = max([summary["search"]["vanilla"]] + [e["metric"] for e in estimate["top_k"]])
+    assert summary["search"]["ablated"] == pytest.approx(best)
+    assert summary["heldout"]["ablated"] == pytest.approx(best)  # same split, allowed
+    assert clipheads.HeadMask.load(out / "mask.json").n_ablated in (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("strategy", ["ga", "bp", "greedy"])
+def test_search_seeded_from_attribution(world, tmp_path, strategy):
+    out = tmp_path / strategy
+    result = invoke("search", "--strategy", strategy, "--seed-from", "attribution", "--model", world / "model",
+                    "--data", world / "karpathy.json", "--report-split", "none", "--population", 4,
+                    "--generations", 2, "--epochs", 1, "--candidates", 3, "--batch-size", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "attribution.json").read_text())["ranking"]
+    assert not (out / "scan").exists()  # no exact scan was run
+    assert clipheads.HeadMask.load(out / "mask.json").shape == (2, 4)

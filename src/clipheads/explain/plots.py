@@ -48,7 +48,8 @@ def plot_metric_changes(changes: Mapping[str, Mapping[str, tuple[float, float]]]
     for i, name in enumerate(names):
         means = [changes[name].get(m, (float("nan"), 0.0))[0] for m in metrics]
         stds = [changes[name].get(m, (float("nan"), 0.0))[1] for m in metrics]
-        ax.bar([x + i * width for x in range(len(metrics))], means, width, yerr=stds, label=name, capsize=3)
+        errors = stds if any(std > 0 for std in stds) else None  # a single run has no spread to draw
+        ax.bar([x + i * width for x in range(len(metrics))], means, width, yerr=errors, label=name, capsize=3)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(metrics))])
     ax.set_xticklabels(metrics, rotation=20, ha="right")

@@ -33,7 +33,11 @@ def select_heads(result: CCSResult, group: str | None = None, top: int | None = 
         raise ClipHeadsError("choose the heads to prune by a CCS group or by --top n, not both")
     heads = result.group(group) if group is not None else result.top(top)
     if not heads:
-        raise ClipHeadsError(f"no head is in the CCS group {group!r}" if group else "top 0 heads: nothing to prune")
+        if not group:
+            raise ClipHeadsError("top 0 heads: nothing to prune")
+        sizes = ", ".join(f"{name} {len(result.group(name))}" for name in ("high", "moderate", "low"))
+        raise ClipHeadsError(f"no head is in the CCS group {group!r} (groups: {sizes}); prune another group or the "
+                             "top n heads by CCS with --top n")
     return heads
 
 

@@ -12,13 +12,20 @@ from clipheads.search.ga import BetaSweepResult, GAConfig, beta_sweep, ga_search
 from clipheads.search.greedy import GreedyConfig, greedy_search
 from clipheads.search.objectives import Objective, retrieval_objective
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
-from clipheads.search.scan import LayerScanResult, ScanResult, scan_heads, scan_layers, scan_search_result
+from clipheads.search.scan import (
+    LayerScanResult,
+    ScanResult,
+    evaluate_top_k,
+    scan_heads,
+    scan_layers,
+    scan_search_result,
+)
 from clipheads.search.state import ConfigMismatchError, RunFolder
 from clipheads.search.tasks import SearchData, load_search_data
 
 __all__ = ["BPConfig", "BetaSweepResult", "ConfigMismatchError", "Distributed", "GAConfig", "GreedyConfig",
            "LayerScanResult", "MaskEvaluator", "Objective", "RunFolder", "ScanResult", "SearchData", "SearchResult",
-           "beta_sweep", "load_search_data",
+           "beta_sweep", "evaluate_top_k", "load_search_data",
            "bp_search", "check_splits", "clip_loss", "first_layer", "fitness", "ga_search", "greedy_search",
            "report_heldout", "retrieval_objective", "scan_heads", "scan_layers", "scan_search_result",
            "stacked_gate_hook", "threshold_mask", "write_result"]

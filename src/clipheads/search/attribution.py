@@ -2,8 +2,11 @@
 
 With a soft gate ``g`` on every head (all at 1) and the chosen operator as the replacement, the first-order change
 of a differentiable surrogate ``S`` of the metric when head ``h`` is ablated (``g_h``: 1 -> 0) is
-``-dS/dg_h`` (attribution patching). The surrogate is the negated CLIP contrastive loss of the evaluation pairs
-against cached text features, so "higher is better" as for the real metric.
+``-dS/dg_h`` (attribution patching). Two surrogates of the retrieval metric, both "higher is better":
+
+* ``soft_recall`` (default): mean recall at 1, 5 and 10 in both directions, with each rank counted by sigmoids of
+  similarity differences and each "rank < K" test a sigmoid in rank units: the metric itself, made smooth;
+* ``contrastive``: the negated CLIP contrastive loss of the evaluation pairs against the cached text features.
 
 The loss over all images is not a sum of per-batch terms (text->image softmaxes run over every image), so the
 gradient is taken in two exact steps that keep memory bounded: (1) encode every image once without gradients and
@@ -19,8 +22,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clipheads.errors import ClipHeadsError
 from clipheads.interventions import HeadMask, ablate
 from clipheads.models import CLIPBackend
+from clipheads.search.scan import ScanResult
+
+# Calibrated on the bundled model (benchmarks/attribution_scan.py): cosine similarities of matched pairs differ from
+# the closest negatives by a few hundredths, and ranks move in steps of one.
+SIMILARITY_TEMPERATURE = 0.05
+RANK_TEMPERATURE = 2.0
 
 
 @dataclass
@@ -31,10 +41,17 @@ class AttributionResult:
     estimated_delta: torch.Tensor
     surrogate: float
     operator: str
+    surrogate_name: str = "soft_recall"
 
     def to_dict(self) -> dict:
         return {"estimated_delta": self.estimated_delta.tolist(), "surrogate": self.surrogate,
-                "operator": self.operator}
+                "surrogate_name": self.surrogate_name, "operator": self.operator}
+
+    def as_scan(self, split: str = "") -> ScanResult:
+        """The estimate as a :class:`ScanResult` (scores = surrogate + estimated change), so that everything that
+        takes a scan (GA seeding, greedy candidates, top-k masks) can take the estimate instead."""
+        return ScanResult(self.surrogate, self.surrogate + self.estimated_delta,
+                          f"{self.surrogate_name} (first-order estimate)", self.operator, split)
 
 
 def contrastive_surrogate(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -52,6 +69,35 @@ def contrastive_surrogate(image_features: torch.Tensor, text_features: torch.Ten
     return (image_to_text.mean() + text_to_image_lp.mean()) / 2
 
 
+def soft_recall_surrogate(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                          logit_scale: float = 0.0, similarity_temperature: float = SIMILARITY_TEMPERATURE,
+                          rank_temperature: float = RANK_TEMPERATURE, ks: Sequence[int] = (1, 5, 10)) -> torch.Tensor:
+    """Smooth mean recall@``ks`` of ``[N, D]`` images and ``[M, D]`` texts (``text_to_image [M]``).
+
+    The rank of a positive is the number of negatives scoring above it; here each "above" is
+    ``sigmoid((s_neg - s_pos) / similarity_temperature)`` and each recall@K test ``rank < K`` is
+    ``sigmoid((K - 1/2 - rank) / rank_temperature)``. Image->text uses each image's best caption, as recall@K
+    counts an image found when any of its captions is. ``logit_scale`` is unused (same signature as
+    :func:`contrastive_surrogate`).
+    """
+    sim = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T  # [N, M]
+    n_texts = len(text_to_image)
+    own = torch.zeros_like(sim, dtype=torch.bool)
+    own[text_to_image, torch.arange(n_texts)] = True
+    positive_t2i = sim[text_to_image, torch.arange(n_texts)]  # [M]: each caption with its image
+    above_t2i = torch.sigmoid((sim.T - positive_t2i[:, None]) / similarity_temperature)  # [M, N]
+    rank_t2i = above_t2i.masked_fill(own.T, 0).sum(dim=1)
+    positive_i2t = sim.masked_fill(~own, float("-inf")).amax(dim=1)  # [N]: each image's best caption
+    above_i2t = torch.sigmoid((sim - positive_i2t[:, None]) / similarity_temperature)
+    rank_i2t = above_i2t.masked_fill(own, 0).sum(dim=1)
+    recalls = [torch.sigmoid((k - 0.5 - rank) / rank_temperature).mean()
+               for k in ks for rank in (rank_t2i, rank_i2t)]
+    return torch.stack(recalls).mean()
+
+
+SURROGATES = {"soft_recall": soft_recall_surrogate, "contrastive": contrastive_surrogate}
+
+
 def attribution_scan(
     backend: CLIPBackend,
     pixels: torch.Tensor,
@@ -61,6 +107,7 @@ def attribution_scan(
     alpha: float | None = None,
     means: torch.Tensor | None = None,
     batch_size: int = 64,
+    surrogate: str = "soft_recall",
 ) -> AttributionResult:
     """Estimate the effect of ablating every head from one forward and one backward pass over ``pixels``.
 
@@ -68,7 +115,10 @@ def attribution_scan(
         pixels: ``[N, 3, H, W]`` preprocessed evaluation images.
         text_features: ``[M, D]`` cached caption features; ``text_to_image``: ``[M]`` image index of each caption.
         op, alpha, means: the operator whose soft-gate form replaces an ablated head.
+        surrogate: ``soft_recall`` (smooth mean recall, default) or ``contrastive`` (negated CLIP loss).
     """
+    if surrogate not in SURROGATES:
+        raise ClipHeadsError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
     scale = backend.logit_scale
     with torch.no_grad():
@@ -77,8 +127,8 @@ def attribution_scan(
     features = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
     features.requires_grad_(True)
     text_features = text_features.to(backend.device, features.dtype)
-    surrogate = contrastive_surrogate(features, text_features, text_to_image, scale)
-    (feature_grad,) = torch.autograd.grad(surrogate, features)
+    value = SURROGATES[surrogate](features, text_features, text_to_image, scale)
+    (feature_grad,) = torch.autograd.grad(value, features)
 
     gates = torch.ones(backend.n_layers, backend.n_heads, device=backend.device, dtype=features.dtype,
                        requires_grad=True)
@@ -94,4 +144,4 @@ def attribution_scan(
         for p in frozen:
             p.requires_grad_(True)
     # ablating means moving g_h from 1 to 0: first-order change = -dS/dg_h
-    return AttributionResult(-gates.grad.detach().cpu(), float(surrogate.detach()), op)
+    return AttributionResult(-gates.grad.detach().cpu(), float(value.detach()), op, surrogate)

@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask, ablate
+from clipheads.search.distributed import Distributed
 from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
+from clipheads.search.scan import ScanResult
 from clipheads.search.state import RunFolder
 
 log = logging.getLogger(__name__)
@@ -66,15 +70,37 @@ def _epoch_batches(captions_of: Sequence[list[int]], batch_size: int, seed: int,
             for i in range(0, len(order), batch_size)]
 
 
+def _gather_rows(local: torch.Tensor, n_rows: int, distributed: Distributed) -> torch.Tensor:
+    """All rows of a batch split ``rows[rank::world_size]`` over ranks, in batch order; only this rank's rows carry
+    gradients. The loss of the whole batch back-propagated on every rank and the gradients summed over ranks is then
+    the gradient of one process (each rank contributes the chain-rule terms of its own rows)."""
+    if not distributed.active:
+        return local
+    world, size = distributed.world_size, -(-n_rows // distributed.world_size)
+    padded = torch.zeros(size, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts[distributed.rank] = torch.cat([local, padded[len(local):]])  # own rows keep their gradient
+    rows = torch.cat([part[:len(range(rank, n_rows, world))] for rank, part in enumerate(parts)])
+    order = torch.cat([torch.arange(rank, n_rows, world) for rank in range(world)])
+    return rows[torch.argsort(order).to(rows.device)]
+
+
 def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_image: torch.Tensor | Sequence[int],
               config: BPConfig, out: RunFolder | None = None, report: MaskEvaluator | None = None,
-              allow_same_split: bool = False) -> SearchResult:
+              allow_same_split: bool = False, seed_ranking: ScanResult | None = None) -> SearchResult:
     """Learn head gates on the evaluator's images and their captions; checkpointed every epoch.
+
+    Under ``torchrun`` every batch is split over the ranks (each encodes its rows, the features are gathered and the
+    gate gradients summed), so the result equals one process up to floating-point summation order.
 
     Args:
         evaluator: the search split (its cached layer-0 residuals are the training images; it also scores the
             thresholded mask after every epoch).
         text_features: ``[N_txt, D]`` cached caption features; ``text_to_image``: ``[N_txt]`` image of each caption.
+        seed_ranking: a scan or attribution estimate (:meth:`AttributionResult.as_scan`); the heads it ranks
+            harmful start with gate 0.5 (logit 0) instead of ``sigmoid(init_logit)``.
     """
     check_splits(evaluator, report, allow_same_split)
     started = time.perf_counter()
@@ -87,8 +113,11 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
     residual = evaluator.residual(0)
     n_total = evaluator.n_layers * evaluator.n_heads
 
-    logits = torch.full((evaluator.n_layers, evaluator.n_heads), float(config.init_logit), device=backend.device,
-                        requires_grad=True)
+    initial = torch.full((evaluator.n_layers, evaluator.n_heads), float(config.init_logit))
+    for label in seed_ranking.harmful() if seed_ranking is not None else []:
+        initial[parse_head(label)] = 0.0
+    logits = initial.to(backend.device).requires_grad_(True)
+    distributed = evaluator.distributed
     optimizer = torch.optim.Adam([logits], lr=config.lr)
     history: list[dict] = []
     start_epoch, seconds = 0, 0.0
@@ -108,15 +137,19 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
             losses, contrastive = [], []
             for images, captions in _epoch_batches(captions_of, config.batch_size, config.seed, epoch):
                 gates = torch.sigmoid(logits)
+                mine = distributed.shard(images.tolist())
                 with ablate(backend, HeadMask.from_tensor(gates, backend), op=evaluator.operator):
-                    features = backend.pool(backend.run_layers(residual[images.to(residual.device)]))
-                task = clip_loss(features.float(), text_features[captions.to(text_features.device)],
-                                 backend.logit_scale)
-                loss = task + config.beta * (1 - gates).mean()
+                    features = backend.pool(backend.run_layers(residual[torch.tensor(mine, dtype=torch.long,
+                                                                                      device=residual.device)]))
+                features = _gather_rows(features.float(), len(images), distributed)
+                task = clip_loss(features, text_features[captions.to(text_features.device)], backend.logit_scale)
+                penalty = config.beta * (1 - gates).mean()
                 optimizer.zero_grad()
-                loss.backward()
+                (task + penalty if distributed.is_main else task).backward()  # the penalty's gradient once
+                if distributed.active:
+                    dist.all_reduce(logits.grad)
                 optimizer.step()
-                losses.append(loss.item())
+                losses.append(task.item() + penalty.item())
                 contrastive.append(task.item())
             gates = torch.sigmoid(logits.detach())
             mask = threshold_mask(gates, config.threshold, backend)

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from clipheads.search import plots
 from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult
 from clipheads.search.state import RunFolder
+
+if TYPE_CHECKING:
+    from clipheads.captions.layerwise import GroupCaptions, LayerwiseCaptioning
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +110,7 @@ def scan_heads(evaluator: MaskEvaluator, out: RunFolder | None = None, checkpoin
                            for l_ in range(evaluator.n_layers)])
     result = ScanResult(evaluator.baseline, scores, evaluator.objective.name, evaluator.operator.describe(),
                         evaluator.split)
-    n_top = max_top_k if max_top_k is not None else min(len(result.harmful()), 2 * evaluator.n_heads)
-    top_masks = [result.top_k_mask(k) for k in range(1, n_top + 1)]
-    result.top_k = [{"k": k, "heads": result.ranking()[:k], "metric": metric}
-                    for k, metric in enumerate(evaluator.evaluate_many(top_masks), start=1)]
+    evaluate_top_k(result, evaluator, max_top_k)
     if out is not None and out.distributed.is_main:
         out.write_json("scan.json", {**result.to_dict(), "wall_seconds": time.perf_counter() - started})
         plots.plot_head_effects(result.delta, out.file("head_effects.png"),
@@ -118,15 +119,31 @@ def scan_heads(evaluator: MaskEvaluator, out: RunFolder | None = None, checkpoin
     return result
 
 
-def scan_search_result(scan: ScanResult, evaluator: MaskEvaluator, wall_seconds: float = 0.0) -> SearchResult:
-    """The scan's best top-k mask as a search result (the unablated model if no head is harmful)."""
+def evaluate_top_k(scan: ScanResult, evaluator: MaskEvaluator, max_top_k: int | None = None) -> list[dict]:
+    """Score the masks of the ``k`` most harmful heads of ``scan`` together, k = 1..max_top_k, with ``evaluator``
+    (the real metric, also when ``scan`` is an estimate); stored in ``scan.top_k`` and returned.
+
+    ``max_top_k`` defaults to the number of heads ranked harmful, at most two layers' worth.
+    """
+    n_top = max_top_k if max_top_k is not None else min(len(scan.harmful()), 2 * evaluator.n_heads)
+    top_masks = [scan.top_k_mask(k) for k in range(1, n_top + 1)]
+    scan.top_k = [{"k": k, "heads": scan.ranking()[:k], "metric": metric}
+                  for k, metric in enumerate(evaluator.evaluate_many(top_masks), start=1)]
+    return scan.top_k
+
+
+def scan_search_result(scan: ScanResult, evaluator: MaskEvaluator, wall_seconds: float = 0.0,
+                       strategy: str = "scan-top-k") -> SearchResult:
+    """The best of the scan's top-k masks (scored by ``evaluator``) as a search result; the unablated model if none
+    beats it."""
     best = scan.best_top_k()
-    if best is None or best["metric"] <= scan.baseline:
-        mask, metric = HeadMask.ones(evaluator.backend), scan.baseline
+    name = evaluator.objective.name
+    if best is None or best["metric"] <= evaluator.baseline:
+        mask, metric = HeadMask.ones(evaluator.backend), evaluator.baseline
     else:
         mask, metric = HeadMask.from_heads(best["heads"], evaluator.backend), best["metric"]
-    return SearchResult("scan-top-k", mask, scan.metric, scan.operator, 0.0, scan.split, metric, scan.baseline,
-                        metric, evaluations=evaluator.n_forward_masks, wall_seconds=wall_seconds,
+    return SearchResult(strategy, mask, name, evaluator.operator.describe(), 0.0, evaluator.split, metric,
+                        evaluator.baseline, metric, evaluations=evaluator.n_forward_masks, wall_seconds=wall_seconds,
                         extra={"top_k": scan.top_k, "ranking": scan.ranking()})
 
 
@@ -144,6 +161,9 @@ class LayerScanResult:
     split: str = ""
     details: list[dict] | None = None
     baseline_details: dict | None = None
+    generation: list[GroupCaptions] | None = None  # generated captions per group (``--generate``)
+    baseline_generation: GroupCaptions | None = None
+    generation_config: dict | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -155,9 +175,15 @@ class LayerScanResult:
             row = {"layers": label, "metric": score, "change": score - self.baseline}
             if self.details is not None:
                 row["details"] = self.details[i]
+            if self.generation is not None:
+                row["generation"] = self.generation[i].to_dict()
             rows.append(row)
-        return {"metric": self.metric, "operator": self.operator, "split": self.split, "baseline": self.baseline,
+        data = {"metric": self.metric, "operator": self.operator, "split": self.split, "baseline": self.baseline,
                 "baseline_details": self.baseline_details, "groups": rows}
+        if self.generation is not None and self.baseline_generation is not None:
+            data["generation_config"] = self.generation_config
+            data["baseline_generation"] = self.baseline_generation.to_dict()
+        return data
 
 
 def layer_group_label(layers: Sequence[int]) -> str:
@@ -169,14 +195,17 @@ def layer_group_label(layers: Sequence[int]) -> str:
 
 
 def scan_layers(evaluator: MaskEvaluator, ranges: str | Sequence[Sequence[int]] | None = None,
-                details: Callable[[torch.Tensor], dict] | None = None, out: RunFolder | None = None
-                ) -> LayerScanResult:
+                details: Callable[[torch.Tensor], dict] | None = None, out: RunFolder | None = None,
+                generate: LayerwiseCaptioning | None = None) -> LayerScanResult:
     """Cancel all heads of each layer (default) or of each layer range (``"0-2,3-5"``) with the evaluator's operator.
 
     Args:
         details: optional image features ``[N, D]`` -> dict of task extras, computed for the unablated model and
             every group (e.g. the caption-selection metric with the selected caption and candidate logits).
         out: writes ``layers.json`` and ``layer_scan.png``.
+        generate: also generate a caption per image for the unablated model and every group, with the group
+            cancelled in the captioner's encoder, continuing the selected caption (``details["selected"]``) if its
+            config asks for it; scores under the unablated model. Runs on the main rank only.
     """
     if ranges is None:
         groups = [[layer] for layer in range(evaluator.n_layers)]
@@ -193,6 +222,13 @@ def scan_layers(evaluator: MaskEvaluator, ranges: str | Sequence[Sequence[int]] 
         baseline_details = details(evaluator.baseline_features)
     result = LayerScanResult(evaluator.baseline, groups, scores, evaluator.objective.name,
                              evaluator.operator.describe(), evaluator.split, group_details, baseline_details)
+    if generate is not None and (out is None or out.distributed.is_main):
+        selected = None
+        if group_details is not None and baseline_details is not None and "selected" in baseline_details:
+            selected = [baseline_details["selected"], *[d["selected"] for d in group_details]]
+        captions = generate([[], *groups], selected)
+        result.baseline_generation, result.generation = captions[0], captions[1:]
+        result.generation_config = generate.describe()
     if out is not None and out.distributed.is_main:
         out.write_json("layers.json", result.to_dict())
         plots.plot_layer_scan(result.labels, scores, result.baseline, out.file("layer_scan.png"), metric=result.metric,
