@@ -123,15 +123,21 @@ def finetune(
     config: FinetuneConfig,
     validate: Callable[[CLIPBackend], float] | None = None,
     out_dir: str | Path | None = None,
+    text_to_image: torch.Tensor | None = None,
 ) -> tuple[CLIPBackend, FinetuneResult]:
     """Fine-tune the image encoder on matched pairs ``pixels [N, 3, H, W]`` / ``text_features [N, D]``.
+
+    With ``text_to_image`` (``[N_txt]``, the image of each of ``text_features [N_txt, D]``), images may have several
+    captions: every epoch passes once over the images, each with one of its captions drawn at random (as AAT-BP).
 
     ``backend.model`` is trained in place (load a fresh model for each run). ``validate(backend) -> float`` is
     called after every epoch (e.g. held-out mean-R). With ``out_dir`` the final weights are saved with the
     libraries' own functions (peft adapters via ``save_pretrained``; full HF models via ``save_pretrained``;
     open_clip via ``torch.save(state_dict)``). Returns the backend (now running the tuned model) and the result.
     """
-    if len(pixels) != len(text_features) or len(pixels) < 2:
+    captions_of = _captions_of(len(pixels), text_features, text_to_image)
+    images = torch.tensor([i for i, caps in enumerate(captions_of) if caps], dtype=torch.long)
+    if len(images) < 2:
         raise ClipHeadsError(f"fine-tuning needs at least 2 matched pairs (got {len(pixels)} images and "
                              f"{len(text_features)} texts)")
     torch.manual_seed(config.seed)
@@ -139,7 +145,7 @@ def finetune(
     trained, n_trainable, n_total = prepare_model(backend, config)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(pixels) // config.batch_size)
+    steps_per_epoch = max(1, len(images) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.epochs)
     logit_scale = backend.logit_scale
     text_features = text_features.to(backend.device)
@@ -149,11 +155,14 @@ def finetune(
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.perf_counter()
         trained.train()
-        order = torch.randperm(len(pixels), generator=generator)
+        order = images[torch.randperm(len(images), generator=generator)]
+        picks = torch.tensor([captions_of[i][int(torch.randint(len(captions_of[i]), (1,), generator=generator))]
+                              if len(captions_of[i]) > 1 else captions_of[i][0] for i in order.tolist()])
         losses = []
         for step in tqdm(range(steps_per_epoch), desc=f"{config.method} epoch {epoch}", leave=False):
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            loss = contrastive_loss(backend.encode_image(pixels[idx]), text_features[idx], logit_scale)
+            texts = picks[step * config.batch_size:(step + 1) * config.batch_size]
+            loss = contrastive_loss(backend.encode_image(pixels[idx]), text_features[texts], logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -167,6 +176,22 @@ def finetune(
     if out_dir is not None:
         save_finetuned(trained, backend, Path(out_dir))
     return backend, result
+
+
+def _captions_of(n_images: int, text_features: torch.Tensor, text_to_image: torch.Tensor | None) -> list[list[int]]:
+    """Caption indices of every image: row ``i`` of ``text_features`` for image ``i`` without ``text_to_image``."""
+    if text_to_image is None:
+        if n_images != len(text_features):
+            raise ClipHeadsError(f"fine-tuning needs matched pairs (got {n_images} images and {len(text_features)} "
+                                 "texts; pass text_to_image when images have several captions)")
+        return [[i] for i in range(n_images)]
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
+    if len(text_to_image) != len(text_features):
+        raise ClipHeadsError(f"text_to_image has {len(text_to_image)} entries for {len(text_features)} texts")
+    captions_of: list[list[int]] = [[] for _ in range(n_images)]
+    for caption, image in enumerate(text_to_image.tolist()):
+        captions_of[image].append(caption)
+    return captions_of
 
 
 def save_finetuned(trained: nn.Module, backend: CLIPBackend, out_dir: Path) -> Path:

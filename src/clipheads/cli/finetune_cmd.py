@@ -1,0 +1,146 @@
+"""``clipheads finetune``: fine-tune the image encoder (full, LoRA or IA3) as a baseline for AAT, or ``--compare``
+AAT-GA / AAT-BP with fine-tuning and PEFT on the same training pairs (held-out mean-R, trainable parameters, time).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clipheads.cli.models_cmd import MODEL_HELP
+
+console = Console()
+
+METHODS_HELP = ("--compare: comma-separated methods, in table order. vanilla (the model as is), aat-ga, aat-bp (AAT "
+                "head masks), lora-rN (LoRA of rank N on the attention projections, e.g. lora-r8), ia3, full (every "
+                "weight of the image encoder).")
+
+
+def _print_table(result, title: str) -> None:
+    rows = result.table()
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
+def finetune_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Retrieval dataset with splits (Karpathy JSON, e.g. the "
+                                                        "retrieval.json of 'clipheads world make')."),
+    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    method: str = typer.Option("lora", help="What to train: lora (low-rank adapters on the image encoder's attention "
+                                            "projections), ia3 (learned scaling vectors) or full (every weight of the "
+                                            "image encoder). Ignored with --compare (see --methods)."),
+    rank: int = typer.Option(8, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
+    epochs: int = typer.Option(3, help="Passes over the training images (each with one of its captions at random)."),
+    lr: float = typer.Option(None, help="Learning rate (AdamW, cosine decay); default 1e-3 for lora/ia3, 1e-5 for "
+                                        "full."),
+    full_lr: float = typer.Option(None, help="--compare: learning rate of full fine-tuning (default: --lr if given, "
+                                             "else 1e-5)."),
+    train_split: str = typer.Option("train", help="Split whose image-text pairs every method trains on."),
+    val_split: str = typer.Option("val", help="Split scored after every epoch (the mean-R per epoch curves)."),
+    report_split: str = typer.Option("test", help="Held-out split of the final result."),
+    allow_same_split: bool = typer.Option(False, "--allow-same-split",
+                                          help="Allow validating or reporting on the training split."),
+    compare: bool = typer.Option(False, "--compare", help="Run every method of --methods on the same pairs and write "
+                                                          "comparison.json, comparison.md and the plots."),
+    methods: str = typer.Option("vanilla,aat-ga,aat-bp,lora-r2,lora-r8,full", help=METHODS_HELP),
+    op: str = typer.Option("identity", help="--compare: ablation operator of the AAT masks."),
+    ga_beta: float = typer.Option(0.01, help="aat-ga: fitness = mean-R - beta x fraction of heads ablated."),
+    population: int = typer.Option(16, help="aat-ga: population size."),
+    generations: int = typer.Option(8, help="aat-ga: generations."),
+    bp_beta: float = typer.Option(0.1, help="aat-bp: loss = contrastive + beta x mean(1 - gate)."),
+    bp_epochs: int = typer.Option(None, help="aat-bp: epochs over the training pairs (default: --epochs)."),
+    bp_lr: float = typer.Option(0.2, help="aat-bp: learning rate of the gate logits (Adam)."),
+    seed: int = typer.Option(0, help="Random seed (batch order, GA population, BP batches)."),
+    out: Path = typer.Option(Path("finetune-out"), "--out", "-o", help="Output folder: checkpoints (one folder per "
+                                                                       "method), metrics.json or comparison.json."),
+    batch_size: int = typer.Option(64, help="Image-text pairs per training step (contrastive batch); also images per "
+                                            "forward when scoring."),
+    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+) -> None:
+    """Fine-tune the image encoder (LoRA, IA3 or full) on a split's image-text pairs with the CLIP contrastive loss
+    (text tower frozen), as a baseline for AAT: mean-R on --val-split after every epoch, on --report-split at the end.
+    With --compare, every method of --methods learns from the same pairs (AAT-GA: a single-head scan, then the GA;
+    AAT-BP: learned gates) and the table puts held-out mean-R beside trainable parameters (an AAT mask counts one bit
+    per head) and training time."""
+    import clipheads
+    from clipheads.baselines import CompareConfig, compare_baselines, parse_methods
+    from clipheads.baselines.plots import plot_comparison, plot_epoch_curves
+    from clipheads.cli.eval_cmd import package_versions
+    from clipheads.errors import ClipHeadsError
+    from clipheads.files import write_json_atomic
+    from clipheads.search import BPConfig, GAConfig, load_search_data
+
+    if method not in ("lora", "ia3", "full"):
+        raise ClipHeadsError(f"unknown --method {method!r}; choose lora, ia3 or full")
+    if rank < 1:
+        raise ClipHeadsError(f"--rank must be at least 1 (got {rank})")
+    name = f"lora-r{rank}" if method == "lora" else method
+    chosen = parse_methods(methods) if compare else ["vanilla", name]
+    if not allow_same_split and train_split in (val_split, report_split):  # refuse before loading anything
+        raise ClipHeadsError(f"the training split {train_split!r} is also the validation or held-out split; use "
+                             "other splits (--val-split, --report-split) or pass --allow-same-split")
+    started = time.perf_counter()
+    backend = clipheads.load(model, device=device)
+    splits = {"train": train_split, "val": val_split, "test": report_split}
+    sets = {role: load_search_data(backend, "retrieval", data, split, batch_size=batch_size, num_workers=num_workers,
+                                   skip_bad=skip_bad, progress=True) for role, split in splits.items()}
+    config = CompareConfig(methods=tuple(chosen), epochs=epochs, batch_size=batch_size, lr=lr, full_lr=full_lr,
+                           op=op, eval_batch_size=batch_size, seed=seed,
+                           ga=GAConfig(beta=ga_beta, population=population, generations=generations, seed=seed),
+                           bp=BPConfig(beta=bp_beta, epochs=bp_epochs if bp_epochs is not None else epochs,
+                                       batch_size=batch_size, lr=bp_lr, init_logit=1.5, seed=seed))
+    out.mkdir(parents=True, exist_ok=True)
+    result = compare_baselines(backend, sets["train"], sets["val"], sets["test"], config,
+                               checkpoint_dir=out / "checkpoints" if compare else out,
+                               allow_same_split=allow_same_split)
+    about = {"command": "finetune --compare" if compare else "finetune", "model": model, "data": str(data),
+             "wall_time_s": time.perf_counter() - started, "versions": package_versions()}
+    if compare:
+        write_json_atomic(out / "comparison.json", {**about, **result.to_dict()})
+        (out / "comparison.md").write_text(result.markdown())
+        figures = plot_comparison(result, out)
+        _print_table(result, "AAT against fine-tuning and PEFT")
+        console.print(result.caption())
+        console.print(f"-> {out}/comparison.json, {out}/comparison.md, " + ", ".join(str(f) for f in figures)
+                      + f", {out}/checkpoints/")
+        return
+    vanilla, row = result.row("vanilla"), result.row(name)
+    metrics = {**about, "method": name, "trainable_params": row.trainable_params,
+               "total_params": row.extra["total_params"], "lr": row.extra["lr"], "train_split": result.train_split,
+               "n_train_images": result.n_train_images, "n_train_texts": result.n_train_texts,
+               "epochs": row.per_epoch, "train_wall_time_s": row.wall_time_s,
+               "validation": {"split": result.val_split, "vanilla": vanilla.val_mean_recall,
+                              "finetuned": row.val_mean_recall},
+               "heldout": {"split": result.test_split, "metric": result.metric, "vanilla": vanilla.test_mean_recall,
+                           "finetuned": row.test_mean_recall,
+                           "change": row.test_mean_recall - vanilla.test_mean_recall},
+               "checkpoint": row.extra.get("checkpoint"), "config": config.finetune_config(name).__dict__}
+    write_json_atomic(out / "metrics.json", metrics)
+    plot_epoch_curves(result, out / "epoch_curves.png")
+    table = Table(title=f"{name}: {row.trainable_params:,} trainable parameters, {result.n_train_images} training "
+                        f"images ({result.train_split})")
+    for column in ("epoch", "train loss", f"val mean-R ({result.val_split}, %)", "seconds"):
+        table.add_column(column, justify="right")
+    table.add_row("0", "", f"{100 * vanilla.val_mean_recall:.1f}", "")
+    for e in row.per_epoch:
+        table.add_row(str(e["epoch"]), f"{e['train_loss']:.4f}", f"{100 * e['val_mean_recall']:.1f}",
+                      f"{e['seconds']:.1f}")
+    console.print(table)
+    console.print(f"held-out mean-R on {result.test_split}: vanilla {100 * vanilla.test_mean_recall:.1f} -> "
+                  f"{name} {100 * row.test_mean_recall:.1f} ({100 * metrics['heldout']['change']:+.1f})")
+    console.print(f"-> {out}/metrics.json, {out}/epoch_curves.png, checkpoint {row.extra.get('checkpoint')}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``clipheads finetune``."""
+    app.command("finetune")(finetune_command)
