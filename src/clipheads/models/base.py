@@ -145,6 +145,41 @@ class CLIPBackend(ABC):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Residual stream after the last layer ``[B, T, width]`` -> image embedding ``[B, D]``."""
 
+    # ----------------------------------- one layer in two steps (fast path of the mask search)
+    # A layer = per-head attention (``layer_attention``) -> head hook -> out_proj + residual + MLP (``layer_finish``).
+    # The search uses it to compute a layer's attention once for many masks, and to run the last layer for the
+    # read-out token only. Backends that cannot split their layers leave ``supports_layer_split`` False.
+    supports_layer_split: bool = False
+
+    @property
+    def readout_tokens(self) -> int | None:
+        """How many leading tokens :meth:`pool` reads (1: the class token), ``None`` if it reads every token."""
+        return None
+
+    def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head attention outputs ``z [B, Tq, H, d]`` (before any hook and ``out_proj``) and values
+        ``v [B, T, H, d]`` of ``layer`` on the residual ``x [B, T, W]``; only the first ``queries`` positions attend
+        (``None``: all)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its layers")
+
+    def layer_finish(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The rest of ``layer``: ``x + out_proj(z)``, then the MLP block; ``x [B, Tq, W]`` is the residual at the
+        positions of ``z``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot split its layers")
+
+    def head_hook(self, layer: int) -> HeadHook | None:
+        return getattr(self.attention_module(layer), "_clipheads_hook", None)
+
+    def run_layer_split(self, layer: int, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """One layer through :meth:`layer_attention` and :meth:`layer_finish`, with its head hook; the residual at
+        the first ``queries`` positions (all by default) after the layer."""
+        z, v = self.layer_attention(layer, x, queries)
+        hook = self.head_hook(layer)
+        if hook is not None:
+            z = hook(z, v[:, :z.shape[1]])  # the operators read the values at the query positions
+        return self.layer_finish(layer, x[:, :z.shape[1]], z)
+
     def encode_image_staged(self, pixels: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`encode_image`, through the staged view (used to check the stages)."""
         return self.pool(self.run_layers(self.embed(pixels.to(self.device, self.dtype))))

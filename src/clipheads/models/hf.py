@@ -120,6 +120,34 @@ class HFBackend(CLIPBackend):
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.visual_projection(self._vision.post_layernorm(x[:, 0, :]))
 
+    # ------------------------------------- one layer in two steps (the search's fast path)
+    @property
+    def supports_layer_split(self) -> bool:
+        names = ("q_proj", "k_proj", "v_proj", "out_proj", "scale", "num_heads", "head_dim")
+        return all(hasattr(layer, "layer_norm1") and hasattr(layer, "layer_norm2") and hasattr(layer, "mlp")
+                   and all(hasattr(layer.self_attn, n) for n in names) for layer in self._layers)
+
+    @property
+    def readout_tokens(self) -> int | None:
+        return 1  # pool: post_layernorm of the class token
+
+    def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self._layers[layer]
+        attn = block.self_attn
+        h = block.layer_norm1(x)
+        shape = (x.shape[0], -1, attn.num_heads, attn.head_dim)
+        q = attn.q_proj(h if queries is None else h[:, :queries]).view(shape).transpose(1, 2)
+        k = attn.k_proj(h).view(shape).transpose(1, 2)
+        v = attn.v_proj(h).view(shape).transpose(1, 2)
+        z = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        return z.transpose(1, 2), v.transpose(1, 2)
+
+    def layer_finish(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        block = self._layers[layer]
+        x = x + block.self_attn.out_proj(z.reshape(*z.shape[:2], -1))
+        return x + block.mlp(block.layer_norm2(x))
+
     # ----------------------------------------------------- attention sites
     def attention_module(self, layer: int) -> nn.Module:
         return self._layers[layer].self_attn

@@ -114,6 +114,38 @@ class OpenCLIPBackend(CLIPBackend):
         pooled, _ = self._visual._pool(x)
         return pooled @ self._visual.proj if self._visual.proj is not None else pooled
 
+    # ------------------------------------- one layer in two steps (the search's fast path)
+    @property
+    def supports_layer_split(self) -> bool:
+        from open_clip.transformer import ResidualAttentionBlock
+
+        return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn._qkv_same_embed_dim
+                   for b in self._blocks)
+
+    @property
+    def readout_tokens(self) -> int | None:
+        visual = self._visual
+        return 1 if visual.attn_pool is None and visual.pool_type == "tok" else None
+
+    def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self._blocks[layer]
+        attn = block.attn
+        h = block.ln_1(x)
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+        shape = (x.shape[0], -1, attn.num_heads, attn.head_dim)
+        q = F.linear(h if queries is None else h[:, :queries], w_q, b_q).view(shape).transpose(1, 2)
+        k = F.linear(h, w_k, b_k).view(shape).transpose(1, 2)
+        v = F.linear(h, w_v, b_v).view(shape).transpose(1, 2)
+        z = F.scaled_dot_product_attention(q, k, v)
+        return z.transpose(1, 2), v.transpose(1, 2)
+
+    def layer_finish(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        block = self._blocks[layer]
+        x = x + block.ls_1(block.attn.out_proj(z.reshape(*z.shape[:2], -1)))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
     # ----------------------------------------------------- attention sites
     def attention_module(self, layer: int) -> nn.Module:
         return self._blocks[layer].attn

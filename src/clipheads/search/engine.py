@@ -5,6 +5,9 @@
   (from the nearest cached layer at or before ``l`` when only every ``cache_stride``-th layer is kept).
 * Masks are grouped by the cached layer they resume from and stacked along the batch: ``k`` masks x ``b`` images run as
   one ``[k*b, T, W]`` forward, with one hook per layer that gives each mask's chunk of the batch its own gate row.
+* Where the backend can split a layer into attention and the rest, the first recomputed layer's attention is computed
+  once for the ``b`` images (the masks of a group differ only in how its heads are mixed), and the last layer runs
+  for the class token only, the one token the image embedding reads.
 * A mask is evaluated once: scores are memoised by the operator and the mask's gates.
 * Under ``torchrun`` the groups are shared out over ranks and the scores gathered on every rank. Groups are formed
   before sharding, so a mask's score does not depend on the number of processes.
@@ -84,6 +87,8 @@ class MaskEvaluator:
         self.progress = progress
         self.n_layers, self.n_heads = backend.n_layers, backend.n_heads
         self.cached_layers = sorted(set(range(0, self.n_layers, max(1, cache_stride))))
+        # split layers: share the first recomputed layer's attention over masks, last layer for the class token only
+        self.fast_path = backend.supports_layer_split and backend.readout_tokens is not None
         self.n_forward_masks = 0  # masks evaluated by a forward pass (all ranks together)
         self.n_local_masks = 0  # of those, the masks this rank evaluated
         self._cache, self.baseline_features = self._build_cache(pixels)
@@ -196,8 +201,30 @@ class MaskEvaluator:
             rows = max(1, self.batch_size // k)
             for i in range(0, self.n_images, rows):
                 x = self._cache[begin][i:i + rows]
-                x = x.repeat(k, 1, 1)  # [k*b, T, W], mask-major
-                chunks.append(backend.pool(backend.run_layers(x, begin)).view(k, len(x) // k, -1))
+                chunks.append(self._run_stacked(x, begin, k).view(k, len(x), -1))
         finally:
             backend.clear_head_hooks()
         return list(torch.cat(chunks, dim=1).unbind(0))
+
+    def _run_stacked(self, x: torch.Tensor, begin: int, k: int) -> torch.Tensor:
+        """Image features ``[k*b, D]`` of ``k`` hooked masks (mask-major) from the residual ``x [b, T, W]`` entering
+        layer ``begin``.
+
+        With a backend that splits its layers, layer ``begin`` computes its attention once for the ``b`` images (the
+        ``k`` masks differ only in how its heads are mixed afterwards) and the last layer runs for the read-out token
+        only (the class token's row of the attention; its keys and values still come from every token).
+        """
+        backend = self.backend
+        if not self.fast_path:
+            return backend.pool(backend.run_layers(x.repeat(k, 1, 1), begin))  # [k*b, T, W], mask-major
+        last, readout = self.n_layers - 1, backend.readout_tokens
+        queries = readout if begin == last else None
+        z, v = backend.layer_attention(begin, x, queries)
+        z = z.repeat(k, 1, 1, 1)
+        hook = backend.head_hook(begin)
+        if hook is not None:
+            z = hook(z, v[:, :z.shape[1]].repeat(k, 1, 1, 1))
+        x = backend.layer_finish(begin, x[:, :z.shape[1]].repeat(k, 1, 1), z)
+        if begin < last:
+            x = backend.run_layer_split(last, backend.run_layers(x, begin + 1, last), readout)
+        return backend.pool(x)
