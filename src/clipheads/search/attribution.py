@@ -27,10 +27,10 @@ from clipheads.interventions import HeadMask, ablate
 from clipheads.models import CLIPBackend
 from clipheads.search.scan import ScanResult
 
-# Calibrated on the bundled model (benchmarks/attribution_scan.py): cosine similarities of matched pairs differ from
-# the closest negatives by a few hundredths, and ranks move in steps of one.
-SIMILARITY_TEMPERATURE = 0.05
-RANK_TEMPERATURE = 2.0
+# Chosen on the bundled model's world drawn with another seed (seed 1, 1000 val_ood images, not the benchmark's): the
+# grid similarity 0.02..0.07 x rank 2..16 gave Spearman 0.55..0.79 against the exact scan, flat around these values.
+SIMILARITY_TEMPERATURE = 0.03
+RANK_TEMPERATURE = 8.0
 
 
 @dataclass
