@@ -18,66 +18,35 @@ from clipheads.captions import (
     train_captioner,
 )
 from clipheads.errors import ClipHeadsError, ModelLoadError
-from clipheads.models.random_init import tiny_model
-
-CAPTIONS = ["a red circle on the left", "a blue square on the right", "two green trees", "a black cat on a sink",
-            "a white dog in a house", "a yellow car"]
 
 
-def distinct_images(n: int, seed: int = 3) -> torch.Tensor:
-    """``[n, 3, 32, 32]``: a different flat colour per image plus noise (a random CLIP tells them apart)."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1
-    return colours.expand(n, 3, 32, 32) + 0.3 * torch.randn(n, 3, 32, 32, generator=generator)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return tiny_model("hf", seed=0)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return distinct_images(len(CAPTIONS))
-
-
-@pytest.fixture(scope="module")
-def trained(clip, images):
-    features = encode_images(clip, images)
-    captioner = build_captioner(CAPTIONS, features.shape[-1], prefix_length=2, width=32, n_layers=1, n_heads=2,
-                                dropout=0.0, clip_model=clip.name, seed=0)
-    result = train_captioner(captioner, features, CAPTIONS,
-                             config=CaptionTrainConfig(epochs=100, batch_size=6, lr=1e-2, progress=False))
-    return captioner, result
-
-
-def test_overfits_a_handful_of_pairs(trained, clip, images):
+def test_overfits_a_handful_of_pairs(trained, clip, images, captions):
     captioner, result = trained
     assert len(result.epoch_losses) == 100 and len(result.step_losses) == 100
     assert result.epoch_losses[-1] < 0.1 * result.epoch_losses[0]
     generated = generate_captions(captioner, clip, images)
-    assert sum(g == c for g, c in zip(generated, CAPTIONS, strict=True)) >= 5, generated
+    assert sum(g == c for g, c in zip(generated, captions, strict=True)) >= 5, generated
 
 
-def test_training_is_deterministic_for_a_seed(clip, images):
+def test_training_is_deterministic_for_a_seed(clip, images, captions):
     features = encode_images(clip, images[:3])
     config = CaptionTrainConfig(epochs=3, batch_size=2, lr=1e-2, progress=False, seed=7)
     runs = []
     for _ in range(2):
-        captioner = build_captioner(CAPTIONS[:3], features.shape[-1], prefix_length=2, width=16, n_layers=1,
+        captioner = build_captioner(captions[:3], features.shape[-1], prefix_length=2, width=16, n_layers=1,
                                     n_heads=2, seed=1)
-        runs.append(train_captioner(captioner, features, CAPTIONS[:3], config=config).step_losses)
+        runs.append(train_captioner(captioner, features, captions[:3], config=config).step_losses)
     assert runs[0] == runs[1]
 
 
-def test_several_captions_per_image(clip, images):
+def test_several_captions_per_image(clip, images, captions):
     features = encode_images(clip, images[:2])
-    captioner = build_captioner(CAPTIONS[:4], features.shape[-1], prefix_length=2, width=16, n_layers=1, n_heads=2)
-    result = train_captioner(captioner, features, CAPTIONS[:4], image_index=[0, 0, 1, 1],
+    captioner = build_captioner(captions[:4], features.shape[-1], prefix_length=2, width=16, n_layers=1, n_heads=2)
+    result = train_captioner(captioner, features, captions[:4], image_index=[0, 0, 1, 1],
                              config=CaptionTrainConfig(epochs=1, batch_size=4, progress=False))
     assert result.n_images == 2 and result.n_pairs == 4
     with pytest.raises(ClipHeadsError, match="outside"):
-        train_captioner(captioner, features, CAPTIONS[:2], image_index=[0, 2])
+        train_captioner(captioner, features, captions[:2], image_index=[0, 2])
 
 
 def test_decoding_is_deterministic(trained, clip, images):
@@ -90,13 +59,13 @@ def test_decoding_is_deterministic(trained, clip, images):
         assert generate_captions(captioner, clip, images, num_beams=beams, batch_size=4) == first
 
 
-def test_beam_search_finds_the_training_captions(trained, clip, images):
+def test_beam_search_finds_the_training_captions(trained, clip, images, captions):
     captioner, _ = trained
     generated = generate_captions(captioner, clip, images, num_beams=3)
-    assert sum(g == c for g, c in zip(generated, CAPTIONS, strict=True)) >= 5, generated
+    assert sum(g == c for g, c in zip(generated, captions, strict=True)) >= 5, generated
 
 
-def test_text_prefix_is_the_start_of_the_caption(trained, clip, images):
+def test_text_prefix_is_the_start_of_the_caption(trained, clip, images, captions):
     captioner, _ = trained
     for beams in (1, 2):
         for caption in generate_captions(captioner, clip, images, prefixes="A photo of a", num_beams=beams):
@@ -106,7 +75,7 @@ def test_text_prefix_is_the_start_of_the_caption(trained, clip, images):
     generated = generate_captions(captioner, clip, images, prefixes=prefixes)
     for caption, prefix in zip(generated, prefixes, strict=True):
         assert caption.startswith(prefix or "")
-    assert sum(g == c for g, c in zip(generated, CAPTIONS, strict=True)) >= 5, generated
+    assert sum(g == c for g, c in zip(generated, captions, strict=True)) >= 5, generated
     with pytest.raises(ClipHeadsError, match="2 text prefixes for 6 images"):
         generate_captions(captioner, clip, images, prefixes=["a", "b"])
 

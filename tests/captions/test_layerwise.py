@@ -13,48 +13,14 @@ from typer.testing import CliRunner
 
 import clipheads
 from clipheads.captions import (
-    CaptionTrainConfig,
-    build_captioner,
     caption_vocabulary,
     clip_scores,
-    encode_images,
     random_vision_encoder_decoder,
-    train_captioner,
 )
 from clipheads.captions.layerwise import LayerwiseCaptionConfig, LayerwiseCaptioning, group_label
 from clipheads.cli import app
 from clipheads.errors import ClipHeadsError
 from clipheads.models.random_init import save_hf, tiny_model, word_tokenizer
-
-CAPTIONS = ["a red circle on the left", "a blue square on the right", "two green trees", "a black cat on a sink",
-            "a white dog in a house", "a yellow car"]
-
-
-def distinct_images(n: int, seed: int = 3) -> torch.Tensor:
-    """``[n, 3, 32, 32]``: a different flat colour per image plus noise."""
-    generator = torch.Generator().manual_seed(seed)
-    colours = torch.rand(n, 3, 1, 1, generator=generator) * 2 - 1
-    return colours.expand(n, 3, 32, 32) + 0.3 * torch.randn(n, 3, 32, 32, generator=generator)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return tiny_model("hf", seed=0)
-
-
-@pytest.fixture(scope="module")
-def images():
-    return distinct_images(len(CAPTIONS))
-
-
-@pytest.fixture(scope="module")
-def captioner(clip, images):
-    features = encode_images(clip, images)
-    captioner = build_captioner(CAPTIONS, features.shape[-1], prefix_length=2, width=32, n_layers=1, n_heads=2,
-                                dropout=0.0, clip_model=clip.name, seed=0)
-    train_captioner(captioner, features, CAPTIONS,
-                    config=CaptionTrainConfig(epochs=60, batch_size=6, lr=1e-2, progress=False))
-    return captioner
 
 
 def test_group_labels():
@@ -91,8 +57,8 @@ def test_cancelled_layer_changes_the_decoder_input(captioner, clip, images):
     assert rows[0].encoder_cosine == pytest.approx(1.0, abs=1e-5) and rows[1].encoder_cosine < 0.999
 
 
-def test_scores_come_from_the_unmodified_model(captioner, clip, images):
-    selected = [CAPTIONS, CAPTIONS[::-1]]
+def test_scores_come_from_the_unmodified_model(captioner, clip, images, captions):
+    selected = [captions, captions[::-1]]
     rows = LayerwiseCaptioning(captioner, clip, images, LayerwiseCaptionConfig(n_images=4))([[], [0, 1]], selected)
     with torch.no_grad():
         vanilla = clip.encode_image(images[:4])
@@ -108,10 +74,10 @@ def test_scores_come_from_the_unmodified_model(captioner, clip, images):
     assert data["mean_generated_clip_score"] == pytest.approx(sum(rows[1].generated_clip_score) / 4)
 
 
-def test_prefix_words_cut_the_selected_caption(captioner, clip, images):
+def test_prefix_words_cut_the_selected_caption(captioner, clip, images, captions):
     config = LayerwiseCaptionConfig(prefix_words=2, max_new_tokens=5)
-    (row,) = LayerwiseCaptioning(captioner, clip, images, config)([[1]], [CAPTIONS])
-    assert row.prefixes == [" ".join(c.split()[:2]) for c in CAPTIONS]
+    (row,) = LayerwiseCaptioning(captioner, clip, images, config)([[1]], [captions])
+    assert row.prefixes == [" ".join(c.split()[:2]) for c in captions]
     assert all(g.startswith(p) for g, p in zip(row.generated, row.prefixes, strict=True))
     assert row.to_dict()["images"][0]["prefix"] == "a red"
 
@@ -126,8 +92,8 @@ def test_refuses_bad_input(captioner, clip, images):
         LayerwiseCaptioning(captioner, clip, images, LayerwiseCaptionConfig(prefix_from_selection=False))([[0]])
 
 
-def test_encoder_decoder_reads_its_own_cancelled_encoder(clip, images):
-    tokenizer = word_tokenizer(caption_vocabulary(CAPTIONS))
+def test_encoder_decoder_reads_its_own_cancelled_encoder(clip, images, captions):
+    tokenizer = word_tokenizer(caption_vocabulary(captions))
     captioner = random_vision_encoder_decoder(tokenizer, n_layers=2, seed=0)
     seen: list[torch.Tensor] = []
 
