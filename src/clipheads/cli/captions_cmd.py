@@ -10,12 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clipheads.cli.options import MODELS, Device, ModelName
 from clipheads.errors import DataError
 
 console = Console()
 
-MODEL_HELP = ("CLIP model: 'bundled' (shipped with clipheads), a Hugging Face id or folder, open_clip:ARCH, "
-              "open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt.")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 captioner_app = typer.Typer(help="Train a small ClipCap-style captioner on CLIP image embeddings, and caption "
@@ -93,7 +92,7 @@ def train(
     data: Path = typer.Option(..., "--data", help="Karpathy split JSON of image-caption pairs."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the captioner to."),
     split: str = typer.Option("train", help="Split to train on ('train' also takes 'restval')."),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     images_root: Path = typer.Option(None, help="Folder the image paths are relative to (default: the JSON's)."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(32, min=1),
@@ -102,7 +101,7 @@ def train(
     width: int = typer.Option(256, min=8, help="Decoder width (GPT-2 n_embd)."),
     layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    device: Device = "cpu",
 ) -> None:
     """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings."""
     import clipheads
@@ -137,11 +136,11 @@ def generate(
     prefix: str = typer.Option("", help="Text every caption starts with, e.g. 'a photo of a'."),
     beams: int = typer.Option(1, min=1, help="Beam width (1 = greedy)."),
     max_new_tokens: int = typer.Option(20, min=1),
-    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: the model the captioner was "
-                                                                         "trained on."),
+    model: str = typer.Option(None, "--model", "-m",
+                              help="CLIP model: " + MODELS + " Default: the model the captioner was trained on."),
     batch_size: int = typer.Option(32, min=1),
     out: Path = typer.Option(None, "--out", "-o", help="Write the captions to this JSON file."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    device: Device = "cpu",
 ) -> None:
     """Caption images (greedy or beam search), optionally continuing a text prefix."""
     import clipheads

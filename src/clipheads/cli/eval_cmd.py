@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.models_cmd import MODEL_HELP
+from clipheads.cli.options import Alpha, Device, ModelName, NumWorkers
 
 console = Console()
 
@@ -44,22 +44,22 @@ def _load_data(task: str, data: Path, split: str | None, image_root: Path | None
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder (paths inside are relative to it)."),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
     image_root: Path = typer.Option(None, help="Folder the retrieval file's image paths are relative to."),
     mask: Path = typer.Option(None, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
-    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    alpha: Alpha = None,
     templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line (default: the "
                                               "set shipped with clipheads)."),
     classnames: Path = typer.Option(None, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
     k: int = typer.Option(10, "--k", help="bias: K of MaxSkew@K."),
     batch_size: int = typer.Option(64, help="Images per batch."),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    num_workers: NumWorkers = 0,
+    device: Device = "cpu",
     precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) missing or corrupt images instead of "
                                                             "stopping."),

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.models_cmd import IMAGE_SUFFIXES, MODEL_HELP
+from clipheads.cli.models_cmd import IMAGE_SUFFIXES
+from clipheads.cli.options import Device, ModelName
 from clipheads.errors import ClipHeadsError, DataError
 
 console = Console()
@@ -78,7 +79,7 @@ def _print_descriptions(result) -> None:
 
 def describe(
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     texts: str = typer.Option("default", help=TEXTS_HELP),
     k: int = typer.Option(5, "--k", help="Texts per head."),
     layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
@@ -87,7 +88,7 @@ def describe(
     max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (descriptions.json)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    device: Device = "cpu",
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     seed: int = typer.Option(0, help="Seed of the image subset and the default pool."),
 ) -> None:
@@ -119,7 +120,7 @@ def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models,
 def ccs(
     data: Path = typer.Option(None, "--data", "-d", help=DATA_HELP + " Not needed with --descriptions."),
     descriptions: Path = typer.Option(None, help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     texts: str = typer.Option("default", help=TEXTS_HELP),
     k: int = typer.Option(5, "--k", help="Texts per head."),
     layers: str = typer.Option(None, help="Layers whose heads to score (default: all)."),
@@ -139,7 +140,7 @@ def ccs(
     max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (ccs.json, ccs_heatmap.png)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    device: Device = "cpu",
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
     seed: int = typer.Option(0, help="Seed of the image subset and the default pool."),
 ) -> None:
@@ -240,7 +241,7 @@ def prune(
     ccs_file: Path = typer.Option(..., "--ccs", help="ccs.json from 'clipheads ccs'."),
     group: str = typer.Option(None, help="Prune a CCS group: high (CCS = k), moderate or low (CCS <= 1)."),
     top: int = typer.Option(None, help="Prune the n heads with the highest CCS instead of a group."),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
     alpha: float = typer.Option(0.0, help="Factor of the scale operator (0 = remove the head's output)."),
     means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
@@ -253,7 +254,7 @@ def prune(
     skew_k: int = typer.Option(10, help="K of MaxSkew@K."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
+    device: Device = "cpu",
     precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
 ) -> None:
     """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.models_cmd import MODEL_HELP
+from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad
 
 console = Console()
 
@@ -33,7 +33,7 @@ def _print_table(result, title: str) -> None:
 def finetune_command(
     data: Path = typer.Option(..., "--data", "-d", help="Retrieval dataset with splits (Karpathy JSON, e.g. the "
                                                         "retrieval.json of 'clipheads world make')."),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     method: str = typer.Option("lora", help="What to train: lora (low-rank adapters on the image encoder's attention "
                                             "projections), ia3 (learned scaling vectors) or full (every weight of the "
                                             "image encoder). Ignored with --compare (see --methods)."),
@@ -63,9 +63,9 @@ def finetune_command(
                                                                        "method), metrics.json or comparison.json."),
     batch_size: int = typer.Option(64, help="Image-text pairs per training step (contrastive batch); also images per "
                                             "forward when scoring."),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+    num_workers: NumWorkers = 0,
+    device: Device = "cpu",
+    skip_bad: SkipBad = False,
 ) -> None:
     """Fine-tune the image encoder (LoRA, IA3 or full) on a split's image-text pairs with the CLIP contrastive loss
     (text tower frozen), as a baseline for AAT: mean-R on --val-split after every epoch, on --report-split at the end.

@@ -9,12 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clipheads.cli.options import MODEL_HELP, ModelName
 from clipheads.errors import DataError, MaskError
 
 console = Console()
 
-MODEL_HELP = ("Model: 'bundled' (default, shipped with clipheads), a Hugging Face id or folder, "
-              "open_clip:ARCH (random init), open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt.")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -42,7 +41,7 @@ def mask(
     gate: float = typer.Option(0.0, help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
     means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
                                                 "mask (needed by --op mean)."),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    model: ModelName = "bundled",
     batch_size: int = typer.Option(32, help="Images per batch for --means-from."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
 ) -> None:

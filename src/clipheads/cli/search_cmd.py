@@ -14,13 +14,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.models_cmd import MODEL_HELP
+from clipheads.cli.options import (
+    SPLIT_HELP,
+    AllowSameSplit,
+    Alpha,
+    DataPath,
+    Device,
+    ModelName,
+    NumWorkers,
+    OperatorName,
+    Precision,
+    ReportData,
+    SkipBad,
+    TaskName,
+    Templates,
+)
 
 console = Console()
 
-TASK_HELP = "retrieval (default metric mean_recall), selection (caption selection, acc) or zeroshot (acc1)."
-SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole file."
-OP_HELP = "Ablation operator: identity (default), cls, zero, mean (head means of the search images) or scale."
 
 
 def _split(split: str | None) -> str | None:
@@ -106,26 +117,25 @@ def _print_result(result, out: Path) -> None:
 
 
 def scan_command(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder."),
-    task: str = typer.Option("retrieval", "--task", "-t", help=TASK_HELP),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    data: DataPath,
+    task: TaskName = "retrieval",
+    model: ModelName = "bundled",
     search_split: str = typer.Option("val", help="Split to scan on. " + SPLIT_HELP),
     report_split: str = typer.Option("test", help="Held-out split for the best top-k mask ('none': no report)."),
-    report_data: Path = typer.Option(None, help="Held-out dataset file (default: --data; needed for tasks whose "
-                                                "files have no splits)."),
-    allow_same_split: bool = typer.Option(False, "--allow-same-split", help="Allow reporting on the searched split."),
-    op: str = typer.Option("identity", help=OP_HELP),
-    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    report_data: ReportData = None,
+    allow_same_split: AllowSameSplit = False,
+    op: OperatorName = "identity",
+    alpha: Alpha = None,
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
-    templates: Path = typer.Option(None, help="zeroshot: prompt templates file."),
+    templates: Templates = None,
     top_k: int = typer.Option(None, help="Evaluate the k most harmful heads together for k = 1..top-k."),
     checkpoint_every: int = typer.Option(None, help="Checkpoint every N heads (default: one layer's worth)."),
     out: Path = typer.Option(Path("scan-out"), "--out", "-o", help="Output folder (re-run to resume)."),
     batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward."),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
-    precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+    num_workers: NumWorkers = 0,
+    device: Device = "cpu",
+    precision: Precision = "fp32",
+    skip_bad: SkipBad = False,
     method: str = typer.Option("exact", help="exact (one forward per head) or attribution (every head estimated "
                                              "from one forward and one backward pass; retrieval only)."),
     verify_top: int = typer.Option(None, help="attribution: ablate exactly the K heads estimated most harmful and the "
@@ -237,21 +247,21 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
 
 
 def layers_command(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder."),
-    task: str = typer.Option("selection", "--task", "-t", help=TASK_HELP),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    data: DataPath,
+    task: TaskName = "selection",
+    model: ModelName = "bundled",
     split: str = typer.Option("none", help=SPLIT_HELP),
     ranges: str = typer.Option(None, help="Layer groups, e.g. '0-2,3-5,6-8,9-11' (default: every layer alone)."),
-    op: str = typer.Option("identity", help=OP_HELP),
-    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    op: OperatorName = "identity",
+    alpha: Alpha = None,
     metric: str = typer.Option(None, help="Metric to report (default per task)."),
-    templates: Path = typer.Option(None, help="zeroshot: prompt templates file."),
+    templates: Templates = None,
     out: Path = typer.Option(Path("layers-out"), "--out", "-o", help="Output folder."),
     batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward."),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
-    precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+    num_workers: NumWorkers = 0,
+    device: Device = "cpu",
+    precision: Precision = "fp32",
+    skip_bad: SkipBad = False,
     generate: bool = typer.Option(False, "--generate", help="Also generate a caption per image with a decoder "
                                   "driven by the image encoder with each layer/range cancelled (and unmodified), and "
                                   "compare its CLIP score with the selected caption's. Both are scored by the "
@@ -358,19 +368,18 @@ def _print_layer_captions(result, examples: int) -> None:
 
 
 def search_command(
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder."),
+    data: DataPath,
     strategy: str = typer.Option("ga", help="ga (AAT-GA), bp (AAT-BP) or greedy (forward selection)."),
-    task: str = typer.Option("retrieval", "--task", "-t", help=TASK_HELP),
-    model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
+    task: TaskName = "retrieval",
+    model: ModelName = "bundled",
     search_split: str = typer.Option("val", help="Split to search on (BP trains on its pairs). " + SPLIT_HELP),
     report_split: str = typer.Option("test", help="Held-out split to report on ('none': no report)."),
-    report_data: Path = typer.Option(None, help="Held-out dataset file (default: --data; needed for tasks whose "
-                                                "files have no splits)."),
-    allow_same_split: bool = typer.Option(False, "--allow-same-split", help="Allow reporting on the searched split."),
-    op: str = typer.Option("identity", help=OP_HELP),
-    alpha: float = typer.Option(None, help="Factor of the scale operator."),
+    report_data: ReportData = None,
+    allow_same_split: AllowSameSplit = False,
+    op: OperatorName = "identity",
+    alpha: Alpha = None,
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
-    templates: Path = typer.Option(None, help="zeroshot: prompt templates file."),
+    templates: Templates = None,
     beta: float = typer.Option(0.01, help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
     beta_sweep: str = typer.Option(None, help="ga: comma-separated betas, one GA each (metric vs beta curve)."),
     population: int = typer.Option(32, help="ga: population size."),
@@ -391,10 +400,10 @@ def search_command(
     seed: int = typer.Option(0, help="Random seed (GA population, BP batches)."),
     out: Path = typer.Option(Path("search-out"), "--out", "-o", help="Output folder (re-run to resume)."),
     batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward; BP: pairs per step."),
-    num_workers: int = typer.Option(0, help="DataLoader workers reading images."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ..."),
-    precision: str = typer.Option("fp32", help="Model weights: fp32, bf16 or fp16."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip missing or corrupt images."),
+    num_workers: NumWorkers = 0,
+    device: Device = "cpu",
+    precision: Precision = "fp32",
+    skip_bad: SkipBad = False,
 ) -> None:
     """Search a head mask (AAT-GA, AAT-BP or greedy) on one split and report it on a held-out split."""
     from clipheads.errors import ClipHeadsError
