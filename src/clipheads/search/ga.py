@@ -93,7 +93,8 @@ def ga_search(evaluator: MaskEvaluator, config: GAConfig, out: RunFolder | None 
     """Run AAT-GA on ``evaluator``'s split; checkpoint every generation to ``out`` and resume from it.
 
     Args:
-        scan: a single-head scan; with ``config.seed_from_scan`` the initial population holds its top-k masks.
+        scan: a single-head scan, or an attribution estimate (``AttributionResult.as_scan()``); with
+            ``config.seed_from_scan`` the initial population holds the masks of its top-k harmful heads.
         report: evaluator of the held-out split for the final report.
         on_generation: called after each generation's checkpoint with ``(generation, state)``.
     """
