@@ -90,6 +90,13 @@ def test_scan_cli_attribution_with_verification(world, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_unknown_surrogate_is_refused_before_any_work(world, tmp_path):
+    result = invoke("scan", "--model", world / "model", "--data", world / "karpathy.json", "--method", "attribution",
+                    "--surrogate", "hinge", "--out", tmp_path / "x")
+    assert isinstance(result.exception, clipheads.ClipHeadsError) and "soft_recall" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+
+
 def test_verify_top_needs_attribution(world, tmp_path):
     result = invoke("scan", "--model", world / "model", "--data", world / "karpathy.json", "--verify-top", 2,
                     "--out", tmp_path / "x")

@@ -147,11 +147,14 @@ def scan_command(
     from clipheads.errors import ClipHeadsError
     from clipheads.heads import parse_head
     from clipheads.search import RunFolder, check_splits, report_heldout, scan_heads, scan_search_result, write_result
+    from clipheads.search.attribution import SURROGATES
 
     if method not in ("exact", "attribution"):
         raise ClipHeadsError(f"unknown --method {method!r}; choose exact or attribution")
     if verify_top is not None and method != "attribution":
         raise ClipHeadsError("--verify-top checks an attribution estimate; use it with --method attribution")
+    if surrogate not in SURROGATES:
+        raise ClipHeadsError(f"unknown --surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     started = time.perf_counter()
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
