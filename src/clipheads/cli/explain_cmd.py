@@ -294,11 +294,12 @@ def prune(
         console.print(f"{run.name}: {', '.join(run.heads)}")
     table = Table(title=f"{name}: {len(heads)} heads pruned (op {op}, alpha {alpha:g}) vs {seeds} random sets of "
                         f"{len(heads)}")
-    table.add_column("metric", no_wrap=True)
-    for column in ("before", "after", "change", "random after", "random change", "random std"):
-        table.add_column(column)
-    for row in report.rows():
-        table.add_row(row[0], *(f"{v:.4f}" for v in row[1:]))
+    table.add_column("metric", overflow="fold")
+    for column in ("before", "after", "change", "random change"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for metric, before, after, change, _, random_change, random_std in report.rows():
+        table.add_row(metric, f"{before:.4f}", f"{after:.4f}", f"{change:+.4f}",
+                      f"{random_change:+.4f} +- {random_std:.4f}")
     console.print(table)
     skews = _max_skew_summary(report)
     if skews:
