@@ -7,7 +7,7 @@ tools can be read, but everything clipheads writes uses ``L3.H7``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from clipheads.errors import MaskError
 
@@ -74,3 +74,13 @@ def parse_layers(spec: str | int | Iterable[int]) -> list[int]:
 def parse_layer_ranges(spec: str) -> list[list[int]]:
     """``"0-2,3-5"`` -> ``[[0, 1, 2], [3, 4, 5]]``: one group of layers per comma-separated item."""
     return [parse_layers(part) for part in spec.split(",") if part.strip()]
+
+
+def layer_group_label(layers: Sequence[int]) -> str:
+    """``[]`` -> ``"none"``, ``[3]`` -> ``"3"``, ``[0, 1, 2]`` -> ``"0-2"``, ``[0, 5]`` -> ``"0,5"``."""
+    layers = sorted(int(layer) for layer in layers)
+    if not layers:
+        return "none"
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(layer) for layer in layers)

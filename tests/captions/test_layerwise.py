@@ -17,14 +17,15 @@ from clipheads.captions import (
     clip_scores,
     random_vision_encoder_decoder,
 )
-from clipheads.captions.layerwise import LayerwiseCaptionConfig, LayerwiseCaptioning, group_label
+from clipheads.captions.layerwise import LayerwiseCaptionConfig, LayerwiseCaptioning
 from clipheads.cli import app
 from clipheads.errors import ClipHeadsError
+from clipheads.heads import layer_group_label
 from clipheads.models.random_init import save_hf, tiny_model, word_tokenizer
 
 
 def test_group_labels():
-    assert [group_label(g) for g in ([], [3], [2, 0, 1], [0, 5])] == ["none", "3", "0-2", "0,5"]
+    assert [layer_group_label(g) for g in ([], [3], [2, 0, 1], [0, 5])] == ["none", "3", "0-2", "0,5"]
 
 
 def test_generated_captions_are_deterministic(captioner, clip, images):

@@ -27,6 +27,7 @@ from clipheads.captions.captioners import Captioner, clip_scores, generate_capti
 from clipheads.captions.encoder_decoder import VisionEncoderDecoderCaptioner
 from clipheads.captions.prefix import PrefixCaptioner
 from clipheads.errors import ClipHeadsError
+from clipheads.heads import layer_group_label
 from clipheads.interventions import HeadMask, ablate
 
 log = logging.getLogger(__name__)
@@ -104,16 +105,6 @@ class GroupCaptions:
                                                       self.generated, self.generated_clip_score, strict=True)]}
 
 
-def group_label(layers: Sequence[int]) -> str:
-    """``[]`` -> ``"none"``, ``[3]`` -> ``"3"``, ``[0, 1, 2]`` -> ``"0-2"``, ``[0, 5]`` -> ``"0,5"``."""
-    layers = sorted(int(v) for v in layers)
-    if not layers:
-        return "none"
-    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(v) for v in layers)
-
-
 def encoder_backend(captioner: Captioner, backend):
     """The backend whose encoder the captioner reads: ``backend`` (prefix captioner) or the model's own tower."""
     if isinstance(captioner, VisionEncoderDecoderCaptioner):
@@ -188,7 +179,7 @@ class LayerwiseCaptioning:
         for i, group in enumerate(groups):
             chosen = list(selected[i][:self.n_images]) if selected is not None else []
             if selected is not None and len(chosen) != self.n_images:
-                raise ClipHeadsError(f"group {group_label(group)}: {len(chosen)} selected captions for "
+                raise ClipHeadsError(f"group {layer_group_label(group)}: {len(chosen)} selected captions for "
                                      f"{self.n_images} images")
             prefixes = None
             if self.config.prefix_from_selection:
@@ -197,8 +188,8 @@ class LayerwiseCaptioning:
             generated, cosine = self._generate(group, prefixes, vanilla_encoder)
             generated_scores = clip_scores(self.backend, vanilla, generated).tolist()
             selected_scores = clip_scores(self.backend, vanilla, chosen).tolist() if chosen else []
-            rows.append(GroupCaptions(group_label(group), generated, generated_scores, chosen, selected_scores, cosine,
-                                      prefixes or []))
+            rows.append(GroupCaptions(layer_group_label(group), generated, generated_scores, chosen, selected_scores,
+                                      cosine, prefixes or []))
             log.info("layer-wise captions: %s cancelled, mean CLIP score generated %.2f", rows[-1].layers,
                      rows[-1].mean_generated_clip_score)
         return rows
@@ -224,7 +215,8 @@ class LayerwiseCaptioning:
                                              batch_size=config.batch_size)
         cosine = torch.nn.functional.cosine_similarity(features.float(), vanilla_encoder.float(), dim=-1).mean()
         if mask is not None and torch.equal(features, vanilla_encoder):
-            log.warning("cancelling layers %s did not change the captioner's encoder features", group_label(group))
+            log.warning("cancelling layers %s did not change the captioner's encoder features",
+                        layer_group_label(group))
         return captions, float(cosine)
 
 

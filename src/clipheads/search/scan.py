@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clipheads.heads import head_label, parse_head, parse_layer_ranges
+from clipheads.heads import head_label, layer_group_label, parse_head, parse_layer_ranges
 from clipheads.interventions import HeadMask
 from clipheads.search import plots
 from clipheads.search.engine import MaskEvaluator
@@ -184,14 +184,6 @@ class LayerScanResult:
             data["generation_config"] = self.generation_config
             data["baseline_generation"] = self.baseline_generation.to_dict()
         return data
-
-
-def layer_group_label(layers: Sequence[int]) -> str:
-    """``[3]`` -> ``"3"``, ``[0, 1, 2]`` -> ``"0-2"``, ``[0, 5]`` -> ``"0,5"``."""
-    layers = sorted(layers)
-    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(str(layer) for layer in layers)
 
 
 def scan_layers(evaluator: MaskEvaluator, ranges: str | Sequence[Sequence[int]] | None = None,
