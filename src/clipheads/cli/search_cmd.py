@@ -432,6 +432,10 @@ def search_command(
         raise ClipHeadsError("--beta-sweep runs AAT-GA once per beta; use it with --strategy ga")
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
+    if strategy == "bp":
+        _require_pairs(run, "AAT-BP trains its gates")
+    if seed_from == "attribution":
+        _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
     evaluator = run.evaluator(run.data, op, alpha)
     report = run.report(data, report_data, report_split, op, alpha)
     check_splits(evaluator, report, allow_same_split)
@@ -445,10 +449,6 @@ def search_command(
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
                           strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
     folder = RunFolder(out, settings, run.dist)
-    if strategy == "bp":
-        _require_pairs(run, "AAT-BP trains its gates")
-    if seed_from == "attribution":
-        _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
     scan = None
     if seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates)):
         scan_folder = RunFolder(out / "scan", {**settings, "command": "scan"}, run.dist)
