@@ -52,3 +52,16 @@ def test_soft_recall_tends_to_mean_recall():
     smooth = soft_recall_surrogate(images, texts, t2i, similarity_temperature=1e-6, rank_temperature=1e-3)
     assert float(smooth) == pytest.approx(exact, abs=1e-6)
     assert 0 < float(soft_recall_surrogate(images, texts, t2i)) < 1
+
+
+def test_given_image_features_skip_the_first_pass_with_the_same_result(tiny_backend, pixels):
+    texts = torch.randn(4, tiny_backend.encode_image(pixels[:1]).shape[1], generator=torch.Generator().manual_seed(0))
+    t2i = torch.tensor([0, 1, 2, 2])
+    computed = attribution_scan(tiny_backend, pixels, texts, t2i, batch_size=2)
+    with torch.no_grad():
+        features = tiny_backend.encode_image(pixels)
+    given = attribution_scan(tiny_backend, pixels, texts, t2i, batch_size=2, image_features=features)
+    torch.testing.assert_close(given.estimated_delta, computed.estimated_delta, atol=1e-6, rtol=1e-5)
+    assert given.surrogate == pytest.approx(computed.surrogate, abs=1e-6)
+    with pytest.raises(clipheads.ClipHeadsError, match="image features"):
+        attribution_scan(tiny_backend, pixels, texts, t2i, image_features=features[:2])

@@ -208,7 +208,8 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
     estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha,
-                                means=evaluator.operator.means, batch_size=run.batch_size, surrogate=surrogate)
+                                means=evaluator.operator.means, batch_size=run.batch_size, surrogate=surrogate,
+                                image_features=evaluator.baseline_features)
     ranking = estimated_ranking(estimate.estimated_delta)
     estimated_scan = estimate.as_scan(run.data.split)
     evaluate_top_k(estimated_scan, evaluator, top_k)
@@ -457,7 +458,8 @@ def search_command(
         from clipheads.search.attribution import attribution_scan
 
         estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha,
-                                    means=evaluator.operator.means, batch_size=batch_size)
+                                    means=evaluator.operator.means, batch_size=batch_size,
+                                    image_features=evaluator.baseline_features)
         scan = estimate.as_scan(run.data.split)
         folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
     if strategy == "bp":

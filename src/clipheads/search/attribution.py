@@ -108,6 +108,7 @@ def attribution_scan(
     means: torch.Tensor | None = None,
     batch_size: int = 64,
     surrogate: str = "soft_recall",
+    image_features: torch.Tensor | None = None,
 ) -> AttributionResult:
     """Estimate the effect of ablating every head from one forward and one backward pass over ``pixels``.
 
@@ -116,14 +117,18 @@ def attribution_scan(
         text_features: ``[M, D]`` cached caption features; ``text_to_image``: ``[M]`` image index of each caption.
         op, alpha, means: the operator whose soft-gate form replaces an ablated head.
         surrogate: ``soft_recall`` (smooth mean recall, default) or ``contrastive`` (negated CLIP loss).
+        image_features: the unablated model's ``[N, D]`` features of ``pixels`` when they are at hand (e.g. a
+            :class:`~clipheads.search.MaskEvaluator`'s ``baseline_features``): saves the first of the two passes.
     """
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
     scale = backend.logit_scale
+    if image_features is not None and len(image_features) != len(pixels):
+        raise ClipHeadsError(f"{len(image_features)} image features for {len(pixels)} images")
     with torch.no_grad():
-        features = torch.cat([backend.encode_image(pixels[i:i + batch_size])
-                              for i in range(0, len(pixels), batch_size)])
+        features = image_features.detach().to(backend.device) if image_features is not None else torch.cat(
+            [backend.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
     features = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
     features.requires_grad_(True)
     text_features = text_features.to(backend.device, features.dtype)
