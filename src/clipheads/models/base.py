@@ -171,14 +171,22 @@ class CLIPBackend(ABC):
     def head_hook(self, layer: int) -> HeadHook | None:
         return getattr(self.attention_module(layer), "_clipheads_hook", None)
 
-    def run_layer_split(self, layer: int, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    def run_layer_split(self, layer: int, x: torch.Tensor, queries: int | None = None, repeat: int = 1
+                        ) -> torch.Tensor:
         """One layer through :meth:`layer_attention` and :meth:`layer_finish`, with its head hook; the residual at
-        the first ``queries`` positions (all by default) after the layer."""
+        the first ``queries`` positions (all by default) after the layer.
+
+        ``repeat``: the attention is computed once for ``x [b, T, W]`` and its outputs repeated ``repeat`` times
+        along the batch (``[repeat*b, ...]``, repeat-major) before the hook, e.g. for several head masks whose hook
+        gives each copy its own gates.
+        """
         z, v = self.layer_attention(layer, x, queries)
+        n_queries = z.shape[1]
+        z = z.repeat(repeat, 1, 1, 1)
         hook = self.head_hook(layer)
         if hook is not None:
-            z = hook(z, v[:, :z.shape[1]])  # the operators read the values at the query positions
-        return self.layer_finish(layer, x[:, :z.shape[1]], z)
+            z = hook(z, v[:, :n_queries].repeat(repeat, 1, 1, 1))  # the operators read the values at the queries
+        return self.layer_finish(layer, x[:, :n_queries].repeat(repeat, 1, 1), z)
 
     def encode_image_staged(self, pixels: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`encode_image`, through the staged view (used to check the stages)."""

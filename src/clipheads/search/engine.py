@@ -218,13 +218,7 @@ class MaskEvaluator:
         if not self.fast_path:
             return backend.pool(backend.run_layers(x.repeat(k, 1, 1), begin))  # [k*b, T, W], mask-major
         last, readout = self.n_layers - 1, backend.readout_tokens
-        queries = readout if begin == last else None
-        z, v = backend.layer_attention(begin, x, queries)
-        z = z.repeat(k, 1, 1, 1)
-        hook = backend.head_hook(begin)
-        if hook is not None:
-            z = hook(z, v[:, :z.shape[1]].repeat(k, 1, 1, 1))
-        x = backend.layer_finish(begin, x[:, :z.shape[1]].repeat(k, 1, 1), z)
+        x = backend.run_layer_split(begin, x, readout if begin == last else None, repeat=k)
         if begin < last:
             x = backend.run_layer_split(last, backend.run_layers(x, begin + 1, last), readout)
         return backend.pool(x)
