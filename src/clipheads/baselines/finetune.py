@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clipheads.errors import ClipHeadsError
+from clipheads.metrics.retrieval import captions_by_image
 from clipheads.models import CLIPBackend
 
 log = logging.getLogger(__name__)
@@ -188,10 +189,7 @@ def _captions_of(n_images: int, text_features: torch.Tensor, text_to_image: torc
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
     if len(text_to_image) != len(text_features):
         raise ClipHeadsError(f"text_to_image has {len(text_to_image)} entries for {len(text_features)} texts")
-    captions_of: list[list[int]] = [[] for _ in range(n_images)]
-    for caption, image in enumerate(text_to_image.tolist()):
-        captions_of[image].append(caption)
-    return captions_of
+    return captions_by_image(text_to_image, n_images)
 
 
 def save_finetuned(trained: nn.Module, backend: CLIPBackend, out_dir: Path) -> Path:

@@ -53,6 +53,14 @@ def check_text_to_image(text_to_image: Sequence[int] | torch.Tensor, n_texts: in
     return index
 
 
+def captions_by_image(text_to_image: Sequence[int] | torch.Tensor, n_images: int) -> list[list[int]]:
+    """The caption indices of every image (``[]`` for an image without captions), from ``text_to_image [N_txt]``."""
+    captions: list[list[int]] = [[] for _ in range(n_images)]
+    for caption, image in enumerate(torch.as_tensor(text_to_image, dtype=torch.long).tolist()):
+        captions[image].append(caption)
+    return captions
+
+
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                       text_to_image: Sequence[int] | torch.Tensor, ks: Sequence[int] = RECALL_KS) -> RetrievalResult:
     """Recall@k of text -> image and image -> text retrieval.

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask, ablate
+from clipheads.metrics.retrieval import captions_by_image
 from clipheads.search.distributed import Distributed
 from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
@@ -105,10 +106,7 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
     check_splits(evaluator, report, allow_same_split)
     started = time.perf_counter()
     backend = evaluator.backend
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long).tolist()
-    captions_of: list[list[int]] = [[] for _ in range(evaluator.n_images)]
-    for caption, image in enumerate(text_to_image):
-        captions_of[image].append(caption)
+    captions_of = captions_by_image(text_to_image, evaluator.n_images)
     text_features = text_features.detach().to(backend.device, torch.float32)
     residual = evaluator.residual(0)
     n_total = evaluator.n_layers * evaluator.n_heads
@@ -137,10 +135,9 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
             losses, contrastive = [], []
             for images, captions in _epoch_batches(captions_of, config.batch_size, config.seed, epoch):
                 gates = torch.sigmoid(logits)
-                mine = distributed.shard(images.tolist())
+                mine = images[distributed.rank::distributed.world_size]  # this rank's rows, as _gather_rows expects
                 with ablate(backend, HeadMask.from_tensor(gates, backend), op=evaluator.operator):
-                    features = backend.pool(backend.run_layers(residual[torch.tensor(mine, dtype=torch.long,
-                                                                                      device=residual.device)]))
+                    features = backend.pool(backend.run_layers(residual[mine.to(residual.device)]))
                 features = _gather_rows(features.float(), len(images), distributed)
                 task = clip_loss(features, text_features[captions.to(text_features.device)], backend.logit_scale)
                 penalty = config.beta * (1 - gates).mean()
