@@ -26,6 +26,7 @@ import torch
 from clipheads.captions.captioners import Captioner, clip_scores, generate_captions
 from clipheads.captions.encoder_decoder import VisionEncoderDecoderCaptioner
 from clipheads.captions.prefix import PrefixCaptioner
+from clipheads.captions.training import encode_images
 from clipheads.errors import ClipHeadsError
 from clipheads.heads import layer_group_label
 from clipheads.interventions import HeadMask, ablate
@@ -152,11 +153,6 @@ class LayerwiseCaptioning:
                 "captioner_encoder": "clip" if self.encoder is self.backend else "own (VisionEncoderDecoderModel)"}
 
     @torch.no_grad()
-    def _encode(self, pixels: torch.Tensor, backend) -> torch.Tensor:
-        size = self.config.batch_size
-        return torch.cat([backend.encode_image(pixels[i:i + size]) for i in range(0, len(pixels), size)])
-
-    @torch.no_grad()
     def __call__(self, groups: Sequence[Sequence[int]], selected: Sequence[Sequence[str]] | None = None
                  ) -> list[GroupCaptions]:
         """Captions per group (``[]``: the unmodified model), in the order given.
@@ -173,8 +169,10 @@ class LayerwiseCaptioning:
             raise ClipHeadsError(f"got selected captions for {len(selected)} groups, but {len(groups)} groups")
         if self.config.prefix_from_selection and selected is None:
             raise ClipHeadsError("prefix_from_selection needs the selected captions (the caption-selection task)")
-        vanilla = self._encode(self.pixels, self.backend)  # [N, D]: the unmodified model scores every caption
-        vanilla_encoder = vanilla if self.encoder is self.backend else self._encode(self.caption_pixels, self.encoder)
+        size = self.config.batch_size
+        vanilla = encode_images(self.backend, self.pixels, size)  # [N, D]: the unmodified model scores every caption
+        vanilla_encoder = (vanilla if self.encoder is self.backend
+                           else encode_images(self.encoder, self.caption_pixels, size))
         rows = []
         for i, group in enumerate(groups):
             chosen = list(selected[i][:self.n_images]) if selected is not None else []
@@ -201,7 +199,7 @@ class LayerwiseCaptioning:
         mask = HeadMask.from_layers(list(group), self.encoder) if group else None
         context = ablate(self.encoder, mask, op=config.op, alpha=config.alpha) if mask is not None else nullcontext()
         with context:
-            features = self._encode(self.caption_pixels, self.encoder)  # [N, D] what the decoder reads
+            features = encode_images(self.encoder, self.caption_pixels, config.batch_size)  # what the decoder reads
             if isinstance(self.captioner, PrefixCaptioner):
                 captions = []
                 for start in range(0, len(features), config.batch_size):
