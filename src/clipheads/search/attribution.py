@@ -62,10 +62,11 @@ def contrastive_surrogate(image_features: torch.Tensor, text_features: torch.Ten
     log-probability of its image. Higher is better.
     """
     logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T  # [N, M]
+    texts = torch.arange(len(text_to_image), device=logits.device)
     positive = torch.zeros_like(logits, dtype=torch.bool)
-    positive[text_to_image, torch.arange(len(text_to_image))] = True
+    positive[text_to_image, texts] = True
     image_to_text = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1) - logits.logsumexp(dim=1)
-    text_to_image_lp = logits.T.log_softmax(dim=1)[torch.arange(len(text_to_image)), text_to_image]
+    text_to_image_lp = logits.T.log_softmax(dim=1)[texts, text_to_image]
     return (image_to_text.mean() + text_to_image_lp.mean()) / 2
 
 
@@ -81,10 +82,10 @@ def soft_recall_surrogate(image_features: torch.Tensor, text_features: torch.Ten
     :func:`contrastive_surrogate`).
     """
     sim = F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T  # [N, M]
-    n_texts = len(text_to_image)
+    texts = torch.arange(len(text_to_image), device=sim.device)
     own = torch.zeros_like(sim, dtype=torch.bool)
-    own[text_to_image, torch.arange(n_texts)] = True
-    positive_t2i = sim[text_to_image, torch.arange(n_texts)]  # [M]: each caption with its image
+    own[text_to_image, texts] = True
+    positive_t2i = sim[text_to_image, texts]  # [M]: each caption with its image
     above_t2i = torch.sigmoid((sim.T - positive_t2i[:, None]) / similarity_temperature)  # [M, N]
     rank_t2i = above_t2i.masked_fill(own.T, 0).sum(dim=1)
     positive_i2t = sim.masked_fill(~own, float("-inf")).amax(dim=1)  # [N]: each image's best caption
