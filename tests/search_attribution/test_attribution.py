@@ -65,3 +65,14 @@ def test_given_image_features_skip_the_first_pass_with_the_same_result(tiny_back
     assert given.surrogate == pytest.approx(computed.surrogate, abs=1e-6)
     with pytest.raises(clipheads.ClipHeadsError, match="image features"):
         attribution_scan(tiny_backend, pixels, texts, t2i, image_features=features[:2])
+
+
+def test_one_batch_gives_the_same_estimate_as_several(tiny_backend, pixels):
+    """All images in one batch take the one-pass route (no separate pass without gradients); same numbers."""
+    texts = torch.randn(4, tiny_backend.encode_image(pixels[:1]).shape[1], generator=torch.Generator().manual_seed(0))
+    t2i = torch.tensor([0, 1, 2, 2])
+    several = attribution_scan(tiny_backend, pixels, texts, t2i, batch_size=2)
+    one = attribution_scan(tiny_backend, pixels, texts, t2i, batch_size=len(pixels))
+    torch.testing.assert_close(one.estimated_delta, several.estimated_delta, atol=1e-6, rtol=1e-5)
+    assert one.surrogate == pytest.approx(several.surrogate, abs=1e-6)
+    assert all(p.requires_grad for p in tiny_backend.model.parameters())

@@ -11,12 +11,15 @@ of a differentiable surrogate ``S`` of the metric when head ``h`` is ablated (``
 The loss over all images is not a sum of per-batch terms (text->image softmaxes run over every image), so the
 gradient is taken in two exact steps that keep memory bounded: (1) encode every image once without gradients and
 differentiate the loss with respect to the image features; (2) re-encode batch by batch with the gates and
-back-propagate those feature gradients (a vector-Jacobian product), accumulating ``dS/dg``.
+back-propagate those feature gradients (a vector-Jacobian product), accumulating ``dS/dg``. When every image fits in
+one batch (and no features are given), step (1) is skipped: the surrogate is differentiated through the gated
+forward directly, one forward pass less.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -123,31 +126,45 @@ def attribution_scan(
     """
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
-    scale = backend.logit_scale
     if image_features is not None and len(image_features) != len(pixels):
         raise ClipHeadsError(f"{len(image_features)} image features for {len(pixels)} images")
-    with torch.no_grad():
-        features = image_features.detach().to(backend.device) if image_features is not None else torch.cat(
-            [backend.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
-    features = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
-    features.requires_grad_(True)
-    text_features = text_features.to(backend.device, features.dtype)
-    value = SURROGATES[surrogate](features, text_features, text_to_image, scale)
-    (feature_grad,) = torch.autograd.grad(value, features)
+    score = SURROGATES[surrogate]
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
+    model_dtype = next(backend.model.parameters()).dtype
+    dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype  # the surrogate's
+    text_features = text_features.to(backend.device, dtype)
+    scale = backend.logit_scale
+    one_pass = image_features is None and len(pixels) <= batch_size
+    if not one_pass:
+        with torch.no_grad():
+            features = image_features.detach().to(backend.device) if image_features is not None else torch.cat(
+                [backend.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        features = features.to(dtype).requires_grad_(True)
+        value = score(features, text_features, text_to_image, scale)
+        (feature_grad,) = torch.autograd.grad(value, features)
 
-    gates = torch.ones(backend.n_layers, backend.n_heads, device=backend.device, dtype=features.dtype,
-                       requires_grad=True)
-    frozen = [p for p in backend.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        with ablate(backend, HeadMask.from_tensor(gates, backend), op=op, alpha=alpha, means=means):
+    gates = torch.ones(backend.n_layers, backend.n_heads, device=backend.device, dtype=dtype, requires_grad=True)
+    with _frozen(backend.model), ablate(backend, HeadMask.from_tensor(gates, backend), op=op, alpha=alpha,
+                                        means=means):
+        if one_pass:  # every image in one batch: differentiate the surrogate through the gated forward directly
+            value = score(backend.encode_image(pixels).to(dtype), text_features, text_to_image, scale)
+            value.backward()
+        else:
             for i in range(0, len(pixels), batch_size):
                 out = backend.encode_image(pixels[i:i + batch_size])
                 out.backward(feature_grad[i:i + batch_size].to(out.dtype))
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     # ablating means moving g_h from 1 to 0: first-order change = -dS/dg_h
     return AttributionResult(-gates.grad.detach().cpu(), float(value.detach()), op, surrogate)
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters without gradients while inside: the backward pass then computes activation gradients only."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
