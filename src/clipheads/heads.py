@@ -48,12 +48,23 @@ def parse_heads(specs: str | Iterable[str | Head]) -> list[Head]:
     return out
 
 
-def parse_layers(spec: str | int | Iterable[int]) -> list[int]:
-    """Parse layers: ``"3"``, ``"0-2,5"``, ``[0, 1]`` -> sorted unique list of ints (ranges are inclusive)."""
+def parse_layers(spec: str | int | Iterable[int], n_layers: int | None = None) -> list[int]:
+    """Parse layers: ``"3"``, ``"0-2,5"``, ``[0, 1]`` -> sorted unique list of ints (ranges are inclusive).
+
+    With ``n_layers``, a layer past the model's last one is refused with one line.
+    """
     if isinstance(spec, int):
-        return [spec]
-    if not isinstance(spec, str):
-        return sorted({int(v) for v in spec})
+        layers = {spec}
+    elif not isinstance(spec, str):
+        layers = {int(v) for v in spec}
+    else:
+        layers = _parse_layer_string(spec)
+    if n_layers is not None and any(not 0 <= layer < n_layers for layer in layers):
+        raise MaskError(f"layers {spec!r} go past the last layer: the model has {n_layers} layers, 0..{n_layers - 1}")
+    return sorted(layers)
+
+
+def _parse_layer_string(spec: str) -> set[int]:
     layers: set[int] = set()
     for part in (p.strip() for p in spec.split(",")):
         if not part:
@@ -68,12 +79,13 @@ def parse_layers(spec: str | int | Iterable[int]) -> list[int]:
         layers.update(range(lo, hi + 1))
     if not layers:
         raise MaskError(f"layer spec {spec!r} names no layer")
-    return sorted(layers)
+    return layers
 
 
-def parse_layer_ranges(spec: str) -> list[list[int]]:
-    """``"0-2,3-5"`` -> ``[[0, 1, 2], [3, 4, 5]]``: one group of layers per comma-separated item."""
-    return [parse_layers(part) for part in spec.split(",") if part.strip()]
+def parse_layer_ranges(spec: str, n_layers: int | None = None) -> list[list[int]]:
+    """``"0-2,3-5"`` -> ``[[0, 1, 2], [3, 4, 5]]``: one group of layers per comma-separated item (checked against
+    ``n_layers`` when given)."""
+    return [parse_layers(part.strip(), n_layers) for part in spec.split(",") if part.strip()]
 
 
 def layer_group_label(layers: Sequence[int]) -> str:

@@ -90,6 +90,8 @@ def test_csv_retrieval_bad_inputs(image_dir: Path):
         load_retrieval(path, split="test")
     with pytest.raises(DataError, match="does not exist"):
         load_retrieval(image_dir / "missing.json")
+    with pytest.raises(DataError, match=r"is a folder, not a dataset file; dataset files there: c\.csv"):
+        load_retrieval(image_dir)
     write_json(image_dir / "other.json", {"hello": 1})
     with pytest.raises(DataError, match="neither a Karpathy"):
         load_retrieval(image_dir / "other.json")

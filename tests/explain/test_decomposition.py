@@ -72,5 +72,5 @@ def test_batches_join_and_ablated_models_are_refused(model, images):
     with clipheads.ablate(model, clipheads.HeadMask.from_heads("L0.H0", model), op="zero"), \
             pytest.raises(ClipHeadsError, match="unablated"):
         decompose(model, images)
-    with pytest.raises(ClipHeadsError, match="out of range"):
+    with pytest.raises(ClipHeadsError, match="go past the last layer"):
         decompose(model, images, layers=[7])

@@ -37,6 +37,13 @@ def test_builders_and_queries():
     assert HeadMask.from_tensor(torch.ones(4, 3)).is_identity()
 
 
+def test_layers_past_the_model_are_refused_with_the_layer_count():
+    with pytest.raises(clipheads.MaskError, match=r"'0-9' go past the last layer: the model has 4 layers, 0\.\.3"):
+        parse_layer_ranges("0-1,0-9", n_layers=4)
+    with pytest.raises(clipheads.MaskError, match="has 4 layers"):
+        HeadMask.from_layers([4], (4, 3))
+
+
 def test_json_round_trip_records_the_architecture(tiny_hf, tmp_path):
     mask = HeadMask.from_heads("L0.H3", tiny_hf)
     mask.gates[1, 1] = 0.5

@@ -71,6 +71,25 @@ def test_same_split_is_refused(world, tmp_path):
     assert "--allow-same-split" in str(result.exception)
 
 
+def test_bad_arguments_fail_before_any_image_is_read(world, tmp_path):
+    """Dataset files whose images are all missing: the argument errors must come first."""
+    data = json.loads((world / "karpathy.json").read_text())
+    for image in data["images"]:
+        image["filename"] = f"missing/{image['filename']}"
+    (tmp_path / "karpathy.json").write_text(json.dumps(data))
+    selection = (world / "selection.json").read_text().replace('"image": "', '"image": "missing/')
+    (tmp_path / "selection.json").write_text(selection)
+    model = ("--model", world / "model")
+    for command in ("scan", "search"):
+        result = invoke(command, *model, "--data", tmp_path / "karpathy.json", "--search-split", "test",
+                        "--report-split", "test", "--out", tmp_path / command)
+        assert "--allow-same-split" in str(result.exception), result.output
+    result = invoke("layers", *model, "--data", tmp_path / "selection.json", "--task", "selection", "--ranges", "0-5",
+                    "--out", tmp_path / "layers")
+    assert isinstance(result.exception, clipheads.MaskError)
+    assert "the model has 2 layers, 0..1" in str(result.exception)
+
+
 def test_layer_scan_with_caption_selection(world, tmp_path):
     result = invoke("layers", "--model", world / "model", "--data", world / "selection.json", "--task", "selection",
                     "--ranges", "0,1", "--out", tmp_path / "layers")

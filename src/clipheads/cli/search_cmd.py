@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import cached_property
 from pathlib import Path
 
 import typer
@@ -53,7 +54,12 @@ class _Run:
         self.task, self.metric, self.templates = task, metric, templates
         self.loader = {"batch_size": batch_size, "num_workers": num_workers, "skip_bad": skip_bad}
         self.batch_size = batch_size
-        self.data = self.load(data, search_split)
+        self._data_path, self.search_split = data, _split(search_split)
+
+    @cached_property
+    def data(self):
+        """The search split, loaded (and encoded) on first use: argument checks against the model come first."""
+        return self.load(self._data_path, self.search_split)
 
     def print(self, *args) -> None:
         if self.dist.is_main:
@@ -78,11 +84,17 @@ class _Run:
                              cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
 
     def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
-               alpha: float | None):
-        """The held-out evaluator, or ``None`` when no held-out split was asked for."""
+               alpha: float | None, allow_same_split: bool = False):
+        """The held-out evaluator, or ``None`` when no held-out split was asked for; a held-out split that is the
+        search split is refused before anything is encoded."""
+        from clipheads.search.results import same_split_error
+
         has_splits = self.task == "retrieval"
         if report_data is None and (not has_splits or _split(report_split) is None):
             return None  # no held-out data asked for (files without splits need --report-data)
+        same_file = report_data is None or Path(report_data).resolve() == Path(data_path).resolve()
+        if same_file and not allow_same_split and _split(report_split) == self.search_split:
+            raise same_split_error(f"{Path(data_path).name}:{self.search_split or 'all'}")
         return self.evaluator(self.load(report_data or data_path, report_split), op, alpha, held_out=True)
 
     def config(self, command: str, model: str, data: Path, search_split, report_data, report_split, op, alpha,
@@ -158,7 +170,7 @@ def scan_command(
     started = time.perf_counter()
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
-    report = run.report(data, report_data, report_split, op, alpha)
+    report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     if method == "attribution":
         _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
@@ -288,6 +300,7 @@ def layers_command(
     """Cancel every head of each layer (or layer range): the metric per group; for caption selection also the
     selected caption and every candidate's logits (layers.json). With --generate, also a generated caption per group
     and its CLIP score next to the selected caption's (scored by the unmodified model)."""
+    from clipheads.heads import parse_layer_ranges
     from clipheads.search import RunFolder, scan_layers
 
     if generate and captioner is None:
@@ -296,6 +309,8 @@ def layers_command(
         raise typer.BadParameter("--prefix-from-selection needs --task selection (or --no-prefix-from-selection)",
                                  param_hint="--prefix-from-selection")
     run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates)
+    if ranges:
+        parse_layer_ranges(ranges, run.backend.n_layers)  # a bad range fails before the data is encoded
     evaluator = run.evaluator(run.data, op, alpha)
     extra = {"ranges": ranges}
     if generate:
@@ -438,8 +453,8 @@ def search_command(
         _require_pairs(run, "AAT-BP trains its gates")
     if seed_from == "attribution":
         _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
+    report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     evaluator = run.evaluator(run.data, op, alpha)
-    report = run.report(data, report_data, report_split, op, alpha)
     check_splits(evaluator, report, allow_same_split)
     if strategy == "ga":
         config = GAConfig(beta, population, generations, elitism, crossover, mutation, seed=seed,

@@ -10,10 +10,18 @@ from typing import Any
 from clipheads.errors import DataError
 
 
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".json", ".csv", ".tsv", ".tab"))
+        hint = f"; dataset files there: {', '.join(files[:6])}{', ...' if len(files) > 6 else ''}" if files else ""
+        raise DataError(f"{str(path)!r} is a folder, not a dataset file{hint}")
     if not path.is_file():
         raise DataError(f"dataset file {str(path)!r} does not exist")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    _require_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -23,8 +31,7 @@ def read_json(path: str | Path) -> Any:
 def read_table(path: str | Path) -> list[dict[str, str]]:
     """Rows of a CSV (``,``) or TSV (``.tsv``/``.tab``, tab) file with a header row; cells are stripped."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset file {str(path)!r} does not exist")
+    _require_file(path)
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
         with path.open(newline="", encoding="utf-8") as handle:

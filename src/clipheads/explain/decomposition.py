@@ -142,9 +142,7 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
     backend = as_backend(model)
     if backend.intervention is not None or backend.hooked_layers:
         raise ClipHeadsError("decompose the unablated model: call clipheads.remove(model) first")
-    chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers)
-    if any(not 0 <= layer < backend.n_layers for layer in chosen):
-        raise ClipHeadsError(f"layers {chosen} out of range: the model has layers 0..{backend.n_layers - 1}")
+    chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers, backend.n_layers)
     norm, projection, projection_bias = _final_stage(backend)
     embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels)
 

@@ -74,8 +74,7 @@ class HeadMask:
     def from_layers(cls, layers: str | int | Iterable[int], target: ShapeLike, value: float = 0.0) -> HeadMask:
         """Ablate every head of the given layers (``3``, ``"0-2,5"``, ``[0, 1]``)."""
         mask = cls.ones(target)
-        for layer in parse_layers(layers):
-            mask._check_head(layer, 0)
+        for layer in parse_layers(layers, mask.shape[0]):
             mask.gates[layer, :] = value
         return mask
 

@@ -26,9 +26,12 @@ def check_splits(search: MaskEvaluator, report: MaskEvaluator | None, allow_same
     if report is None or allow_same_split:
         return
     if report is search or (search.split and search.split == report.split):
-        raise ClipHeadsError(f"the search split and the report split are both {search.split or 'the same images'!r}; "
-                             "report on held-out data (--report-split, or --report-data for a dataset without "
-                             "splits) or pass --allow-same-split")
+        raise same_split_error(search.split or "the same images")
+
+
+def same_split_error(split: str) -> ClipHeadsError:
+    return ClipHeadsError(f"the search split and the report split are both {split!r}; report on held-out data "
+                          "(--report-split, or --report-data for a dataset without splits) or pass --allow-same-split")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clipheads.heads import head_label, layer_group_label, parse_head, parse_layer_ranges
+from clipheads.heads import head_label, layer_group_label, parse_head, parse_layer_ranges, parse_layers
 from clipheads.interventions import HeadMask
 from clipheads.search import plots
 from clipheads.search.engine import MaskEvaluator
@@ -202,9 +202,9 @@ def scan_layers(evaluator: MaskEvaluator, ranges: str | Sequence[Sequence[int]] 
     if ranges is None:
         groups = [[layer] for layer in range(evaluator.n_layers)]
     elif isinstance(ranges, str):
-        groups = parse_layer_ranges(ranges)
+        groups = parse_layer_ranges(ranges, evaluator.n_layers)
     else:
-        groups = [sorted(int(v) for v in g) for g in ranges]
+        groups = [parse_layers(g, evaluator.n_layers) for g in ranges]
     shape = (evaluator.n_layers, evaluator.n_heads)
     masks = [HeadMask.from_layers(group, shape) for group in groups]
     scores = evaluator.evaluate_many(masks)
