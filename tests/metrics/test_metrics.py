@@ -166,6 +166,8 @@ def test_max_skew_hand_computed():
     # unbalanced: 3 x a, 1 x b; top 2 = b, a -> skew_b = ln(0.5 / 0.25) = ln 2, skew_a = ln(0.5 / 0.75) < 0
     torch.testing.assert_close(max_skew(torch.tensor([[1.0, 0.0, 0.0, 2.0]]), ["a", "a", "a", "b"], 2),
                                torch.tensor([math.log(2)]))
+    with pytest.raises(DataError, match="K >= 1"):
+        max_skew(scores, values, 0)
 
 
 def test_bias_metrics_per_attribute_mean_over_queries():

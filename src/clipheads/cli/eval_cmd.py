@@ -56,7 +56,7 @@ def eval_command(
                                               "set shipped with clipheads)."),
     classnames: Path = typer.Option(None, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
-    k: int = typer.Option(10, "--k", help="bias: K of MaxSkew@K."),
+    k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
     batch_size: int = typer.Option(64, help="Images per batch."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",

@@ -66,7 +66,10 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     from clipheads.explain.judges import encode_texts
     from clipheads.explain.pipeline import describe_model
     from clipheads.explain.pool import get_pool, known_texts
+    from clipheads.heads import parse_layers
 
+    if layers is not None:
+        parse_layers(layers, backend.n_layers)  # a bad spec fails before any image is read
     paths = _image_paths(data, split, max_images, seed)
     pool = known_texts(backend, get_pool(texts, seed=seed))
     console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")

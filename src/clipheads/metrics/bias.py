@@ -42,6 +42,8 @@ def max_skew(scores: torch.Tensor, values: Sequence[str], k: int) -> torch.Tenso
     """
     if scores.shape[1] != len(values):
         raise DataError(f"{scores.shape[1]} images scored but {len(values)} attribute values")
+    if k < 1:
+        raise DataError(f"MaxSkew@K needs K >= 1; got {k}")
     names = sorted(set(values))
     value_ids = torch.tensor([names.index(v) for v in values])
     desired = torch.bincount(value_ids, minlength=len(names)).double() / len(values)  # [V]
