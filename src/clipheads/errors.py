@@ -9,6 +9,12 @@ class ModelLoadError(ClipHeadsError):
     """A model id or path could not be resolved or loaded."""
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise a one-line :class:`ClipHeadsError` with ``message`` unless ``condition`` holds (argument checks)."""
+    if not condition:
+        raise ClipHeadsError(message)
+
+
 class MaskError(ClipHeadsError):
     """A head mask does not fit the model, or a head label / layer spec cannot be parsed."""
 

@@ -88,6 +88,11 @@ def test_bad_arguments_fail_before_any_image_is_read(world, tmp_path):
                     "--out", tmp_path / "layers")
     assert isinstance(result.exception, clipheads.MaskError)
     assert "the model has 2 layers, 0..1" in str(result.exception)
+    result = invoke("search", *model, "--data", tmp_path / "karpathy.json", "--beta-sweep", "0,0.1,x",
+                    "--out", tmp_path / "sweep")
+    assert "--beta-sweep takes comma-separated numbers" in str(result.exception), result.output
+    result = invoke("search", *model, "--data", tmp_path / "karpathy.json", "--population", 1, "--out", tmp_path / "p")
+    assert "population needs at least 2" in str(result.exception), result.output
 
 
 def test_layer_scan_with_caption_selection(world, tmp_path):

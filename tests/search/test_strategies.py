@@ -178,3 +178,18 @@ def test_layer_scan_and_beta_sweep(evaluator, tmp_path):
     assert sweep.results[0].search_metric >= sweep.results[1].search_metric
     assert (tmp_path / "sweep" / "metric_vs_beta.png").exists()
     assert (tmp_path / "sweep" / "beta_100" / "mask.json").exists()
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: GAConfig(population=1), "population needs at least 2"),
+    (lambda: GAConfig(population=4, elitism=4), "elitism must be between 0 and population - 1 = 3"),
+    (lambda: GAConfig(crossover_rate=1.5), r"crossover rate must be in \[0, 1\]"),
+    (lambda: GAConfig(generations=0), "at least 1 generation"),
+    (lambda: BPConfig(batch_size=1), "batches of 2 or more"),
+    (lambda: BPConfig(threshold=1.0), r"threshold must be in \(0, 1\)"),
+    (lambda: BPConfig(epochs=-1), "cannot be negative"),
+    (lambda: GreedyConfig(max_heads=0), "max heads must be at least 1"),
+])
+def test_configs_refuse_values_that_cannot_run(make, message):
+    with pytest.raises(clipheads.ClipHeadsError, match=message):
+        make()

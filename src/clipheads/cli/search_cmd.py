@@ -105,6 +105,18 @@ class _Run:
                 **extra}
 
 
+def _parse_betas(spec: str) -> list[float]:
+    from clipheads.errors import ClipHeadsError
+
+    try:
+        betas = [float(b) for b in spec.split(",") if b.strip()]
+    except ValueError:
+        raise ClipHeadsError(f"--beta-sweep takes comma-separated numbers, e.g. 0,0.01,0.05; got {spec!r}") from None
+    if not betas:
+        raise ClipHeadsError(f"--beta-sweep names no beta: {spec!r}")
+    return betas
+
+
 def _require_pairs(run: _Run, what: str) -> None:
     from clipheads.errors import ClipHeadsError
 
@@ -444,9 +456,16 @@ def search_command(
         raise ClipHeadsError(f"unknown --strategy {strategy!r}; choose ga, bp or greedy")
     if seed_from not in ("scan", "attribution", "none"):
         raise ClipHeadsError(f"unknown --seed-from {seed_from!r}; choose scan, attribution or none")
-    betas = [float(b) for b in beta_sweep.split(",") if b.strip()] if beta_sweep else None
+    betas = _parse_betas(beta_sweep) if beta_sweep else None
     if betas is not None and strategy != "ga":
         raise ClipHeadsError("--beta-sweep runs AAT-GA once per beta; use it with --strategy ga")
+    if strategy == "ga":  # configs check their values before the model and data are loaded
+        config = GAConfig(beta, population, generations, elitism, crossover, mutation, seed=seed,
+                          seed_from_scan=seed_from != "none")
+    elif strategy == "bp":
+        config = BPConfig(beta, epochs, batch_size, lr, threshold=threshold, seed=seed)
+    else:
+        config = GreedyConfig(beta, max_heads, candidates)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
     if strategy == "bp":
@@ -456,13 +475,6 @@ def search_command(
     report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
-    if strategy == "ga":
-        config = GAConfig(beta, population, generations, elitism, crossover, mutation, seed=seed,
-                          seed_from_scan=seed_from != "none")
-    elif strategy == "bp":
-        config = BPConfig(beta, epochs, batch_size, lr, threshold=threshold, seed=seed)
-    else:
-        config = GreedyConfig(beta, max_heads, candidates)
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
                           strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
     folder = RunFolder(out, settings, run.dist)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clipheads.errors import require
 from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask, ablate
 from clipheads.metrics.retrieval import captions_by_image
@@ -43,6 +44,12 @@ class BPConfig:
     init_logit: float = 3.0
     threshold: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 0, f"AAT-BP epochs cannot be negative (got {self.epochs}; 0 keeps the initial gates)")
+        require(self.batch_size >= 2, f"AAT-BP's contrastive loss needs batches of 2 or more (got {self.batch_size})")
+        require(self.lr > 0, f"AAT-BP's learning rate must be positive (got {self.lr})")
+        require(0 < self.threshold < 1, f"AAT-BP's gate threshold must be in (0, 1) (got {self.threshold})")
 
     def to_dict(self) -> dict:
         return asdict(self)

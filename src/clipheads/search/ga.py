@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from clipheads.errors import require
 from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask
 from clipheads.search import plots
@@ -42,6 +43,16 @@ class GAConfig:
     init_rate: float = 0.05  # chance that a head is ablated in a random initial genome
     seed: int = 0
     seed_from_scan: bool = True
+
+    def __post_init__(self) -> None:
+        require(self.population >= 2, f"the GA population needs at least 2 masks (got {self.population})")
+        require(self.generations >= 1, f"the GA needs at least 1 generation (got {self.generations})")
+        require(0 <= self.elitism < self.population,
+                f"GA elitism must be between 0 and population - 1 = {self.population - 1} (got {self.elitism})")
+        require(self.tournament >= 1, f"the GA tournament needs at least 1 mask (got {self.tournament})")
+        for name in ("crossover_rate", "mutation_rate", "init_rate"):
+            value = getattr(self, name)
+            require(value is None or 0 <= value <= 1, f"GA {name.replace('_', ' ')} must be in [0, 1] (got {value})")
 
     def to_dict(self) -> dict:
         return asdict(self)

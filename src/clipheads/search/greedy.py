@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from clipheads.errors import require
 from clipheads.heads import head_label
 from clipheads.interventions import HeadMask
 from clipheads.search.engine import MaskEvaluator
@@ -28,6 +29,11 @@ class GreedyConfig:
     max_heads: int | None = None
     candidates: int | None = None
     min_gain: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_heads", "candidates"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, f"greedy {name.replace('_', ' ')} must be at least 1 (got {value})")
 
     def to_dict(self) -> dict:
         return asdict(self)
