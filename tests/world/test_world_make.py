@@ -169,6 +169,8 @@ def test_missing_world_is_a_clear_error(tmp_path):
         read_split(tmp_path, "train")
     with pytest.raises(DataError, match="unknown world split"):
         list(generate_split("nope", 1))
+    with pytest.raises(DataError, match="world sizes cannot be negative: val_ood=-1"):
+        WorldSizes(val_ood=-1)
 
 
 def test_training_pixels_match_the_backend_preprocessing():
@@ -179,3 +181,17 @@ def test_training_pixels_match_the_backend_preprocessing():
     ours = normalize_pixels(torch.from_numpy(np.stack([np.asarray(im) for im in images])), backend)
     theirs = torch.stack([backend.preprocess(im) for im in images])
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_a_world_written_over_a_larger_one_replaces_it(tmp_path):
+    make_world(tmp_path / "w", seed=3, sizes=TINY, progress=False)
+    smaller = WorldSizes(train=0, val_ood=4, test_ood=4, test_iid=4, test_anti=4, compositional=0, counterfactual=0)
+    paths = make_world(tmp_path / "w", seed=3, sizes=smaller, progress=False)
+    folder_images = [p for p in paths.classification["val_ood"].rglob("*.png")]
+    assert len(folder_images) == 4  # no stale images of the larger world in the ImageFolder classes
+    assert not (tmp_path / "w" / "images" / "train").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="holds files that are not a clipheads world \\(notes.txt\\)"):
+        make_world(tmp_path / "mine", seed=3, sizes=smaller, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

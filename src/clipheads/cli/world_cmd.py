@@ -22,14 +22,16 @@ world_app = typer.Typer(
 
 @world_app.command("make")
 def make(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created; an earlier world "
+                                                      "there is replaced, a folder with other files is refused)."),
     seed: int = typer.Option(0, help="World seed: the same seed writes byte-identical files."),
-    n_train: int = typer.Option(20000, help="Training images (0: held-out data only, e.g. for evaluation)."),
-    n_val: int = typer.Option(1000, help="Images of the validation split val_ood (marker random: search heads here)."),
-    n_test: int = typer.Option(1000, help="Images of each test split: test_ood (marker random), test_iid (training "
-                                          "correlation), test_anti (marker never matches)."),
-    n_pairs: int = typer.Option(200, help="Image pairs with swapped colour bindings (compositional task)."),
-    n_groups: int = typer.Option(100, help="Counterfactual groups per attribute (marker colour; first colour)."),
+    n_train: int = typer.Option(20000, min=0, help="Training images (0: held-out data only, e.g. for evaluation)."),
+    n_val: int = typer.Option(1000, min=0, help="Images of the validation split val_ood (marker random: search "
+                                                "heads here)."),
+    n_test: int = typer.Option(1000, min=0, help="Images of each test split: test_ood (marker random), test_iid "
+                                                 "(training correlation), test_anti (marker never matches)."),
+    n_pairs: int = typer.Option(200, min=0, help="Image pairs with swapped colour bindings (compositional task)."),
+    n_groups: int = typer.Option(100, min=0, help="Counterfactual groups per attribute (marker colour; first colour)."),
 ) -> None:
     """Render a world and write it in the standard formats (retrieval JSON, ImageFolder, caption selection,
     compositional pairs, counterfactual groups)."""

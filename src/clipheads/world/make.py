@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +57,11 @@ class WorldSizes:
     test_anti: int = 1000
     compositional: int = 200  # image pairs with swapped colour bindings
     counterfactual: int = 100  # groups per counterfactual attribute
+
+    def __post_init__(self) -> None:
+        negative = {name: value for name, value in asdict(self).items() if value < 0}
+        if negative:
+            raise DataError(f"world sizes cannot be negative: {', '.join(f'{k}={v}' for k, v in negative.items())}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,12 +232,29 @@ def _write_counterfactual(root: Path, attribute: str, n_groups: int, seed: int) 
     return {"queries": list(NEUTRAL_QUERIES), "images": images}
 
 
+_WORLD_ENTRY = re.compile(r"images|classification|retrieval\.json|selection_\w+\.json|compositional\.json|"
+                          r"counterfactual_\w+\.json|templates\.txt|world\.json|\..+\.tmp")
+
+
+def _clear_earlier_world(root: Path) -> None:
+    """Remove an earlier (possibly interrupted) world's images from ``root``: a smaller world written over a larger
+    one would otherwise leave stale images in the ImageFolder classes. A folder holding anything else is refused."""
+    if not root.is_dir():
+        return
+    others = sorted(entry.name for entry in root.iterdir() if not _WORLD_ENTRY.fullmatch(entry.name))
+    if others:
+        raise DataError(f"{str(root)!r} holds files that are not a clipheads world ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); write the world to a new or empty folder")
+    for folder in ("images", "classification"):
+        shutil.rmtree(root / folder, ignore_errors=True)
+
+
 def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = None,
                progress: bool = True) -> WorldPaths:
     """Render a world and write every dataset of it under ``out_dir``.
 
     Args:
-        out_dir: folder to write (created; files of an earlier world with the same names are overwritten).
+        out_dir: folder to write (created; an earlier world there is replaced, a folder with other files refused).
         seed: the world's seed; the same seed gives byte-identical files.
         sizes: images per split and pairs/groups per task (default :class:`WorldSizes`).
         progress: show a tqdm progress bar.
@@ -240,6 +264,7 @@ def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = No
     """
     sizes = sizes or WorldSizes()
     root = Path(out_dir).resolve()
+    _clear_earlier_world(root)
     root.mkdir(parents=True, exist_ok=True)
     entries, held_out = _write_splits(root, sizes, seed, progress)
     paths = WorldPaths(root=root, retrieval=root / RETRIEVAL_FILE)
