@@ -57,6 +57,11 @@ def test_unknown_open_clip_names_fail_clearly():
         clipheads.load("open_clip:ClipHeads-Tiny-ViT/no-such-tag")
 
 
+def test_missing_local_folder_says_so(tmp_path):
+    with pytest.raises(clipheads.ModelLoadError, match=r"model folder '.*/not-there' does not exist$"):
+        clipheads.load(str(tmp_path / "not-there"))
+
+
 def test_corrupt_local_folder_fails_clearly(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(clipheads.ModelLoadError) as info:

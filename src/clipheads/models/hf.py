@@ -245,6 +245,8 @@ def _not_found_message(name: str, exc: Exception) -> str:
         reason = reason[:157] + "..."
     if Path(name).exists():
         return f"cannot load model from {name!r}: {reason}"
+    if name.startswith(("/", "./", "../", "~")) or "\\" in name:  # a path, not a Hub id
+        return f"model folder {name!r} does not exist"
     return (f"cannot load model {name!r}: it is neither a local folder nor in the Hugging Face cache and the Hub "
             f"is not reachable ({reason}). Provide weights as a local folder (save_pretrained), pre-download them "
             "into the cache (HF_HOME) and set HF_HUB_OFFLINE=1, or use 'bundled' for the model shipped with "
