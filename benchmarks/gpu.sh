@@ -12,6 +12,6 @@ for n in 8 32; do
   python benchmarks/scan_speed.py --device cuda --images "$n" 2>&1 | tail -5 >> "$out/gpu-scan-speed.txt"
   python benchmarks/scan_speed.py --device cuda --images "$n" --backend open_clip 2>&1 | tail -5 >> "$out/gpu-scan-speed.txt"
 done
-python benchmarks/attribution_scan.py --device cuda 2>&1 | tail -12 > "$out/gpu-attribution.txt"
+python benchmarks/attribution_scan.py --device cuda 2>&1 | tail -25 > "$out/gpu-attribution.txt"
 python benchmarks/overhead.py --device cuda 2>&1 | tail -12 > "$out/gpu-overhead.txt"
 tail -n +1 "$out"/gpu-*.txt
