@@ -13,7 +13,8 @@ A backend wraps the library's own model object (``backend.model``) and never re-
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -240,3 +241,17 @@ class CLIPBackend(ABC):
         a = self.architecture
         return (f"{type(self).__name__}({self.name!r}, layers={a.n_layers}, heads={a.n_heads}, "
                 f"head_dim={a.head_dim}, image_size={self.image_size})")
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters without gradients while inside (restored on exit, also on errors): a backward pass then computes
+    only the gradients of what requires them (head gates), not of the weights."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

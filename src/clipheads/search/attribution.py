@@ -18,8 +18,7 @@ forward directly, one forward pass less.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from clipheads.errors import ClipHeadsError
 from clipheads.interventions import HeadMask, ablate
 from clipheads.models import CLIPBackend
+from clipheads.models.base import frozen_parameters
 from clipheads.search.scan import ScanResult
 
 # Chosen on the bundled model's world drawn with another seed (seed 1, 1000 val_ood images, not the benchmark's): the
@@ -130,8 +130,7 @@ def attribution_scan(
         raise ClipHeadsError(f"{len(image_features)} image features for {len(pixels)} images")
     score = SURROGATES[surrogate]
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
-    model_dtype = next(backend.model.parameters()).dtype
-    dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype  # the surrogate's
+    dtype = torch.float32 if backend.dtype in (torch.float16, torch.bfloat16) else backend.dtype  # the surrogate's
     text_features = text_features.to(backend.device, dtype)
     scale = backend.logit_scale
     one_pass = image_features is None and len(pixels) <= batch_size
@@ -144,8 +143,8 @@ def attribution_scan(
         (feature_grad,) = torch.autograd.grad(value, features)
 
     gates = torch.ones(backend.n_layers, backend.n_heads, device=backend.device, dtype=dtype, requires_grad=True)
-    with _frozen(backend.model), ablate(backend, HeadMask.from_tensor(gates, backend), op=op, alpha=alpha,
-                                        means=means):
+    mask = HeadMask.from_tensor(gates, backend)
+    with frozen_parameters(backend.model), ablate(backend, mask, op=op, alpha=alpha, means=means):
         if one_pass:  # every image in one batch: differentiate the surrogate through the gated forward directly
             value = score(backend.encode_image(pixels).to(dtype), text_features, text_to_image, scale)
             value.backward()
@@ -156,15 +155,3 @@ def attribution_scan(
     # ablating means moving g_h from 1 to 0: first-order change = -dS/dg_h
     return AttributionResult(-gates.grad.detach().cpu(), float(value.detach()), op, surrogate)
 
-
-@contextmanager
-def _frozen(model: torch.nn.Module) -> Iterator[None]:
-    """Parameters without gradients while inside: the backward pass then computes activation gradients only."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)

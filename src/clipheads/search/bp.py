@@ -21,6 +21,7 @@ from clipheads.errors import require
 from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask, ablate
 from clipheads.metrics.retrieval import captions_by_image
+from clipheads.models.base import frozen_parameters
 from clipheads.search.distributed import Distributed
 from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
@@ -134,10 +135,7 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
         start_epoch, history, seconds = int(saved["epoch"]), list(saved["history"]), float(saved["seconds"])
         log.info("AAT-BP: resuming at epoch %d", start_epoch)
 
-    frozen = [p for p in backend.model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with frozen_parameters(backend.model):
         for epoch in range(start_epoch, config.epochs):
             losses, contrastive = [], []
             for images, captions in _epoch_batches(captions_of, config.batch_size, config.seed, epoch):
@@ -169,9 +167,6 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
                 out.save_tensors({"logits": logits.detach().cpu(), "optimizer": optimizer.state_dict(),
                                   "epoch": epoch + 1, "history": history, "seconds": seconds}, CHECKPOINT)
                 out.write_history(history)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
 
     gates = torch.sigmoid(logits.detach()).cpu()
     mask = threshold_mask(gates, config.threshold, backend)
