@@ -83,6 +83,15 @@ class _Run:
                              batch_size=self.batch_size, split=data.split, distributed=self.dist,
                              cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
 
+    def attribution(self, evaluator, op: str, alpha: float | None, surrogate: str = "soft_recall"):
+        """The attribution estimate of every head on the search split, reusing ``evaluator``'s unablated features
+        and head means."""
+        from clipheads.search.attribution import attribution_scan
+
+        return attribution_scan(self.backend, self.data.pixels, *self.data.pairs, op=op, alpha=alpha,
+                                means=evaluator.operator.means, batch_size=self.batch_size, surrogate=surrogate,
+                                image_features=evaluator.baseline_features)
+
     def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
                alpha: float | None, allow_same_split: bool = False):
         """The held-out evaluator, or ``None`` when no held-out split was asked for; a held-out split that is the
@@ -224,16 +233,13 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
         scan_search_result,
         write_result,
     )
-    from clipheads.search.attribution import attribution_scan
     from clipheads.search.verify import estimated_ranking, plot_estimate_vs_exact, verify_attribution
 
     started = time.perf_counter()
     folder = RunFolder(out, config, run.dist)
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
-    estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha,
-                                means=evaluator.operator.means, batch_size=run.batch_size, surrogate=surrogate,
-                                image_features=evaluator.baseline_features)
+    estimate = run.attribution(evaluator, op, alpha, surrogate)
     ranking = estimated_ranking(estimate.estimated_delta)
     estimated_scan = estimate.as_scan(run.data.split)
     evaluate_top_k(estimated_scan, evaluator, top_k)
@@ -483,11 +489,7 @@ def search_command(
         scan_folder = RunFolder(out / "scan", {**settings, "command": "scan"}, run.dist)
         scan = scan_heads(evaluator, scan_folder, max_top_k=0)
     elif seed_from == "attribution":
-        from clipheads.search.attribution import attribution_scan
-
-        estimate = attribution_scan(run.backend, run.data.pixels, *run.data.pairs, op=op, alpha=alpha,
-                                    means=evaluator.operator.means, batch_size=batch_size,
-                                    image_features=evaluator.baseline_features)
+        estimate = run.attribution(evaluator, op, alpha)
         scan = estimate.as_scan(run.data.split)
         folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
     if strategy == "bp":
