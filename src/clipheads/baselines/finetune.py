@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clipheads.errors import ClipHeadsError
-from clipheads.metrics.retrieval import captions_by_image
+from clipheads.metrics.retrieval import captions_by_image, check_text_to_image
 from clipheads.models import CLIPBackend
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,7 @@ def _captions_of(n_images: int, text_features: torch.Tensor, text_to_image: torc
             raise ClipHeadsError(f"fine-tuning needs matched pairs (got {n_images} images and {len(text_features)} "
                                  "texts; pass text_to_image when images have several captions)")
         return [[i] for i in range(n_images)]
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
-    if len(text_to_image) != len(text_features):
-        raise ClipHeadsError(f"text_to_image has {len(text_to_image)} entries for {len(text_features)} texts")
-    return captions_by_image(text_to_image, n_images)
+    return captions_by_image(check_text_to_image(text_to_image, len(text_features), n_images), n_images)
 
 
 def save_finetuned(trained: nn.Module, backend: CLIPBackend, out_dir: Path) -> Path:
