@@ -190,6 +190,7 @@ def test_a_world_written_over_a_larger_one_replaces_it(tmp_path):
     folder_images = [p for p in paths.classification["val_ood"].rglob("*.png")]
     assert len(folder_images) == 4  # no stale images of the larger world in the ImageFolder classes
     assert not (tmp_path / "w" / "images" / "train").exists()
+    assert not (tmp_path / "w" / "compositional.json").exists()  # the smaller world has no compositional pairs
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(DataError, match="holds files that are not a clipheads world \\(notes.txt\\)"):

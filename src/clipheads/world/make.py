@@ -237,16 +237,21 @@ _WORLD_ENTRY = re.compile(r"images|classification|retrieval\.json|selection_\w+\
 
 
 def _clear_earlier_world(root: Path) -> None:
-    """Remove an earlier (possibly interrupted) world's images from ``root``: a smaller world written over a larger
-    one would otherwise leave stale images in the ImageFolder classes. A folder holding anything else is refused."""
+    """Remove an earlier (possibly interrupted) world from ``root``: a smaller world written over a larger one would
+    otherwise leave stale images in the ImageFolder classes and stale dataset files of splits it does not have. A
+    folder holding anything else is refused."""
     if not root.is_dir():
         return
-    others = sorted(entry.name for entry in root.iterdir() if not _WORLD_ENTRY.fullmatch(entry.name))
+    entries = list(root.iterdir())
+    others = sorted(entry.name for entry in entries if not _WORLD_ENTRY.fullmatch(entry.name))
     if others:
         raise DataError(f"{str(root)!r} holds files that are not a clipheads world ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}); write the world to a new or empty folder")
-    for folder in ("images", "classification"):
-        shutil.rmtree(root / folder, ignore_errors=True)
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = None,
