@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import MODEL_HELP, ModelName
+from clipheads.cli.options import Device, ModelName
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -17,8 +17,7 @@ console = Console()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def info(model: str = typer.Option("bundled", "--model", "-m", help=MODEL_HELP),
-         device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, mps ...")) -> None:
+def info(model: ModelName = "bundled", device: Device = "cpu") -> None:
     """Show a model's image-encoder attention: layers, heads per layer, head dim, image size."""
     import clipheads
 
@@ -43,7 +42,7 @@ def mask(
                                                 "mask (needed by --op mean)."),
     model: ModelName = "bundled",
     batch_size: int = typer.Option(32, help="Images per batch for --means-from."),
-    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    device: Device = "cpu",
 ) -> None:
     """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it."""
     import clipheads

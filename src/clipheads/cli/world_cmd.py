@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clipheads.cli.options import Device
+
 console = Console()
 
 world_app = typer.Typer(
@@ -72,7 +74,7 @@ def train(
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     seed: int = typer.Option(0, help="Seed of the initialisation and of the batch order."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on GPUs; slower on some CPUs)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    device: Device = "cpu",
     eval_images: int = typer.Option(1000, help="Images per held-out split for the model card's metrics."),
 ) -> None:
     """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
