@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 import clipheads
+from clipheads.eval.features import encode_texts
 from clipheads.models.random_init import random_hf_clip
 from clipheads.search import MaskEvaluator, Objective, ScanResult, retrieval_objective, scan_heads
 from clipheads.search.attribution import attribution_scan, soft_recall_surrogate
@@ -54,11 +55,6 @@ def load_val_ood(backend, n_images: int, folder: str, seed: int = 0) -> tuple[to
     pixels = torch.stack([backend.preprocess(Image.open(e["path"]).convert("RGB")) for e in entries])
     captions = [(s["raw"], i) for i, e in enumerate(entries) for s in e["sentences"]]
     return pixels, [c for c, _ in captions], torch.tensor([i for _, i in captions])
-
-
-def encode_texts(backend, captions: list[str], batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([backend.encode_text(captions[i:i + batch_size]) for i in range(0, len(captions), batch_size)])
 
 
 def timed_exact_scan(backend, pixels: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -92,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         pixels, captions, text_to_image = load_val_ood(backend, args.images, folder)
     pixels, text_to_image = pixels.to(backend.device), text_to_image.to(backend.device)
-    text_features = encode_texts(backend, captions, args.batch_size)
+    text_features = encode_texts(backend, captions).to(backend.device)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
     print(f"{'random ' + args.arch if random_weights else 'bundled'} model: {backend.architecture.name}, "
           f"{backend.n_layers} layers x {backend.n_heads} heads; val_ood: {len(pixels)} images, {len(captions)} "
@@ -148,7 +144,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             other_pixels, other_captions, other_index = load_val_ood(backend, args.images, folder, seed=1)
         other, _, _ = timed_exact_scan(backend, other_pixels.to(backend.device),
-                                       encode_texts(backend, other_captions, args.batch_size),
+                                       encode_texts(backend, other_captions).to(backend.device),
                                        other_index.to(backend.device), args.op, args.batch_size)
         other_delta = other.delta.flatten().tolist()
         print(f"reliability: exact scan of {len(other_pixels)} fresh val_ood images (world seed 1, vanilla "
