@@ -18,12 +18,20 @@ from clipheads.search.attribution import attribution_scan
 from clipheads.search.verify import estimated_ranking, plot_estimate_vs_exact, spearman, verify_attribution
 
 
-def test_planted_head_ranks_first_and_is_verified(planted_setup, planted_module, tmp_path):
+@pytest.mark.parametrize("order", [1, 2])
+def test_planted_head_ranks_first(planted_setup, planted_module, order):
+    backend = planted_setup[0]
+    pixels, captions, _ = planted_module.planted_task(backend, n_images=32)
+    estimate = attribution_scan(backend, pixels, captions, torch.arange(len(pixels)), batch_size=16, order=order)
+    assert estimated_ranking(estimate.estimated_delta)[0] == planted_module.PLANTED
+    assert estimate.estimated_delta[clipheads.parse_head(planted_module.PLANTED)] > 0
+
+
+def test_planted_head_is_verified(planted_setup, planted_module, tmp_path):
     backend, pixels, captions, objective = planted_setup
-    estimate = attribution_scan(backend, pixels, captions, torch.arange(len(pixels)), batch_size=4)
+    estimate = attribution_scan(backend, pixels, captions, torch.arange(len(pixels)), batch_size=4, order=1)
     ranking = estimated_ranking(estimate.estimated_delta)
     assert ranking[0] == planted_module.PLANTED
-    assert estimate.estimated_delta[clipheads.parse_head(planted_module.PLANTED)] > 0
 
     evaluator = MaskEvaluator(backend, pixels, objective, batch_size=16)
     verification = verify_attribution(evaluator, estimate.estimated_delta, k=2)

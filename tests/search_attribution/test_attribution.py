@@ -1,5 +1,5 @@
-"""The attribution estimate equals a finite-difference estimate of the same surrogate; the soft-recall surrogate is
-mean recall made smooth."""
+"""The attribution estimate equals a finite-difference estimate of the same surrogate, its second-order term the
+surrogate's curvature along finite-difference feature changes; the soft-recall surrogate is mean recall made smooth."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import clipheads
 from clipheads.metrics import retrieval_metrics
 from clipheads.models.random_init import tiny_model
+from clipheads.search import attribution
 from clipheads.search.attribution import SURROGATES, attribution_scan, soft_recall_surrogate
 
 
@@ -29,7 +30,7 @@ def test_attribution_equals_finite_differences(kind, op, surrogate):
     texts = torch.randn(9, backend.encode_image(pixels[:1]).shape[1], dtype=torch.float64)
     t2i = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 5])
     result = attribution_scan(backend, pixels, texts, t2i, op=op, batch_size=4,  # two batches
-                              surrogate=surrogate)
+                              surrogate=surrogate, order=1)
     eps = 1e-4
     ones = torch.ones(backend.n_layers, backend.n_heads, dtype=torch.float64)
     for layer, head in [(0, 0), (0, 3), (1, 2)]:
@@ -76,3 +77,60 @@ def test_one_batch_gives_the_same_estimate_as_several(tiny_backend, pixels):
     torch.testing.assert_close(one.estimated_delta, several.estimated_delta, atol=1e-6, rtol=1e-5)
     assert one.surrogate == pytest.approx(several.surrogate, abs=1e-6)
     assert all(p.requires_grad for p in tiny_backend.model.parameters())
+
+
+def _features(backend, pixels, gates, op):
+    with torch.no_grad(), clipheads.ablate(backend, clipheads.HeadMask.from_tensor(gates.clone()), op=op):
+        return backend.encode_image(pixels)
+
+
+@pytest.mark.parametrize(("kind", "op"), [("hf", "identity"), ("open_clip", "zero")])
+def test_second_order_term_is_the_curvature_along_each_heads_feature_change(kind, op, monkeypatch):
+    """Reference: J_ih = d(features of image i)/d(gate h) by central differences, H_ii = the surrogate's Hessian in
+    image i's features (autograd): the second-order part is sum_i 1/2 J_ih^T H_ii J_ih.
+
+    Checked exactly with probes whose mean z z^T is I deterministically (each coordinate of each image alone, scaled):
+    the random sign probes have E[z z^T] = I, so the random estimate averages to the same term."""
+    backend = tiny_model(kind, seed=11)
+    backend.model.double()
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    n_features = backend.encode_image(pixels[:1]).shape[1]
+    texts = torch.randn(5, n_features, dtype=torch.float64)
+    t2i = torch.tensor([0, 0, 1, 2, 2])
+    ones = torch.ones(backend.n_layers, backend.n_heads, dtype=torch.float64)
+    base = _features(backend, pixels, ones, op)
+    hessian = torch.autograd.functional.hessian(
+        lambda f: soft_recall_surrogate(f.view_as(base), texts, t2i), base.flatten())
+    blocks = [hessian[i * n_features:(i + 1) * n_features, i * n_features:(i + 1) * n_features]
+              for i in range(len(pixels))]
+    eps = 1e-4
+    reference = torch.zeros_like(ones)
+    for layer in range(backend.n_layers):
+        for head in range(backend.n_heads):
+            up, down = ones.clone(), ones.clone()
+            up[layer, head] += eps
+            down[layer, head] -= eps
+            jacobian = (_features(backend, pixels, up, op) - _features(backend, pixels, down, op)) / (2 * eps)
+            reference[layer, head] = sum(0.5 * j @ h @ j for j, h in zip(jacobian, blocks, strict=True))
+    first = attribution_scan(backend, pixels, texts, t2i, op=op, batch_size=2, order=1)
+    n_probes = base.numel()
+    basis = iter(torch.eye(n_probes).view(n_probes, *base.shape) * n_probes ** 0.5)
+    monkeypatch.setattr(attribution, "_probe", lambda shape, generator: next(basis))
+    exact = attribution_scan(backend, pixels, texts, t2i, op=op, batch_size=2, order=2, probes=n_probes)
+    torch.testing.assert_close(exact.estimated_delta - first.estimated_delta, reference, rtol=1e-4, atol=1e-9)
+    assert (exact.order, exact.probes, first.order, first.probes) == (2, n_probes, 1, 0)
+
+
+def test_second_order_estimate_is_reproducible_and_checks_its_arguments(tiny_backend, pixels):
+    texts = torch.randn(4, tiny_backend.encode_image(pixels[:1]).shape[1], generator=torch.Generator().manual_seed(0))
+    t2i = torch.tensor([0, 1, 2, 2])
+    a = attribution_scan(tiny_backend, pixels, texts, t2i, seed=3)
+    b = attribution_scan(tiny_backend, pixels, texts, t2i, seed=3)
+    torch.testing.assert_close(a.estimated_delta, b.estimated_delta)
+    for kwargs, message in [({"order": 3}, "order must be 1"), ({"probes": 0}, "at least one probe")]:
+        with pytest.raises(clipheads.ClipHeadsError, match=message):
+            attribution_scan(tiny_backend, pixels, texts, t2i, **kwargs)
+    mask = clipheads.HeadMask.from_heads("L0.H0", tiny_backend)
+    with clipheads.ablate(tiny_backend, mask), pytest.raises(clipheads.ClipHeadsError, match="ablation applied"):
+        attribution_scan(tiny_backend, pixels, texts, t2i)

@@ -1,4 +1,4 @@
-"""Attribution scan: every head's ablation effect estimated from one forward and one backward pass.
+"""Attribution scan: every head's ablation effect estimated from one forward pass and its backward passes.
 
 With a soft gate ``g`` on every head (all at 1) and the chosen operator as the replacement, the first-order change
 of a differentiable surrogate ``S`` of the metric when head ``h`` is ablated (``g_h``: 1 -> 0) is
@@ -8,12 +8,17 @@ of a differentiable surrogate ``S`` of the metric when head ``h`` is ablated (``
   similarity differences and each "rank < K" test a sigmoid in rank units: the metric itself, made smooth;
 * ``contrastive``: the negated CLIP contrastive loss of the evaluation pairs against the cached text features.
 
-The loss over all images is not a sum of per-batch terms (text->image softmaxes run over every image), so the
+First-order estimates miss that ablating a head moves the image features far enough for the surrogate to bend: they
+are too optimistic about removing heads the model relies on. ``order=2`` (default) adds the surrogate's curvature
+along each head's (linearised) feature change, ``1/2 J_h^T H J_h`` per image, estimated with random probe pairs
+``(z, Hz)`` back-propagated through the same forward graph: two more backward passes, no more forward passes. On the
+bundled model it lifts the rank correlation with the exact scan from 0.79 to 0.94 (README).
+
+The surrogate over all images is not a sum of per-batch terms (text->image softmaxes run over every image), so the
 gradient is taken in two exact steps that keep memory bounded: (1) encode every image once without gradients and
-differentiate the loss with respect to the image features; (2) re-encode batch by batch with the gates and
-back-propagate those feature gradients (a vector-Jacobian product), accumulating ``dS/dg``. When every image fits in
-one batch (and no features are given), step (1) is skipped: the surrogate is differentiated through the gated
-forward directly, one forward pass less.
+differentiate the surrogate with respect to the image features; (2) re-encode batch by batch with per-image gates
+and back-propagate those feature-space vectors (vector-Jacobian products) into the gates. When every image fits in
+one batch (and no features are given), step (1) is skipped: the gated forward's features serve for both.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from clipheads.errors import ClipHeadsError
-from clipheads.interventions import HeadMask, ablate
+from clipheads.interventions import resolve_operator
 from clipheads.models import CLIPBackend
 from clipheads.models.base import frozen_parameters
+from clipheads.search.engine import stacked_gate_hook
 from clipheads.search.scan import ScanResult
 
 # Chosen on the bundled model's world drawn with another seed (seed 1, 1000 val_ood images, not the benchmark's): the
@@ -38,23 +44,28 @@ RANK_TEMPERATURE = 8.0
 
 @dataclass
 class AttributionResult:
-    """``estimated_delta[l, h]``: first-order change of the surrogate (higher = better) when head ``L{l}.H{h}`` is
-    ablated; ``surrogate``: its value on the unablated model."""
+    """``estimated_delta[l, h]``: estimated change of the surrogate (higher = better) when head ``L{l}.H{h}`` is
+    ablated; ``surrogate``: its value on the unablated model; ``order``: 1 (first-order) or 2 (with the curvature
+    term, estimated with ``probes`` random probe pairs)."""
 
     estimated_delta: torch.Tensor
     surrogate: float
     operator: str
     surrogate_name: str = "soft_recall"
+    order: int = 1
+    probes: int = 0
 
     def to_dict(self) -> dict:
         return {"estimated_delta": self.estimated_delta.tolist(), "surrogate": self.surrogate,
-                "surrogate_name": self.surrogate_name, "operator": self.operator}
+                "surrogate_name": self.surrogate_name, "operator": self.operator, "order": self.order,
+                "probes": self.probes}
 
     def as_scan(self, split: str = "") -> ScanResult:
         """The estimate as a :class:`ScanResult` (scores = surrogate + estimated change), so that everything that
         takes a scan (GA seeding, greedy candidates, top-k masks) can take the estimate instead."""
+        kind = "first-order" if self.order == 1 else "second-order"
         return ScanResult(self.surrogate, self.surrogate + self.estimated_delta,
-                          f"{self.surrogate_name} (first-order estimate)", self.operator, split)
+                          f"{self.surrogate_name} ({kind} estimate)", self.operator, split)
 
 
 def contrastive_surrogate(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -113,8 +124,11 @@ def attribution_scan(
     batch_size: int = 64,
     surrogate: str = "soft_recall",
     image_features: torch.Tensor | None = None,
+    order: int = 2,
+    probes: int | None = None,
+    seed: int = 0,
 ) -> AttributionResult:
-    """Estimate the effect of ablating every head from one forward and one backward pass over ``pixels``.
+    """Estimate the effect of ablating every head from one forward pass over ``pixels`` and its backward passes.
 
     Args:
         pixels: ``[N, 3, H, W]`` preprocessed evaluation images.
@@ -123,35 +137,92 @@ def attribution_scan(
         surrogate: ``soft_recall`` (smooth mean recall, default) or ``contrastive`` (negated CLIP loss).
         image_features: the unablated model's ``[N, D]`` features of ``pixels`` when they are at hand (e.g. a
             :class:`~clipheads.search.MaskEvaluator`'s ``baseline_features``): saves the first of the two passes.
+        order: 1 for the first-order estimate alone (one backward pass); 2 (default) also adds the surrogate's
+            curvature in the image features, ``1/2 J_h^T H J_h`` (``J_h``: the features' derivative with respect to
+            the head's gate, ``H``: the surrogate's Hessian in each image's features), estimated with ``probes``
+            random probe pairs (two more backward passes each, no more forward passes; default
+            :func:`default_probes`: one for 512 images or more, more for fewer images).
+        seed: seeds the random probes (the estimate is reproducible).
     """
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
+    if order not in (1, 2):
+        raise ClipHeadsError(f"order must be 1 (first-order estimate) or 2 (with the curvature term), got {order}")
+    probes = default_probes(len(pixels)) if probes is None else probes
+    if order == 2 and probes < 1:
+        raise ClipHeadsError(f"the second-order term needs at least one probe, got {probes}")
     if image_features is not None and len(image_features) != len(pixels):
         raise ClipHeadsError(f"{len(image_features)} image features for {len(pixels)} images")
+    if backend.intervention is not None or backend.hooked_layers:
+        raise ClipHeadsError("the model has an ablation applied; call clipheads.remove first (the attribution scan "
+                             "installs its own gates)")
     score = SURROGATES[surrogate]
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
     dtype = torch.float32 if backend.dtype in (torch.float16, torch.bfloat16) else backend.dtype  # the surrogate's
-    text_features = text_features.to(backend.device, dtype)
-    scale = backend.logit_scale
+    text_to_image_features = (text_features.to(backend.device, dtype), text_to_image, backend.logit_scale)
+    generator = torch.Generator().manual_seed(seed)
+    n_probes = probes if order == 2 else 0
     one_pass = image_features is None and len(pixels) <= batch_size
-    if not one_pass:
+    if not one_pass:  # the surrogate couples all images: its feature-space vectors need every image's features
         with torch.no_grad():
             features = image_features.detach().to(backend.device) if image_features is not None else torch.cat(
                 [backend.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
-        features = features.to(dtype).requires_grad_(True)
-        value = score(features, text_features, text_to_image, scale)
-        (feature_grad,) = torch.autograd.grad(value, features)
+        value, vectors = _feature_vectors(score, features.to(dtype), text_to_image_features, n_probes, generator)
 
-    gates = torch.ones(backend.n_layers, backend.n_heads, device=backend.device, dtype=dtype, requires_grad=True)
-    mask = HeadMask.from_tensor(gates, backend)
-    with frozen_parameters(backend.model), ablate(backend, mask, op=op, alpha=alpha, means=means):
-        if one_pass:  # every image in one batch: differentiate the surrogate through the gated forward directly
-            value = score(backend.encode_image(pixels).to(dtype), text_features, text_to_image, scale)
-            value.backward()
-        else:
-            for i in range(0, len(pixels), batch_size):
+    operator = resolve_operator(op, alpha=alpha, means=means)
+    per_image = []  # [V, b, L, H] per batch: each vector's gradient with respect to every image's own gates
+    with frozen_parameters(backend.model):
+        for i in range(0, len(pixels), batch_size):
+            gates = torch.ones(len(pixels[i:i + batch_size]), backend.n_layers, backend.n_heads, dtype=dtype,
+                               device=backend.device, requires_grad=True)
+            try:
+                for layer in range(backend.n_layers):
+                    backend.set_head_hook(layer, stacked_gate_hook(operator, gates[:, layer], layer))
                 out = backend.encode_image(pixels[i:i + batch_size])
-                out.backward(feature_grad[i:i + batch_size].to(out.dtype))
-    # ablating means moving g_h from 1 to 0: first-order change = -dS/dg_h
-    return AttributionResult(-gates.grad.detach().cpu(), float(value.detach()), op, surrogate)
+            finally:
+                backend.clear_head_hooks()
+            if one_pass:  # every image in one batch: the gated forward's features are the unablated ones
+                value, batch_vectors = _feature_vectors(score, out.to(dtype), text_to_image_features, n_probes,
+                                                        generator)
+            else:
+                batch_vectors = vectors[:, i:i + batch_size]
+            per_image.append(torch.stack([
+                torch.autograd.grad(out, gates, vector.to(out.dtype), retain_graph=k < len(batch_vectors) - 1)[0]
+                for k, vector in enumerate(batch_vectors)]))
+    gradients = torch.cat(per_image, dim=1).double()  # [V, N, L, H]
+    # ablating means moving g_h from 1 to 0: first-order change -dS/dg_h, second-order 1/2 J_h^T H J_h
+    estimate = -gradients[0].sum(dim=0)
+    for p in range(n_probes):
+        estimate += 0.5 * (gradients[1 + 2 * p] * gradients[2 + 2 * p]).sum(dim=0) / n_probes
+    return AttributionResult(estimate.to(dtype).cpu(), value, op, surrogate, order, n_probes)
 
+
+def default_probes(n_images: int) -> int:
+    """Probe pairs for the second-order term: its per-image estimates are summed over images, so one pair is enough
+    for 512 images (measured on the bundled model: rank correlation 0.94-0.96 with 1 pair, 0.95 with 4, on 1000
+    images); fewer images get proportionally more pairs (at most 64)."""
+    return max(1, min(64, -(-512 // max(1, n_images))))
+
+
+def _feature_vectors(score, features: torch.Tensor, texts: tuple, n_probes: int,
+                     generator: torch.Generator) -> tuple[float, torch.Tensor]:
+    """The surrogate's value on ``features [N, D]`` and the ``[V, N, D]`` vectors to back-propagate into the gates:
+    its gradient ``dS/df``, then per probe a random sign vector ``z`` and ``Hz`` (Hessian-vector product).
+
+    For image ``i`` and head ``h``, ``(z_i . J_ih) ((Hz)_i . J_ih)`` has expectation ``J_ih^T H_ii J_ih`` (the probes
+    of different images are independent): the curvature of the surrogate along the head's feature change, per image.
+    """
+    f = features.detach().requires_grad_(True)
+    value = score(f, *texts)
+    (gradient,) = torch.autograd.grad(value, f, create_graph=n_probes > 0)
+    vectors = [gradient.detach()]
+    for p in range(n_probes):
+        z = _probe(f.shape, generator).to(f)
+        (hz,) = torch.autograd.grad(gradient, f, grad_outputs=z, retain_graph=p < n_probes - 1)
+        vectors += [z, hz]
+    return float(value.detach()), torch.stack(vectors)
+
+
+def _probe(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Random signs (Rademacher): ``E[z z^T] = I``, with less variance than Gaussian probes."""
+    return torch.randint(0, 2, shape, generator=generator) * 2.0 - 1

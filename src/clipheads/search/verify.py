@@ -1,8 +1,9 @@
 """Check an attribution estimate against the real metric: the heads it ranks most harmful and most beneficial are
 ablated one at a time with a :class:`~clipheads.search.MaskEvaluator`, and estimate and exact change are compared.
 
-The estimate is the first-order change of a smooth surrogate (the contrastive loss), the exact change is that of
-the real metric (e.g. mean recall): the units differ, so agreement is judged by rank (Spearman), not by value.
+The estimate is the change of a smooth surrogate of the metric (see :mod:`clipheads.search.attribution`), the exact
+change is that of the real metric (e.g. mean recall): the units differ, so agreement is judged by rank (Spearman),
+not by value.
 """
 
 from __future__ import annotations
