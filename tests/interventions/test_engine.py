@@ -39,6 +39,11 @@ def test_all_ones_mask_on_vit_b32_size(family):
 def test_staged_forward_equals_library(tiny_backend, pixels):
     with torch.inference_mode():
         assert (tiny_backend.encode_image_staged(pixels) - tiny_backend.encode_image(pixels)).abs().max() <= 1e-6
+        assert (tiny_backend.encode_image_readout(pixels) - tiny_backend.encode_image(pixels)).abs().max() <= 1e-6
+        mask = clipheads.HeadMask.from_heads("L0.H1,L1.H3", tiny_backend)
+        with clipheads.ablate(tiny_backend, mask, op="zero"):  # the last layer's hook runs on the read-out rows too
+            ablated = tiny_backend.encode_image(pixels)
+            assert (tiny_backend.encode_image_readout(pixels) - ablated).abs().max() <= 1e-6
 
 
 def test_context_manager_restores_on_exception(tiny_backend, pixels):

@@ -193,6 +193,15 @@ class CLIPBackend(ABC):
         """Same result as :meth:`encode_image`, through the staged view (used to check the stages)."""
         return self.pool(self.run_layers(self.embed(pixels.to(self.device, self.dtype))))
 
+    def encode_image_readout(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Same result as :meth:`encode_image` (with any head hooks), the last layer computed for the read-out tokens
+        only, the only rows the image embedding reads; :meth:`encode_image` where the backend cannot split layers."""
+        if not (self.supports_layer_split and self.readout_tokens is not None):
+            return self.encode_image(pixels)
+        last = self.n_layers - 1
+        x = self.run_layers(self.embed(pixels.to(self.device, self.dtype)), 0, last)
+        return self.pool(self.run_layer_split(last, x, self.readout_tokens))
+
     # ----------------------------------------------------- attention sites
     @abstractmethod
     def attention_module(self, layer: int) -> nn.Module:

@@ -166,7 +166,7 @@ def attribution_scan(
     if not one_pass:  # the surrogate couples all images: its feature-space vectors need every image's features
         with torch.no_grad():
             features = image_features.detach().to(backend.device) if image_features is not None else torch.cat(
-                [backend.encode_image(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+                [backend.encode_image_readout(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
         value, vectors = _feature_vectors(score, features.to(dtype), text_to_image_features, n_probes, generator)
 
     operator = resolve_operator(op, alpha=alpha, means=means)
@@ -178,7 +178,7 @@ def attribution_scan(
             try:
                 for layer in range(backend.n_layers):
                     backend.set_head_hook(layer, stacked_gate_hook(operator, gates[:, layer], layer))
-                out = backend.encode_image(pixels[i:i + batch_size])
+                out = backend.encode_image_readout(pixels[i:i + batch_size])
             finally:
                 backend.clear_head_hooks()
             if one_pass:  # every image in one batch: the gated forward's features are the unablated ones
