@@ -79,7 +79,7 @@ def test_bp_finds_the_planted_head(planted_setup, evaluator, tmp_path):
 def test_bp_starts_heads_ranked_harmful_at_half_gate(planted_setup, evaluator):
     _, pixels, captions, _ = planted_setup
     backend = evaluator.backend
-    estimate = attribution_scan(backend, pixels, captions, torch.arange(len(captions)), batch_size=4)
+    estimate = attribution_scan(backend, pixels, captions, torch.arange(len(captions)), batch_size=4, order=1)
     seeded = estimate.as_scan()
     config = BPConfig(epochs=0)
     result = bp_search(evaluator, captions, torch.arange(len(captions)), config, seed_ranking=seeded)

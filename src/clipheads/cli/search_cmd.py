@@ -83,14 +83,15 @@ class _Run:
                              batch_size=self.batch_size, split=data.split, distributed=self.dist,
                              cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
 
-    def attribution(self, evaluator, op: str, alpha: float | None, surrogate: str = "soft_recall", order: int = 2):
+    def attribution(self, evaluator, op: str, alpha: float | None, surrogate: str = "soft_recall", order: int = 2,
+                    probes: int | None = None):
         """The attribution estimate of every head on the search split, reusing ``evaluator``'s unablated features
         and head means."""
         from clipheads.search.attribution import attribution_scan
 
         return attribution_scan(self.backend, self.data.pixels, *self.data.pairs, op=op, alpha=alpha,
                                 means=evaluator.operator.means, batch_size=self.batch_size, surrogate=surrogate,
-                                order=order,
+                                order=order, probes=probes,
                                 image_features=evaluator.baseline_features)
 
     def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
@@ -179,6 +180,9 @@ def scan_command(
     order: int = typer.Option(2, min=1, max=2, help="attribution: 1 = first-order estimate (one backward pass); 2 = "
                                                     "also the surrogate's curvature along each head's feature change "
                                                     "(two more backward passes, a more faithful ranking)."),
+    probes: int = typer.Option(None, min=1, help="attribution, order 2: random probe pairs for the curvature term, two "
+                                                 "backward passes each (default: 1 from 512 images, up to 4 for "
+                                                 "fewer; more = less noise)."),
 ) -> None:
     """Ablate every head alone: per-head change of the metric (heat map), and the top-k most harmful heads."""
     from clipheads.errors import ClipHeadsError
@@ -199,8 +203,10 @@ def scan_command(
     if method == "attribution":
         _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
-                            method="attribution", surrogate=surrogate, order=order, verify_top=verify_top)
-        _attribution_scan(run, config, report, allow_same_split, op, alpha, surrogate, order, top_k, verify_top, out)
+                            method="attribution", surrogate=surrogate, order=order, probes=probes,
+                            verify_top=verify_top)
+        _attribution_scan(run, config, report, allow_same_split, op, alpha, surrogate, (order, probes), top_k,
+                          verify_top, out)
         return
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
@@ -224,7 +230,8 @@ def scan_command(
 
 
 def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, op: str, alpha: float | None,
-                      surrogate: str, order: int, top_k: int | None, verify_top: int | None, out: Path) -> None:
+                      surrogate: str, order_probes: tuple[int, int | None], top_k: int | None,
+                      verify_top: int | None, out: Path) -> None:
     """``scan --method attribution``: estimate every head's effect; score the top-k masks of the estimate exactly
     (best one reported on the held-out split); optionally verify the extreme estimates one head at a time."""
     import clipheads
@@ -243,7 +250,7 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
     folder = RunFolder(out, config, run.dist)
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
-    estimate = run.attribution(evaluator, op, alpha, surrogate, order)
+    estimate = run.attribution(evaluator, op, alpha, surrogate, *order_probes)
     ranking = estimated_ranking(estimate.estimated_delta)
     estimated_scan = estimate.as_scan(run.data.split)
     evaluate_top_k(estimated_scan, evaluator, top_k)
@@ -259,7 +266,8 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
                                            "wall_seconds": time.perf_counter() - started})
     plots.plot_head_effects(estimate.estimated_delta, folder.file("head_effects.png"),
                             title=f"Attribution estimate ({op}) on {split}",
-                            label=f"estimated change of the {surrogate} surrogate when ablated (order {order})")
+                            label=f"estimated change of the {surrogate} surrogate when ablated "
+                                  f"(order {estimate.order})")
     table = Table(title=f"Most harmful heads by attribution ({op}) on {split}: {surrogate} surrogate "
                         f"{estimate.surrogate:.4f}")
     for column in ("head", "estimated change"):
