@@ -437,11 +437,11 @@ def search_command(
     crossover: float = typer.Option(0.8, help="ga: crossover rate."),
     mutation: float = typer.Option(None, help="ga: per-head mutation rate (default 1 / number of heads)."),
     seed_from: str = typer.Option("scan", help="Head ranking that seeds the search: scan (exact single-head scan, "
-                                               "run or resumed in OUT/scan), attribution (one forward and backward "
-                                               "pass, retrieval only) or none. ga: seeds the population with the "
-                                               "top-k harmful heads; greedy: --candidates come from it; bp (with "
-                                               "attribution only): heads ranked harmful start with their gate at "
-                                               "0.5."),
+                                               "run or resumed in OUT/scan), attribution (second-order "
+                                               "estimate from one forward pass, retrieval only) or none. ga: seeds "
+                                               "the population with the top-k harmful heads; greedy: --candidates "
+                                               "come from it; bp (with attribution only): heads ranked harmful start "
+                                               "with their gate at 0.5."),
     epochs: int = typer.Option(10, help="bp: epochs over the search split's image-text pairs."),
     lr: float = typer.Option(0.1, help="bp: learning rate of the gate logits (Adam)."),
     threshold: float = typer.Option(0.5, help="bp: heads with gate below this are ablated."),
