@@ -159,7 +159,7 @@ def attribution_scan(
     score = SURROGATES[surrogate]
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
     dtype = torch.float32 if backend.dtype in (torch.float16, torch.bfloat16) else backend.dtype  # the surrogate's
-    text_to_image_features = (text_features.to(backend.device, dtype), text_to_image, backend.logit_scale)
+    texts = (text_features.to(backend.device, dtype), text_to_image, backend.logit_scale)
     generator = torch.Generator().manual_seed(seed)
     n_probes = probes if order == 2 else 0
     one_pass = image_features is None and len(pixels) <= batch_size
@@ -167,7 +167,7 @@ def attribution_scan(
         with torch.no_grad():
             features = image_features.detach().to(backend.device) if image_features is not None else torch.cat(
                 [backend.encode_image_readout(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
-        value, vectors = _feature_vectors(score, features.to(dtype), text_to_image_features, n_probes, generator)
+        value, vectors = _feature_vectors(score, features.to(dtype), texts, n_probes, generator)
 
     operator = resolve_operator(op, alpha=alpha, means=means)
     per_image = []  # [V, b, L, H] per batch: each vector's gradient with respect to every image's own gates
@@ -182,7 +182,7 @@ def attribution_scan(
             finally:
                 backend.clear_head_hooks()
             if one_pass:  # every image in one batch: the gated forward's features are the unablated ones
-                value, batch_vectors = _feature_vectors(score, out.to(dtype), text_to_image_features, n_probes,
+                value, batch_vectors = _feature_vectors(score, out.to(dtype), texts, n_probes,
                                                         generator)
             else:
                 batch_vectors = vectors[:, i:i + batch_size]
