@@ -84,7 +84,7 @@ def _features(backend, pixels, gates, op):
         return backend.encode_image(pixels)
 
 
-@pytest.mark.parametrize(("kind", "op"), [("hf", "identity"), ("open_clip", "zero")])
+@pytest.mark.parametrize(("kind", "op"), [("hf", "identity"), ("open_clip", "zero"), ("hf", "cls")])
 def test_second_order_term_is_the_curvature_along_each_heads_feature_change(kind, op, monkeypatch):
     """Reference: J_ih = d(features of image i)/d(gate h) by central differences, H_ii = the surrogate's Hessian in
     image i's features (autograd): the second-order part is sum_i 1/2 J_ih^T H_ii J_ih.
