@@ -83,6 +83,8 @@ def main() -> None:
                         help="also scan a world of another seed exactly: the exact ranking's agreement with itself")
     parser.add_argument("--surrogate-scan", action="store_true",
                         help="also scan the soft-recall surrogate exactly: first-order error vs surrogate mismatch")
+    parser.add_argument("--probes", type=int, default=None,
+                        help="probe pairs of the second order (default: clipheads' default for the image count)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -110,7 +112,8 @@ def main() -> None:
     for surrogate, order in variants:
         started = time.perf_counter()
         estimates[surrogate, order] = attribution_scan(backend, pixels, text_features, text_to_image, op=args.op,
-                                                       batch_size=args.batch_size, surrogate=surrogate, order=order)
+                                                       batch_size=args.batch_size, surrogate=surrogate, order=order,
+                                                       probes=args.probes)
         sync()
         seconds[surrogate, order] = time.perf_counter() - started
 
@@ -120,7 +123,8 @@ def main() -> None:
     for (surrogate, order), estimate in estimates.items():
         estimated_delta = estimate.estimated_delta.flatten().tolist()
         top_estimate = estimated_ranking(estimate.estimated_delta)[:10]
-        print(f"attribution scan, {surrogate} surrogate ({estimate.surrogate:.4f}), {ORDERS[order]}: "
+        pairs = f" ({estimate.probes} probe pairs)" if order == 2 else ""
+        print(f"attribution scan, {surrogate} surrogate ({estimate.surrogate:.4f}), {ORDERS[order]}{pairs}: "
               f"{seconds[surrogate, order]:.1f} s")
         print(f"  speedup exact/attribution {exact_seconds / seconds[surrogate, order]:.1f}")
         if random_weights:
