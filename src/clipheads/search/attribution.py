@@ -33,7 +33,7 @@ from clipheads.errors import ClipHeadsError
 from clipheads.interventions import resolve_operator
 from clipheads.models import CLIPBackend
 from clipheads.models.base import frozen_parameters
-from clipheads.search.engine import stacked_gate_hook
+from clipheads.search.engine import stacked_gates
 from clipheads.search.scan import ScanResult
 
 # Chosen on the bundled model's world drawn with another seed (seed 1, 1000 val_ood images, not the benchmark's): the
@@ -175,12 +175,8 @@ def attribution_scan(
         for i in range(0, len(pixels), batch_size):
             gates = torch.ones(len(pixels[i:i + batch_size]), backend.n_layers, backend.n_heads, dtype=dtype,
                                device=backend.device, requires_grad=True)
-            try:
-                for layer in range(backend.n_layers):
-                    backend.set_head_hook(layer, stacked_gate_hook(operator, gates[:, layer], layer))
+            with stacked_gates(backend, operator, gates):  # one gate row per image
                 out = backend.encode_image_readout(pixels[i:i + batch_size])
-            finally:
-                backend.clear_head_hooks()
             if one_pass:  # every image in one batch: the gated forward's features are the unablated ones
                 value, batch_vectors = _feature_vectors(score, out.to(dtype), texts, n_probes,
                                                         generator)

@@ -16,7 +16,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -42,6 +43,19 @@ def stacked_gate_hook(operator: Operator, layer_gates: torch.Tensor, layer: int)
         return g * z + (1 - g) * operator.replacement(z, v, layer)
 
     return hook
+
+
+@contextmanager
+def stacked_gates(backend: CLIPBackend, operator: Operator, gates: torch.Tensor,
+                  layers: Sequence[int] | None = None) -> Iterator[None]:
+    """Hook ``layers`` (default: all) with :func:`stacked_gate_hook` rows of ``gates [k, L, H]`` while inside; the
+    hooks are removed on exit, also on errors."""
+    try:
+        for layer in range(backend.n_layers) if layers is None else layers:
+            backend.set_head_hook(layer, stacked_gate_hook(operator, gates[:, layer], layer))
+        yield
+    finally:
+        backend.clear_head_hooks()
 
 
 def first_layer(mask: HeadMask) -> int | None:
@@ -195,15 +209,11 @@ class MaskEvaluator:
         gates = torch.stack([m.gates.detach() for m in masks]).to(backend.device)  # [k, L, H]
         hooked = sorted({layer for m in masks for layer in m.layers})
         chunks = []
-        try:
-            for layer in hooked:
-                backend.set_head_hook(layer, stacked_gate_hook(self.operator, gates[:, layer], layer))
+        with stacked_gates(backend, self.operator, gates, hooked):
             rows = max(1, self.batch_size // k)
             for i in range(0, self.n_images, rows):
                 x = self._cache[begin][i:i + rows]
                 chunks.append(self._run_stacked(x, begin, k).view(k, len(x), -1))
-        finally:
-            backend.clear_head_hooks()
         return list(torch.cat(chunks, dim=1).unbind(0))
 
     def _run_stacked(self, x: torch.Tensor, begin: int, k: int) -> torch.Tensor:
