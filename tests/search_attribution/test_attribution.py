@@ -13,10 +13,13 @@ from clipheads.search import attribution
 from clipheads.search.attribution import SURROGATES, attribution_scan, soft_recall_surrogate
 
 
-def _surrogate(backend, pixels, texts, t2i, gates, op, surrogate):
+def _features(backend, pixels, gates, op):
     with torch.no_grad(), clipheads.ablate(backend, clipheads.HeadMask.from_tensor(gates.clone()), op=op):
-        feats = backend.encode_image(pixels)
-    return float(SURROGATES[surrogate](feats, texts, t2i, backend.logit_scale))
+        return backend.encode_image(pixels)
+
+
+def _surrogate(backend, pixels, texts, t2i, gates, op, surrogate):
+    return float(SURROGATES[surrogate](_features(backend, pixels, gates, op), texts, t2i, backend.logit_scale))
 
 
 @pytest.mark.parametrize("kind", ["hf", "open_clip"])
@@ -79,9 +82,6 @@ def test_one_batch_gives_the_same_estimate_as_several(tiny_backend, pixels):
     assert all(p.requires_grad for p in tiny_backend.model.parameters())
 
 
-def _features(backend, pixels, gates, op):
-    with torch.no_grad(), clipheads.ablate(backend, clipheads.HeadMask.from_tensor(gates.clone()), op=op):
-        return backend.encode_image(pixels)
 
 
 @pytest.mark.parametrize(("kind", "op"), [("hf", "identity"), ("open_clip", "zero"), ("hf", "cls")])

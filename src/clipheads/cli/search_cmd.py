@@ -83,16 +83,15 @@ class _Run:
                              batch_size=self.batch_size, split=data.split, distributed=self.dist,
                              cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
 
-    def attribution(self, evaluator, op: str, alpha: float | None, surrogate: str = "soft_recall", order: int = 2,
-                    probes: int | None = None):
+    def attribution(self, evaluator, op: str, alpha: float | None, **options):
         """The attribution estimate of every head on the search split, reusing ``evaluator``'s unablated features
-        and head means."""
+        and head means; ``options``: ``surrogate``, ``order``, ``probes`` of
+        :func:`~clipheads.search.attribution.attribution_scan` (its defaults otherwise)."""
         from clipheads.search.attribution import attribution_scan
 
         return attribution_scan(self.backend, self.data.pixels, *self.data.pairs, op=op, alpha=alpha,
-                                means=evaluator.operator.means, batch_size=self.batch_size, surrogate=surrogate,
-                                order=order, probes=probes,
-                                image_features=evaluator.baseline_features)
+                                means=evaluator.operator.means, batch_size=self.batch_size,
+                                image_features=evaluator.baseline_features, **options)
 
     def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
                alpha: float | None, allow_same_split: bool = False):
@@ -205,8 +204,8 @@ def scan_command(
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
                             method="attribution", surrogate=surrogate, order=order, probes=probes,
                             verify_top=verify_top)
-        _attribution_scan(run, config, report, allow_same_split, op, alpha, surrogate, (order, probes), top_k,
-                          verify_top, out)
+        _attribution_scan(run, config, report, allow_same_split, op, alpha, top_k, verify_top, out,
+                          surrogate=surrogate, order=order, probes=probes)
         return
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
@@ -230,10 +229,10 @@ def scan_command(
 
 
 def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, op: str, alpha: float | None,
-                      surrogate: str, order_probes: tuple[int, int | None], top_k: int | None,
-                      verify_top: int | None, out: Path) -> None:
+                      top_k: int | None, verify_top: int | None, out: Path, **options) -> None:
     """``scan --method attribution``: estimate every head's effect; score the top-k masks of the estimate exactly
-    (best one reported on the held-out split); optionally verify the extreme estimates one head at a time."""
+    (best one reported on the held-out split); optionally verify the extreme estimates one head at a time.
+    ``options`` (surrogate, order, probes) go to :meth:`_Run.attribution`."""
     import clipheads
     from clipheads.search import (
         RunFolder,
@@ -250,7 +249,8 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
     folder = RunFolder(out, config, run.dist)
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
-    estimate = run.attribution(evaluator, op, alpha, surrogate, *order_probes)
+    estimate = run.attribution(evaluator, op, alpha, **options)
+    surrogate = estimate.surrogate_name
     ranking = estimated_ranking(estimate.estimated_delta)
     estimated_scan = estimate.as_scan(run.data.split)
     evaluate_top_k(estimated_scan, evaluator, top_k)
