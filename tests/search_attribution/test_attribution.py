@@ -82,8 +82,6 @@ def test_one_batch_gives_the_same_estimate_as_several(tiny_backend, pixels):
     assert all(p.requires_grad for p in tiny_backend.model.parameters())
 
 
-
-
 @pytest.mark.parametrize(("kind", "op"), [("hf", "identity"), ("open_clip", "zero"), ("hf", "cls")])
 def test_second_order_term_is_the_curvature_along_each_heads_feature_change(kind, op, monkeypatch):
     """Reference: J_ih = d(features of image i)/d(gate h) by central differences, H_ii = the surrogate's Hessian in
