@@ -15,8 +15,8 @@ and prints how well the exact scan's ranking agrees with itself on new images: t
 with one split's exact scan can be read against.
 
 ``--surrogate-scan`` also scans the soft-recall surrogate itself exactly (every head ablated alone), which separates
-the two errors of the estimate: first order (estimate vs the surrogate's exact change) and surrogate (the surrogate's
-exact change vs mean recall's).
+the two errors of the estimate: Taylor (estimate vs the surrogate's exact change) and surrogate (the surrogate's exact
+change vs mean recall's).
 
 ``--arch ViT-B/32`` (or ViT-B/16, ViT-L/14) times both scans on a randomly initialised model of that architecture
 (`transformers` CLIPModel, the world's images resized to 224 px): speed only, as the ratio depends on the number of
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--reliability", action="store_true",
                         help="also scan a world of another seed exactly: the exact ranking's agreement with itself")
     parser.add_argument("--surrogate-scan", action="store_true",
-                        help="also scan the soft-recall surrogate exactly: first-order error vs surrogate mismatch")
+                        help="also scan the soft-recall surrogate exactly: Taylor error vs surrogate mismatch")
     parser.add_argument("--probes", type=int, default=None,
                         help="probe pairs of the second order (default: clipheads' default for the image count)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -123,7 +123,7 @@ def main() -> None:
     for (surrogate, order), estimate in estimates.items():
         estimated_delta = estimate.estimated_delta.flatten().tolist()
         top_estimate = estimated_ranking(estimate.estimated_delta)[:10]
-        pairs = f" ({estimate.probes} probe pairs)" if order == 2 else ""
+        pairs = f" ({estimate.probes} probe pair{'s' if estimate.probes > 1 else ''})" if order == 2 else ""
         print(f"attribution scan, {surrogate} surrogate ({estimate.surrogate:.4f}), {ORDERS[order]}{pairs}: "
               f"{seconds[surrogate, order]:.1f} s")
         print(f"  speedup exact/attribution {exact_seconds / seconds[surrogate, order]:.1f}")
