@@ -89,7 +89,7 @@ def test_refuses_bad_input(captioner, clip, images):
     with pytest.raises(ClipHeadsError, match="not mean"):
         LayerwiseCaptioning(captioner, clip, images, LayerwiseCaptionConfig(op="mean"))
     with clipheads.ablate(clip, clipheads.HeadMask.from_layers([1], clip)), \
-            pytest.raises(ClipHeadsError, match="unmodified"):
+            pytest.raises(ClipHeadsError, match="layer-wise captioning needs the unablated"):
         LayerwiseCaptioning(captioner, clip, images, LayerwiseCaptionConfig(prefix_from_selection=False))([[0]])
 
 

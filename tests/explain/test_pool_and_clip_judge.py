@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clipheads.errors import DataError
-from clipheads.explain.judges import ClipJudge, encode_texts
+from clipheads.eval import encode_text_batches
+from clipheads.explain.judges import ClipJudge
 from clipheads.explain.pool import CONCEPT_WORDS, default_pool, known_texts, load_texts
 from clipheads.models.random_init import random_hf_clip
 
@@ -59,7 +60,7 @@ def test_user_text_file(tmp_path):
 
 def test_clip_judge_labels_from_its_vocabulary_and_is_calibrated(pool, tiny):
     known = known_texts(tiny, pool)
-    judge = ClipJudge(tiny, pool=known, pool_features=encode_texts(tiny, known.texts))
+    judge = ClipJudge(tiny, pool=known, pool_features=encode_text_batches(tiny, known.texts))
     assert set(judge.concepts) == {"colour", "shape", "size", "position", "animal", "vehicle", "plant"}
     calibration = judge.calibration
     assert calibration.n_positive > 0 and calibration.n_negative > 0 and 0.5 <= calibration.balanced_accuracy <= 1

@@ -162,9 +162,8 @@ class LayerwiseCaptioning:
             selected: per group, the caption the model with that group cancelled selected for each image (at least
                 ``n_images``); required when ``prefix_from_selection``.
         """
-        if self.backend.intervention is not None or self.encoder.intervention is not None:
-            raise ClipHeadsError("the CLIP model already has an ablation applied; layer-wise captions need the "
-                                 "unmodified model (call clipheads.remove first)")
+        self.backend.require_unablated("layer-wise captioning")
+        self.encoder.require_unablated("layer-wise captioning")
         if selected is not None and len(selected) != len(groups):
             raise ClipHeadsError(f"got selected captions for {len(selected)} groups, but {len(groups)} groups")
         if self.config.prefix_from_selection and selected is None:

@@ -63,7 +63,7 @@ def _pixel_batches(backend, paths: list[Path], batch_size: int):
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
               max_images: int, batch_size: int, seed: int):
-    from clipheads.explain.judges import encode_texts
+    from clipheads.eval.features import encode_text_batches
     from clipheads.explain.pipeline import describe_model
     from clipheads.explain.pool import get_pool, known_texts
     from clipheads.heads import parse_layers
@@ -73,7 +73,7 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     paths = _image_paths(data, split, max_images, seed)
     pool = known_texts(backend, get_pool(texts, seed=seed))
     console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
-    features = encode_texts(backend, pool.texts)
+    features = encode_text_batches(backend, pool.texts)
     result = describe_model(backend, _pixel_batches(backend, paths, batch_size), pool, k=k, layers=layers, rank=rank,
                             pool_features=features)
     result.meta["data"] = str(data)

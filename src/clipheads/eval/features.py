@@ -230,6 +230,16 @@ def ablation_key(mask: HeadMask | None, operator: Operator | None) -> str:
 
 
 @torch.inference_mode()
+def encode_text_batches(backend: CLIPBackend, texts: Sequence[str], batch_size: int = 256, *,
+                        progress: bool = False) -> torch.Tensor:
+    """``[N, D]`` L2-normalised float32 text features, batch by batch, uncached (also for a model in training)."""
+    starts = range(0, len(texts), batch_size)
+    chunks = [backend.encode_text(list(texts[start:start + batch_size]), normalize=True).float().cpu()
+              for start in tqdm(starts, desc="texts", unit="batch", disable=not progress, leave=False)]
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+@torch.inference_mode()
 def encode_texts(model: CLIPBackend | nn.Module, texts: Sequence[str], options: EncodeOptions | None = None,
                  **overrides) -> torch.Tensor:
     """``[N, D]`` L2-normalised float32 text features (the text tower is never ablated; each text encoded once)."""
@@ -247,13 +257,8 @@ def encode_texts(model: CLIPBackend | nn.Module, texts: Sequence[str], options: 
     if cached is not None:
         return cached
     unique = list(dict.fromkeys(texts))
-    chunks = []
-    starts = range(0, len(unique), opts.text_batch_size)
     with precision_context(backend.device, opts.precision):
-        for start in tqdm(starts, desc="texts", unit="batch", disable=not opts.progress, leave=False):
-            batch = unique[start:start + opts.text_batch_size]
-            chunks.append(backend.encode_text(batch, normalize=True).float().cpu())
-    features = torch.cat(chunks) if chunks else torch.empty(0, 0)
+        features = encode_text_batches(backend, unique, opts.text_batch_size, progress=opts.progress)
     row = {text: i for i, text in enumerate(unique)}
     features = features[torch.tensor([row[t] for t in texts], dtype=torch.long)]
     meta = {"model": model_fingerprint(backend) if disk_key else None, "n_items": len(texts),

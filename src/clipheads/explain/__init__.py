@@ -20,7 +20,6 @@ from clipheads.explain.judges import (
     SentenceJudge,
     calibrate,
     default_judge_name,
-    encode_texts,
     minilm_available,
 )
 from clipheads.explain.pipeline import describe_model, score_heads
@@ -32,6 +31,6 @@ __all__ = ["CONCEPT_WORDS", "CCSResult", "Calibration", "ClipJudge", "Decomposit
            "HeadDescription", "Judge", "JudgeError", "LLMJudge", "PrototypeJudge", "PruneReport", "PruneRun",
            "SentenceEncoder", "SentenceJudge", "TextPool", "TextSpanResult", "calibrate", "ccs_group",
            "compare_pruning", "concept_consistency", "decompose", "decompose_batches", "default_judge_name",
-           "default_pool", "describe_heads", "describe_model", "encode_texts", "get_pool", "known_texts",
+           "default_pool", "describe_heads", "describe_model", "get_pool", "known_texts",
            "load_texts", "majority", "minilm_available", "prune_mask", "random_heads", "score_heads", "select_heads",
            "text_span"]

@@ -140,8 +140,7 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
         A :class:`Decomposition` whose ``total()`` equals ``model.encode_image(pixels)`` (``[N, D]``).
     """
     backend = as_backend(model)
-    if backend.intervention is not None or backend.hooked_layers:
-        raise ClipHeadsError("decompose the unablated model: call clipheads.remove(model) first")
+    backend.require_unablated("the decomposition")
     chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers, backend.n_layers)
     norm, projection, projection_bias = _final_stage(backend)
     embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels)

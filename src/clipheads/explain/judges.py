@@ -32,6 +32,7 @@ import httpx
 import torch
 
 from clipheads.errors import ClipHeadsError
+from clipheads.eval.features import encode_text_batches
 from clipheads.explain.pool import CONCEPT_WORDS, TextPool, default_pool, known_texts
 from clipheads.models import CLIPBackend
 
@@ -56,14 +57,6 @@ class Judge(Protocol):
 
 
 # --------------------------------------------------------------------------------------------- offline judge
-@torch.inference_mode()
-def encode_texts(model: CLIPBackend, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """``[M, D]`` unit-norm text features, in batches."""
-    parts = [model.encode_text(list(texts[i:i + batch_size]), normalize=True).float().cpu()
-             for i in range(0, len(texts), batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, 0)
-
-
 def _prototypes(features: torch.Tensor, groups: dict[str, list[int]]) -> torch.Tensor:
     """``[C, D]`` unit-norm mean feature of each group of rows."""
     return torch.nn.functional.normalize(torch.stack([features[idx].mean(0) for idx in groups.values()]), dim=-1)
@@ -182,7 +175,7 @@ class ClipJudge(PrototypeJudge):
         self.batch_size = batch_size
         if concepts is None or threshold is None:
             pool, pool_features = self._known_pool(pool, pool_features)
-        super().__init__("clip", lambda texts: encode_texts(model, texts, batch_size), pool, pool_features,
+        super().__init__("clip", lambda texts: encode_text_batches(model, texts, batch_size), pool, pool_features,
                          concepts, threshold)
 
     def _known_pool(self, pool: TextPool | None, features: torch.Tensor | None) -> tuple[TextPool, torch.Tensor]:
@@ -194,7 +187,7 @@ class ClipJudge(PrototypeJudge):
             index = {text: i for i, text in enumerate(pool.texts)}
             features = features[[index[text] for text in known.texts]]
         if features is None:
-            features = encode_texts(self.model, known.texts, self.batch_size)
+            features = encode_text_batches(self.model, known.texts, self.batch_size)
         return known, features
 
 

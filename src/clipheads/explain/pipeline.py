@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from clipheads.eval.features import encode_text_batches
 from clipheads.explain.concepts import CCSResult, concept_consistency
 from clipheads.explain.decomposition import decompose_batches
-from clipheads.explain.judges import Judge, encode_texts
+from clipheads.explain.judges import Judge
 from clipheads.explain.pool import TextPool, default_pool, known_texts
 from clipheads.explain.textspan import TextSpanResult, describe_heads
 from clipheads.models import CLIPBackend
@@ -34,7 +35,7 @@ def describe_model(model: CLIPBackend, batches: Iterable[torch.Tensor], pool: Te
     logger.info("decomposed %d images into %d layers x %d heads", decomposition.n_images,
                 len(decomposition.layers), model.n_heads)
     if pool_features is None or len(pool_features) != len(pool):
-        pool_features = encode_texts(model, pool.texts, text_batch_size)
+        pool_features = encode_text_batches(model, pool.texts, text_batch_size)
     meta = {"model": model.name, "texts": pool.source, "layers": decomposition.layers}
     return describe_heads(decomposition, pool_features, pool.texts, k=k, rank=rank, meta=meta)
 

@@ -231,6 +231,12 @@ class CLIPBackend(ABC):
         return [i for i in range(self.n_layers)
                 if getattr(self.attention_module(i), "_clipheads_hook", None) is not None]
 
+    def require_unablated(self, purpose: str) -> None:
+        """Refuse (one line) to run ``purpose`` on a model with an ablation or head hook applied."""
+        if self.intervention is not None or self.hooked_layers:
+            raise ClipHeadsError(f"{purpose} needs the unablated model, but an ablation is applied; call "
+                                 "clipheads.remove(model) first")
+
     @abstractmethod
     def _install(self, layer: int, hook: HeadHook) -> None: ...
 

@@ -153,9 +153,7 @@ def attribution_scan(
         raise ClipHeadsError(f"the second-order term needs at least one probe, got {probes}")
     if image_features is not None and len(image_features) != len(pixels):
         raise ClipHeadsError(f"{len(image_features)} image features for {len(pixels)} images")
-    if backend.intervention is not None or backend.hooked_layers:
-        raise ClipHeadsError("the model has an ablation applied; call clipheads.remove first (the attribution scan "
-                             "installs its own gates)")
+    backend.require_unablated("the attribution scan (it installs its own gates)")
     score = SURROGATES[surrogate]
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
     dtype = torch.float32 if backend.dtype in (torch.float16, torch.bfloat16) else backend.dtype  # the surrogate's

@@ -84,9 +84,7 @@ class MaskEvaluator:
                  op: str | Operator = "identity", *, alpha: float | None = None, means: torch.Tensor | None = None,
                  batch_size: int = 64, masks_per_forward: int | None = None, cache_stride: int = 1, split: str = "",
                  distributed: Distributed = SINGLE, progress: bool = False) -> None:
-        if backend.intervention is not None or backend.hooked_layers:
-            raise ClipHeadsError("the model passed to the search has an ablation applied; call clipheads.remove "
-                                 "first (the search installs its own hooks)")
+        backend.require_unablated("the search (it installs its own hooks)")
         if len(pixels) == 0:
             raise ClipHeadsError(f"no evaluation images for the search{f' (split {split!r})' if split else ''}")
         self.backend = backend

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipheads.eval.features import encode_text_batches
 from clipheads.metrics import retrieval_metrics
 from clipheads.models.base import CLIPBackend
 from clipheads.world.grammar import positional_caption, shape_swapped_caption
@@ -78,14 +79,6 @@ def encode_images(backend: CLIPBackend, images: Sequence[Image.Image], batch_siz
     return torch.cat(features)
 
 
-@torch.inference_mode()
-def encode_texts(backend: CLIPBackend, texts: Sequence[str], batch_size: int = 1000) -> torch.Tensor:
-    """``[N, D]`` L2-normalised text features."""
-    features = [backend.encode_text(list(texts[s:s + batch_size]), normalize=True).float().cpu()
-                for s in range(0, len(texts), batch_size)]
-    return torch.cat(features)
-
-
 
 @dataclass
 class SplitResult:
@@ -127,8 +120,8 @@ def evaluate_sample(backend: CLIPBackend, sample: WorldSample) -> SplitResult:
     image_features = encode_images(backend, sample.images)
     texts = [c for caps in sample.captions for c in caps]
     text_image = [i for i, caps in enumerate(sample.captions) for _ in caps]
-    metrics = world_retrieval_metric(image_features, encode_texts(backend, texts), text_image)
-    probe = encode_texts(backend, [c for caps in sample.probe_captions for c in caps])
+    metrics = world_retrieval_metric(image_features, encode_text_batches(backend, texts), text_image)
+    probe = encode_text_batches(backend, [c for caps in sample.probe_captions for c in caps])
     accuracy, following = shape_probe(image_features, probe, sample.first_shapes, sample.cue_shapes)
     return SplitResult(sample.split, len(sample), 100.0 * metrics["mean_recall"], metrics, accuracy, following)
 
