@@ -47,7 +47,6 @@ from clipheads.metrics import (
 
 __all__ = ["DEFAULT_CACHE", "EVALUATORS", "PRECISIONS", "EncodeOptions", "EncodedImages", "FeatureCache",
            "bias_metrics", "caption_selection_metrics", "compositional_metrics", "encode_images", "encode_text_batches",
-           "encode_texts",
-           "evaluate", "evaluate_bias", "evaluate_caption_selection", "evaluate_compositional", "evaluate_retrieval",
-           "evaluate_zeroshot", "max_skew", "model_fingerprint", "precision_context", "retrieval_metrics",
-           "zeroshot_classifier", "zeroshot_metrics"]
+           "encode_texts", "evaluate", "evaluate_bias", "evaluate_caption_selection", "evaluate_compositional",
+           "evaluate_retrieval", "evaluate_zeroshot", "max_skew", "model_fingerprint", "precision_context",
+           "retrieval_metrics", "zeroshot_classifier", "zeroshot_metrics"]

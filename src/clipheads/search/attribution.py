@@ -176,8 +176,7 @@ def attribution_scan(
             with stacked_gates(backend, operator, gates):  # one gate row per image
                 out = backend.encode_image_readout(pixels[i:i + batch_size])
             if one_pass:  # every image in one batch: the gated forward's features are the unablated ones
-                value, batch_vectors = _feature_vectors(score, out.to(dtype), texts, n_probes,
-                                                        generator)
+                value, batch_vectors = _feature_vectors(score, out.to(dtype), texts, n_probes, generator)
             else:
                 batch_vectors = vectors[:, i:i + batch_size]
             per_image.append(torch.stack([

@@ -79,7 +79,6 @@ def encode_images(backend: CLIPBackend, images: Sequence[Image.Image], batch_siz
     return torch.cat(features)
 
 
-
 @dataclass
 class SplitResult:
     """Held-out numbers of one split: retrieval, and what the model reads as the first object's shape."""
