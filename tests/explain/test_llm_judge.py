@@ -296,3 +296,74 @@ def test_timeout_must_be_positive():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(JudgeError, match="timeout must be a positive number of seconds"):
             LLMJudge("http://127.0.0.1:9/v1", "m", timeout=bad)
+
+
+def test_cli_refuses_a_timeout_that_is_not_positive_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from clipheads.cli import app
+
+    for bad in ("0", "-1", "nan", "inf"):  # a model that does not exist: refused before it is looked for
+        result = CliRunner().invoke(app, ["ccs", "--judge", "llm", "--llm-timeout", bad, "--model",
+                                          str(tmp_path / "missing"), "--descriptions", str(tmp_path / "d.json")])
+        assert result.exit_code == 2 and "Invalid value for '--llm-timeout'" in result.output, result.output
+        assert "must be a positive number of seconds" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture()
+def cli_logging(capsys):
+    """``start()`` sets logging up as the ``clipheads`` command does (a stderr handler on a root logger without
+    others) and returns capsys, whose stderr the handler writes to; all is put back afterwards."""
+    import transformers
+
+    from clipheads.cli import configure_logging
+
+    root, ours = logging.getLogger(), logging.getLogger("clipheads")
+    saved = root.handlers[:], root.level, ours.level, transformers.utils.logging.get_verbosity()
+
+    def start():
+        root.handlers.clear()
+        configure_logging()
+        return capsys
+
+    yield start
+    handlers, level, our_level, verbosity = saved
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    ours.setLevel(our_level)
+    transformers.utils.logging.set_verbosity(verbosity)
+    transformers.utils.logging.enable_progress_bar()
+
+
+def test_cli_logging_shows_clipheads_warnings_and_quiets_other_libraries(cli_logging):
+    captured = cli_logging()
+    logging.getLogger("open_clip").warning("third-party warning")
+    logging.getLogger("httpx").warning("httpx warning")
+    logging.getLogger("clipheads.data.folder").warning("skipping broken.png")
+    logging.getLogger("clipheads.explain").info("an info line")
+    assert captured.readouterr().err.splitlines() == ["WARNING clipheads.data.folder: skipping broken.png"]
+
+
+def test_cli_shows_retry_warnings_and_keeps_the_key_out(server, tmp_path, cli_logging, monkeypatch):
+    """``clipheads ccs --judge llm``: the retry is a WARNING line on stderr, the key is nowhere."""
+    from typer.testing import CliRunner
+
+    from clipheads.cli import app
+    from clipheads.explain.textspan import HeadDescription, TextSpanResult
+    from clipheads.models.random_init import random_hf_clip, save_hf
+
+    save_hf(random_hf_clip("tiny"), tmp_path / "model")
+    TextSpanResult([HeadDescription(1, 0, TEXTS, [0.2] * 5, 1.0), HeadDescription(1, 1, TEXTS[::-1], [0.2] * 5, 1.0)],
+                   k=5, rank=8, n_images=10, n_texts=100).save(tmp_path / "descriptions.json")
+    server.script = lambda body, n: (503, b"busy", 0, {"Retry-After": "0"}) if n == 1 else Server.answer(body, n)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    captured = cli_logging()
+    result = CliRunner().invoke(app, ["ccs", "--model", str(tmp_path / "model"), "--descriptions",
+                                      str(tmp_path / "descriptions.json"), "--judge", "llm", "--llm-base-url",
+                                      server.url, "--llm-model", "test-model", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    stderr = captured.readouterr().err
+    assert "WARNING clipheads.explain.judges: LLM judge test-model: attempt 1/4 HTTP 503 (Retry-After 0 s)" in stderr
+    assert json.loads((tmp_path / "ccs.json").read_text())["judges"] == ["llm:test-model"]
+    assert server.connections == 1 and len(server.requests) == 5  # 2 heads x (label, judgement) + 1 retry
+    assert not any(KEY in text for text in (result.output, stderr, *(p.read_text() for p in tmp_path.glob("*.json"))))
