@@ -261,6 +261,13 @@ def test_json_output_is_asked_for_and_dropped_when_the_server_rejects_it(server)
     with judge(server) as llm:
         assert llm.label(TEXTS) == "colours" and llm.judge("colours", TEXTS) == [True, False, True, False, True]
     assert ["response_format" in r["body"] for r in server.requests] == [True, False, False]
+    # a 400 that is about something else: the error is reported, and JSON output is still asked for next time
+    server.script = lambda body, n: (400, b'{"error": "context too long"}', 0)
+    server.requests.clear()
+    with judge(server) as llm:
+        with pytest.raises(JudgeError, match="HTTP 400: .*context too long"):
+            llm.label(TEXTS)
+        assert llm.json_mode
 
 
 def test_a_trickling_server_cannot_hold_an_attempt_past_the_timeout(server):
@@ -292,10 +299,13 @@ def test_a_refused_key_is_one_clear_line_without_the_key(server):
     assert KEY not in message and "\n" not in message and len(server.requests) == 1  # not retried
 
 
-def test_timeout_must_be_positive():
+def test_timeout_and_base_url_are_checked_at_construction():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(JudgeError, match="timeout must be a positive number of seconds"):
             LLMJudge("http://127.0.0.1:9/v1", "m", timeout=bad)
+    for bad in ("127.0.0.1:8000/v1", "ftp://127.0.0.1/v1", "http://", "http://[::1"):
+        with pytest.raises(JudgeError, match="base URL must be an http.s. URL"):
+            LLMJudge(bad, "m")
 
 
 def test_cli_refuses_a_timeout_that_is_not_positive_before_any_work(tmp_path):

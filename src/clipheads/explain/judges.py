@@ -369,7 +369,8 @@ class LLMJudge:
 
     Requests go through one ``httpx.AsyncClient`` (one kept-alive connection, reused by every request) on a private
     event loop; each attempt, from connecting to the last byte of the reply, is cancelled after ``timeout`` seconds
-    (a server that trickles its reply cannot hold the run). Attempts are retried with ``tenacity``.
+    (a server that trickles its reply cannot hold the run). Attempts are retried with ``tenacity``. Use it as a context
+    manager or call :meth:`close` to close the connection.
 
     Args:
         base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1`` (env ``CLIPHEADS_LLM_BASE_URL``).
@@ -385,8 +386,9 @@ class LLMJudge:
             asked again without it (and from then on).
 
     Raises:
-        JudgeError: missing settings or ``timeout <= 0`` (at construction); a refused key (HTTP 401/403), another
-            HTTP error, no answer after ``retries + 1`` attempts, or a reply without the expected JSON (when asked).
+        JudgeError: missing settings, a base URL that is not http(s) or ``timeout <= 0`` (at construction); a refused
+            key (HTTP 401/403), another HTTP error, no answer after ``retries + 1`` attempts, or a reply without the
+            expected JSON (when asked).
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
@@ -398,6 +400,13 @@ class LLMJudge:
         if not self.base_url or not self.model:
             raise JudgeError("the LLM judge needs a base URL and a model name: pass --llm-base-url/--llm-model or "
                              "set CLIPHEADS_LLM_BASE_URL and CLIPHEADS_LLM_MODEL")
+        try:
+            url = httpx.URL(self.base_url)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise JudgeError(f"the LLM judge's base URL must be an http(s) URL such as http://127.0.0.1:8000/v1, "
+                             f"not {self.base_url!r}")
         if not (math.isfinite(timeout) and timeout > 0):
             raise JudgeError(f"the LLM judge's timeout must be a positive number of seconds, not {timeout!r}")
         if retries < 0 or not (math.isfinite(backoff) and backoff >= 0):
@@ -458,9 +467,9 @@ class LLMJudge:
             if response.status_code == 400 and self.json_mode:
                 logger.info("LLM judge %s: the endpoint refused response_format json_object (HTTP 400); asking "
                             "without it", self.model)
-                self.json_mode = False
                 del payload["response_format"]
                 response = loop.run(self._send(payload))
+                self.json_mode = response.status_code == 400  # off from now on, unless the 400 was about else
         except (asyncio.TimeoutError, httpx.TimeoutException):
             raise _Retryable(f"timed out after {self.timeout:g} s") from None
         except httpx.TransportError as exc:
