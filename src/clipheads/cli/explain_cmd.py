@@ -154,8 +154,9 @@ def ccs(
     llm_model: list[str] = typer.Option(None, help="Model name (env CLIPHEADS_LLM_MODEL); repeat for several "
                                                    "LLM judges."),
     llm_timeout: float = typer.Option(60.0, callback=_positive_seconds,
-                                      help="Seconds per LLM request attempt as a whole (> 0); each attempt is "
-                                           "retried up to 3 times, honouring the server's Retry-After."),
+                                      help="Seconds per LLM request attempt, from connecting to the last byte "
+                                           "(> 0); a failed attempt is retried up to 3 times, with backoff and "
+                                           "jitter or the server's Retry-After."),
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
                                                "calibrated on the tagged default pool)."),
     rank: Rank = 80,
