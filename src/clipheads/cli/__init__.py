@@ -45,9 +45,16 @@ def _quiet_libraries() -> None:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip logs to the root logger
 
 
-def main() -> None:
+def configure_logging() -> None:
+    """Warnings of clipheads' own loggers (``clipheads.*``: retries, skipped images) on stderr; third-party
+    libraries (open_clip, transformers, httpx) only at ERROR."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    logging.getLogger("clipheads").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    configure_logging()
     try:
         app()
     except ClipHeadsError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -113,6 +114,13 @@ def describe(
     console.print(f"-> {path}")
 
 
+def _positive_seconds(value: float) -> float:
+    """Refuse a timeout that is not a positive, finite number of seconds, where the option is parsed."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a positive number of seconds, not {value:g}")
+    return value
+
+
 def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models, llm_timeout, threshold):
     from clipheads.explain.judges import ClipJudge, LLMJudge, SentenceJudge, default_judge_name
 
@@ -145,7 +153,10 @@ def ccs(
                                                 "key is read from OPENAI_API_KEY."),
     llm_model: list[str] = typer.Option(None, help="Model name (env CLIPHEADS_LLM_MODEL); repeat for several "
                                                    "LLM judges."),
-    llm_timeout: float = typer.Option(60.0, help="Seconds per LLM request."),
+    llm_timeout: float = typer.Option(60.0, callback=_positive_seconds,
+                                      help="Seconds per LLM request attempt, from connecting to the last byte "
+                                           "(> 0); a failed attempt is retried up to 3 times, with backoff and "
+                                           "jitter or the server's Retry-After."),
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
                                                "calibrated on the tagged default pool)."),
     rank: Rank = 80,
@@ -174,9 +185,14 @@ def ccs(
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
     judges = _judges(judge, backend, pool, features, llm_base_url, llm_model, llm_timeout, threshold)
-    with tqdm(total=len(result.heads), desc="judging", unit="head", leave=False) as bar:
-        scored = score_heads(result, judges, (backend.n_layers, backend.n_heads), checkpoint=out / "ccs_progress.json",
-                             progress=lambda done, total: bar.update(done - bar.n))
+    try:
+        with tqdm(total=len(result.heads), desc="judging", unit="head", leave=False) as bar:
+            scored = score_heads(result, judges, (backend.n_layers, backend.n_heads),
+                                 checkpoint=out / "ccs_progress.json",
+                                 progress=lambda done, total: bar.update(done - bar.n))
+    finally:
+        for closing in judges:  # the LLM judges' connections
+            getattr(closing, "close", lambda: None)()
     _print_ccs(scored)
     path = scored.save(out / "ccs.json")
     plot_ccs_heatmap(scored.scores(), out / "ccs_heatmap.png", scored.k, title=f"CCS of {backend.name}")

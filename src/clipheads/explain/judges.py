@@ -12,23 +12,30 @@ A judge has a ``name`` and two methods (see :class:`Judge`). Two kinds ship with
   cosine to all prototypes (removing the similarity every caption shares). The label is the concept with the highest
   mean score over the descriptions; a description is consistent with the label when its score reaches a threshold,
   calibrated per encoder on the tagged default pool (:func:`calibrate`, :class:`Calibration`).
-* :class:`LLMJudge` - any OpenAI-compatible chat-completions endpoint, over ``httpx``.
+* :class:`LLMJudge` - any OpenAI-compatible chat-completions endpoint, over one ``httpx`` connection, retried with
+  ``tenacity``.
 
 Several judges are combined by majority vote in :func:`clipheads.explain.concepts.concept_consistency`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import math
 import os
+import random
 import re
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
 import httpx
+import tenacity
 import torch
 
 from clipheads.errors import ClipHeadsError
@@ -281,67 +288,204 @@ JUDGE_PROMPT = ("Concept: \"{label}\"\n\nTexts describing one attention head:\n{
                 "For each text, in order, decide whether it is an instance of the concept or clearly about it "
                 "(true) or not (false).\n\nAnswer with JSON only: {{\"consistent\": [{k} booleans, in order]}}")
 
-RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
-
-
 def _numbered(descriptions: Sequence[str]) -> str:
     return "\n".join(f"{i + 1}. {text}" for i, text in enumerate(descriptions))
 
 
+
+
+RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+KEY_STATUS = (401, 403)
+
+
+class _Retryable(Exception):
+    """One failed attempt worth another: a timeout, a connection failure, 429 or 5xx (``retry_after`` in s)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110 10.2.3); ``None`` when
+    absent or unreadable. Negative waits (a date in the past) are 0."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def first_json_value(text: str, key: str) -> object | None:
+    """``obj[key]`` of the first JSON object in ``text`` that has ``key``; ``None`` when there is none.
+
+    Each ``{`` is tried in turn with :meth:`json.JSONDecoder.raw_decode`, which reads one JSON value and stops, so a
+    reply may wrap its JSON in prose or a code fence, and prose after it may contain braces.
+    """
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and key in value:
+            return value[key]
+    return None
+
+
+class _EventLoop:
+    """A private asyncio loop in a daemon thread: the judge's blocking calls run coroutines on it, from any thread
+    (also inside Jupyter, whose own loop is already running)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="clipheads-llm-judge", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine):
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result()
+        except BaseException:  # KeyboardInterrupt in the caller: stop the request too
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 class LLMJudge:
     """A judge served by an OpenAI-compatible chat-completions endpoint (``POST {base_url}/chat/completions``).
+
+    Requests go through one ``httpx.AsyncClient`` (one kept-alive connection, reused by every request) on a private
+    event loop; each attempt, from connecting to the last byte of the reply, is cancelled after ``timeout`` seconds
+    (a server that trickles its reply cannot hold the run). Attempts are retried with ``tenacity``. Use it as a context
+    manager or call :meth:`close` to close the connection.
 
     Args:
         base_url: e.g. ``https://api.openai.com/v1`` or ``http://127.0.0.1:8000/v1`` (env ``CLIPHEADS_LLM_BASE_URL``).
         model: the model name the endpoint serves (env ``CLIPHEADS_LLM_MODEL``).
         api_key: bearer key (env ``OPENAI_API_KEY``; may be empty for local servers). Never logged or written.
         concepts: optional vocabulary the label should be chosen from.
-        timeout: seconds per request. retries: extra attempts after a timeout, connection error, 429 or 5xx,
-            waiting ``backoff * 2**attempt`` seconds in between.
+        timeout: seconds per attempt as a whole (> 0).
+        retries: extra attempts after a timeout, a connection failure, HTTP 408/409/425/429 or 5xx. Before each, the
+            judge waits the server's ``Retry-After`` (429/503) or ``backoff * 2**n`` seconds (n = 0, 1, ...), plus a
+            random jitter of up to ``backoff`` seconds; a server asking for more than ``max_wait`` seconds ends the
+            run. Each retry is logged as a warning on the ``clipheads`` logger.
+        json_mode: ask for ``response_format={"type": "json_object"}``; a server that rejects it with HTTP 400 is
+            asked again without it (and from then on).
+
+    Raises:
+        JudgeError: missing settings, a base URL that is not http(s) or ``timeout <= 0`` (at construction); a refused
+            key (HTTP 401/403), another HTTP error, no answer after ``retries + 1`` attempts, or a reply without the
+            expected JSON (when asked).
     """
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
                  concepts: Sequence[str] | None = None, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 1.0, temperature: float = 0.0) -> None:
+                 backoff: float = 1.0, temperature: float = 0.0, max_wait: float = 60.0,
+                 json_mode: bool = True) -> None:
         self.base_url = (base_url or os.environ.get("CLIPHEADS_LLM_BASE_URL") or "").rstrip("/")
         self.model = model or os.environ.get("CLIPHEADS_LLM_MODEL") or ""
         if not self.base_url or not self.model:
             raise JudgeError("the LLM judge needs a base URL and a model name: pass --llm-base-url/--llm-model or "
                              "set CLIPHEADS_LLM_BASE_URL and CLIPHEADS_LLM_MODEL")
+        try:
+            url = httpx.URL(self.base_url)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise JudgeError(f"the LLM judge's base URL must be an http(s) URL such as http://127.0.0.1:8000/v1, "
+                             f"not {self.base_url!r}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise JudgeError(f"the LLM judge's timeout must be a positive number of seconds, not {timeout!r}")
+        if retries < 0 or not (math.isfinite(backoff) and backoff >= 0):
+            raise JudgeError(f"the LLM judge needs retries >= 0 and backoff >= 0 (got {retries!r}, {backoff!r})")
         self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.concepts = list(concepts) if concepts else None
         self.timeout, self.retries, self.backoff, self.temperature = timeout, retries, backoff, temperature
+        self.max_wait, self.json_mode = max_wait, json_mode
         self.name = f"llm:{self.model}"
+        self._sleep = time.sleep
+        self._loop: _EventLoop | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # the key stays out of reprs, logs and tracebacks
         return f"LLMJudge(base_url={self.base_url!r}, model={self.model!r})"
 
+    def __enter__(self) -> LLMJudge:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection and stop the judge's event loop (a later request opens them again)."""
+        with self._lock:
+            loop, client, self._loop, self._client = self._loop, self._client, None, None
+        if loop is not None:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    loop.run(client.aclose())
+            loop.close()
+
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    def _post(self, messages: list[dict]) -> str:
-        url = f"{self.base_url}/chat/completions"
+    # -- one attempt ----------------------------------------------------------------------------------------------
+    async def _send(self, payload: dict) -> httpx.Response:
+        if self._client is None:  # created on the judge's loop, which owns its connection
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout),
+                                             limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        # the whole attempt (connect, headers, body) under one deadline
+        return await asyncio.wait_for(self._client.post(f"{self.base_url}/chat/completions", json=payload,
+                                                        headers=headers), self.timeout)
+
+    def _attempt(self, messages: list[dict]) -> str:
+        url = f"{self.base_url}/chat/completions"
+        with self._lock:
+            if self._loop is None:
+                self._loop = _EventLoop()
+            loop = self._loop
         payload = {"model": self.model, "messages": messages, "temperature": self.temperature}
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                response = httpx.post(url, json=payload, headers=headers, timeout=self.timeout)
-            except httpx.TimeoutException:
-                last = f"timed out after {self.timeout:g} s"
-            except httpx.TransportError as exc:
-                last = f"connection failed ({type(exc).__name__})"
-            else:
-                if response.status_code == 200:
-                    return self._content(response)
-                last = f"HTTP {response.status_code}"
-                if response.status_code not in RETRY_STATUS:
-                    raise JudgeError(self._redact(f"LLM judge {self.model} at {url}: {last}: "
-                                                  f"{response.text.strip()[:160]!r}"))
-            logger.warning("LLM judge %s: attempt %d/%d %s", self.model, attempt + 1, self.retries + 1, last)
-        raise JudgeError(f"LLM judge {self.model} at {url}: no answer after {self.retries + 1} attempts ({last})")
+        if self.json_mode:
+            payload["response_format"] = {"type": "json_object"}
+        try:
+            response = loop.run(self._send(payload))
+            if response.status_code == 400 and self.json_mode:
+                logger.info("LLM judge %s: the endpoint refused response_format json_object (HTTP 400); asking "
+                            "without it", self.model)
+                del payload["response_format"]
+                response = loop.run(self._send(payload))
+                self.json_mode = response.status_code == 400  # off from now on, unless the 400 was about else
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            raise _Retryable(f"timed out after {self.timeout:g} s") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(f"connection failed ({type(exc).__name__})") from None
+        status = response.status_code
+        if status == 200:
+            return self._content(response)
+        if status in RETRY_STATUS:
+            retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            raise _Retryable(f"HTTP {status}" + (f" (Retry-After {retry_after:g} s)" if retry_after is not None
+                                                  else ""), retry_after)
+        if status in KEY_STATUS:
+            raise JudgeError(f"LLM judge {self.model} at {url}: the endpoint refused the API key (HTTP {status}); "
+                             "set OPENAI_API_KEY to a valid key for this endpoint")
+        raise JudgeError(self._redact(f"LLM judge {self.model} at {url}: HTTP {status}: "
+                                      f"{response.text.strip()[:160]!r}"))
 
     def _content(self, response: httpx.Response) -> str:
         try:
@@ -353,13 +497,40 @@ class LLMJudge:
             raise JudgeError(f"LLM judge {self.model}: malformed reply: message content is not text")
         return content
 
+    # -- retries --------------------------------------------------------------------------------------------------
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """Seconds before the next attempt: the server's Retry-After, else exponential backoff; plus jitter."""
+        retry_after = getattr(state.outcome.exception(), "retry_after", None)
+        if retry_after is not None:
+            return retry_after + random.uniform(0, self.backoff)
+        backoff = tenacity.wait_exponential(multiplier=self.backoff, max=self.max_wait)
+        return (backoff + tenacity.wait_random(0, self.backoff))(state)
+
+    def _too_long(self, state: tenacity.RetryCallState) -> bool:
+        retry_after = getattr(state.outcome.exception(), "retry_after", None)
+        return retry_after is not None and retry_after > self.max_wait
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        logger.warning("LLM judge %s: attempt %d/%d %s; retrying in %.1f s", self.model, state.attempt_number,
+                       self.retries + 1, self._redact(str(state.outcome.exception())), state.next_action.sleep)
+
+    def _post(self, messages: list[dict]) -> str:
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(self.retries + 1) | self._too_long,
+                                     wait=self._wait, retry=tenacity.retry_if_exception_type(_Retryable),
+                                     before_sleep=self._log_retry, sleep=self._sleep, reraise=True)
+        try:
+            return retrying(self._attempt, messages)
+        except _Retryable as exc:
+            url = f"{self.base_url}/chat/completions"
+            if exc.retry_after is not None and exc.retry_after > self.max_wait:
+                raise JudgeError(f"LLM judge {self.model} at {url}: the server asks to wait {exc.retry_after:g} s "
+                                 f"(more than {self.max_wait:g} s); try again later") from None
+            n = retrying.statistics.get("attempt_number", self.retries + 1)
+            raise JudgeError(f"LLM judge {self.model} at {url}: no answer after {n} attempts ({exc})") from None
+
     def _ask(self, prompt: str, key: str, check) -> object:
         content = self._post([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}])
-        match = re.search(r"\{.*\}", content, re.DOTALL)
-        try:
-            value = json.loads(match.group(0))[key] if match else None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            value = None
+        value = first_json_value(content, key)
         if value is None or not check(value):
             raise JudgeError(self._redact(f"LLM judge {self.model}: malformed reply, expected JSON with {key!r}: "
                                           f"{content.strip()[:160]!r}"))
