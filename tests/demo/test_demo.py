@@ -24,3 +24,14 @@ def test_quick_demo_writes_report_and_summary(tmp_path):
     assert "data:image/png;base64," in html and "Single-head scan" in html
     for name in ("greedy", "aat_ga", "aat_bp"):
         assert json.loads((tmp_path / f"mask_{name}.json").read_text())["format"] == "clipheads.HeadMask/1"
+
+
+def test_demo_refuses_a_folder_whose_world_is_not_its_own(tmp_path, run_main):
+    (tmp_path / "world" / "images" / "holiday").mkdir(parents=True)
+    (tmp_path / "world" / "images" / "holiday" / "README.txt").write_text("notes\n")
+    code, _, err = run_main("demo", "--quick", "--out", tmp_path, forbid_load=True)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert (tmp_path / "world" / "images" / "holiday" / "README.txt").read_text() == "notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing written before the refusal
