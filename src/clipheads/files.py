@@ -130,18 +130,26 @@ def _check_creatable(path: Path, what: str) -> None:
 
 
 def _check_writable_dir(folder: Path, path: Path, what: str) -> None:
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {what} {str(path)!r}: no permission to write in {str(folder)!r}; fix the "
-                          "permissions or write elsewhere", path=path)
-    try:  # os.access does not see a read-only mount or a full disk's inodes: try it
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".clipheads-probe-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
+    try:
+        writable = os.access(folder, os.W_OK | os.X_OK)  # access(2) also fails on a read-only mount
     except OSError as exc:
         raise output_error(exc, path) from None
+    if not writable:
+        readonly = _is_read_only_mount(folder)
+        advice = "the file system is read-only at" if readonly else "no permission to write in"
+        raise OutputError(f"cannot write {what} {str(path)!r}: {advice} {str(folder)!r}; "
+                          f"{'write elsewhere' if readonly else 'fix the permissions or write elsewhere'}", path=path)
 
 
-def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = None) -> Path:
+def _is_read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = None,
+                     marker: str | None = None) -> Path:
     """Check, before any work, that an output folder can be written; create nothing.
 
     Args:
@@ -150,19 +158,25 @@ def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = 
             ``"text"`` or ``"dir"``; a name may end in ``*`` (``"mask_*.json"``). An existing entry of that name must be
             of that kind (a file clipheads could have written), so that a user's file of another kind is never
             overwritten.
+        marker: for folders whose files clipheads writes as a whole (checkpoints, search runs): the file an earlier
+            clipheads run left there; a non-empty folder without it is refused.
 
     Returns:
         ``path`` as given.
 
     Raises:
         OutputError: a file is where the folder should be or above it, the folder is not writable (permission,
-            read-only file system), or an existing entry has a product's name but another kind.
+            read-only file system), an existing entry has a product's name but another kind, or ``marker`` is missing
+            from a non-empty folder.
     """
     path = Path(path)
     if os.path.lexists(path):
         if not path.is_dir():
             raise OutputError(f"cannot write to folder {str(path)!r}: it is a file; give a folder path", path=path)
         _check_writable_dir(path, path, "to folder")
+        if marker is not None and not (path / marker).is_file() and any(not _is_temp(e.name) for e in path.iterdir()):
+            raise OutputError(f"{str(path)!r} is not empty and holds no {marker} of an earlier clipheads run; "
+                              "clipheads does not mix its files with others: choose a new or empty folder", path=path)
         for entry in sorted(path.iterdir()):
             kind = _product_kind(entry.name, products or {})
             if kind is not None and not _is_kind(entry, kind):
@@ -202,6 +216,11 @@ def check_output_file(path: str | os.PathLike, kind: str = "json") -> Path:
     else:
         _check_creatable(path, "file")
     return path
+
+
+def _is_temp(name: str) -> bool:
+    """A temporary file of an atomic write or a writability probe (``.NAME.XXXX.tmp``), possibly another process'."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 _KIND_TEXT = {"json": "a JSON file", "png": "a PNG image", "html": "an HTML file", "text": "a text file",

@@ -79,8 +79,10 @@ def train(
 ) -> None:
     """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
     (data, config, seed, time, held-out metrics, the command to reproduce) and checksums."""
-    from clipheads.world.train import TrainConfig, train_clip
+    from clipheads.files import check_output_dir
+    from clipheads.world.train import TRAINING_FILE, TrainConfig, train_clip
 
+    check_output_dir(out, {TRAINING_FILE: "json", "README.md": "text"}, marker=TRAINING_FILE)
     cfg = TrainConfig(preset=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       device=device, eval_images=eval_images)
     result = train_clip(data, out, cfg)
