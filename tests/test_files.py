@@ -209,3 +209,14 @@ def test_a_full_disk_at_the_end_of_an_evaluation_prints_the_result(tmp_path, run
     report = json.loads(out[out.index("{\n"):])
     assert report["task"] == "retrieval" and "mean_recall" in report["metrics"]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_write_outside_files_py_that_fails_is_one_line(tmp_path, run_main, monkeypatch):
+    def full(self, data):  # as a library's own save function meets a full disk (the world's images are plain writes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    code, _, err = run_main("world", "make", "--out", tmp_path / "w", "--n-train", "0", "--n-val", "1", "--n-test",
+                            "0", "--n-pairs", "0", "--n-groups", "0")
+    line = _one_error_line(code, err)
+    assert "val_ood_00000.png" in line and "disk is full" in line
