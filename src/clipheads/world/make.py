@@ -134,19 +134,19 @@ def _write_splits(root: Path, scenes: dict[str, list], progress: bool) -> tuple[
     entries: list[dict] = []
     held_out: dict[str, list] = {}
     total = sum(len(items) for items in scenes.values())
-    bar = tqdm(total=total, desc="rendering world", unit="img", disable=not progress)
-    for split in SPLITS:
-        records = []
-        for i, (scene, captions) in enumerate(scenes[split]):
-            name = f"{split}_{i:05d}.png"
-            payload = _write_png(root / "images" / split / name, render_scene(scene))
-            entries.append({"filename": name, "filepath": f"images/{split}", "split": split, "imgid": len(entries),
-                            "sentences": [{"raw": c} for c in captions], "scene": scene.metadata()})
-            if split in HELD_OUT:
-                records.append((name, scene, payload))
-            bar.update()
-        held_out[split] = records
-    bar.close()
+    with tqdm(total=total, desc="rendering world", unit="img", disable=not progress) as bar:  # closed on errors too
+        for split in SPLITS:
+            records = []
+            for i, (scene, captions) in enumerate(scenes[split]):
+                name = f"{split}_{i:05d}.png"
+                payload = _write_png(root / "images" / split / name, render_scene(scene))
+                entries.append({"filename": name, "filepath": f"images/{split}", "split": split,
+                                "imgid": len(entries), "sentences": [{"raw": c} for c in captions],
+                                "scene": scene.metadata()})
+                if split in HELD_OUT:
+                    records.append((name, scene, payload))
+                bar.update()
+            held_out[split] = records
     return entries, held_out
 
 
