@@ -25,7 +25,8 @@ world_app = typer.Typer(
 @world_app.command("make")
 def make(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created; an earlier world "
-                                                      "there is replaced, a folder with other files is refused)."),
+                                                      "there is replaced: only the files its world.json lists; a "
+                                                      "folder with anything else is refused)."),
     seed: int = typer.Option(0, help="World seed: the same seed writes byte-identical files."),
     n_train: int = typer.Option(20000, min=0, help="Training images (0: held-out data only, e.g. for evaluation)."),
     n_val: int = typer.Option(1000, min=0, help="Images of the validation split val_ood (marker random: search "
