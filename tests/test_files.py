@@ -219,4 +219,4 @@ def test_a_write_outside_files_py_that_fails_is_one_line(tmp_path, run_main, mon
     code, _, err = run_main("world", "make", "--out", tmp_path / "w", "--n-train", "0", "--n-val", "1", "--n-test",
                             "0", "--n-pairs", "0", "--n-groups", "0")
     line = _one_error_line(code, err)
-    assert "val_ood_00000.png" in line and "disk is full" in line
+    assert "file-system error at" in line and "val_ood_00000.png" in line and "disk is full" in line

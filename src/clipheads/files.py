@@ -37,12 +37,13 @@ WRITE_ERRNOS = frozenset(_ADVICE)
 MAX_PAYLOAD = 5_000_000
 
 
-def output_error(exc: OSError, path: str | os.PathLike, payload: str | None = None) -> OutputError:
-    """A one-line :class:`OutputError` for an ``OSError`` met while writing ``path``."""
+def output_error(exc: OSError, path: str | os.PathLike, payload: str | None = None,
+                 action: str = "cannot write") -> OutputError:
+    """A one-line :class:`OutputError` for an ``OSError`` met while writing ``path`` (``action`` starts the line)."""
     advice = _ADVICE.get(exc.errno, "check the path or write elsewhere")
     where = exc.filename if exc.filename not in (None, "") else path
     reason = exc.strerror or type(exc).__name__
-    return OutputError(f"cannot write {str(where)!r}: {reason}; {advice}", path=Path(path), payload=payload)
+    return OutputError(f"{action} {str(where)!r}: {reason}; {advice}", path=Path(path), payload=payload)
 
 
 def _umask() -> int:

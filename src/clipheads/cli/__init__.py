@@ -59,7 +59,7 @@ def main() -> None:
 
         if exc.errno not in WRITE_ERRNOS:
             raise
-        _fail(str(output_error(exc, exc.filename or "?")))
+        _fail(str(output_error(exc, exc.filename or "?", action="file-system error at")))
 
 
 def _fail(message: str) -> None:
