@@ -215,7 +215,7 @@ def test_issue_example_a_users_folder_survives_world_make(tmp_path, run_main, mo
     code, _, err = run_main("world", "make", "--out", "proj", *TINY_CLI)
     assert code == 2
     line = _one_error_line(err)
-    assert "not a clipheads world" in line or "without a world.json" in line
+    assert "holds images but no world.json listing" in line and "new or empty folder" in line
     assert (tmp_path / "proj" / "images" / "holiday" / "README.txt").read_text() == "notes\n"
     assert sorted(p.name for p in (tmp_path / "proj").rglob("*")) == ["README.txt", "holiday", "images"]
 
@@ -270,6 +270,6 @@ def test_an_interrupted_world_is_replaced_and_an_unlisted_one_refused(tmp_path):
         make_world(root, seed=3, sizes=small, progress=False)
     assert _digests(root) == before
     (root / "world.json").unlink()
-    with pytest.raises(DataError, match="without a world.json"):
+    with pytest.raises(DataError, match="no world.json listing"):
         make_world(root, seed=3, sizes=small, progress=False)
 

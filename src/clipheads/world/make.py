@@ -297,9 +297,9 @@ def check_world_folder(out_dir: str | Path) -> list[str]:
     if manifest is None:
         entries = sorted(entry.name for entry in root.iterdir())
         if all(_OLD_WORLD_ENTRY.fullmatch(name) or name.endswith(".tmp") for name in entries):
-            raise DataError(f"{str(root)!r} holds what looks like a world without a world.json listing its files (an "
-                            "interrupted or earlier clipheads world), so clipheads cannot tell it from your files: "
-                            "write the world to a new or empty folder")
+            raise DataError(f"{str(root)!r} holds {_names(entries)} but no world.json listing what a clipheads world "
+                            "wrote there (an earlier or interrupted world, or your own files): clipheads deletes only "
+                            "files it listed; write the world to a new or empty folder")
         raise DataError(f"{str(root)!r} holds files that are not a clipheads world ({_names(entries)}); write the "
                         "world to a new or empty folder")
     files, folders = set(manifest["files"]), set(manifest["folders"])
