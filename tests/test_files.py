@@ -220,3 +220,16 @@ def test_a_write_outside_files_py_that_fails_is_one_line(tmp_path, run_main, mon
                             "0", "--n-pairs", "0", "--n-groups", "0")
     line = _one_error_line(code, err)
     assert "file-system error at" in line and "val_ood_00000.png" in line and "disk is full" in line
+
+
+def test_a_read_only_file_system_is_named(tmp_path, monkeypatch, run_main):
+    access, statvfs = os.access, os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK else access(p, mode, *a, **k))
+    monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly() if Path(p) == tmp_path else statvfs(p))
+    code, _, err = run_main("mask", "--heads", "L0.H0", "--out", tmp_path / "m.json", forbid_load=True)
+    assert "the file system is read-only" in _one_error_line(code, err)
+    assert not (tmp_path / "m.json").exists()
