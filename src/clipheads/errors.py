@@ -25,3 +25,16 @@ class OperatorError(ClipHeadsError):
 
 class DataError(ClipHeadsError):
     """A dataset file, image or split is missing, corrupt or inconsistent."""
+
+
+class OutputError(ClipHeadsError):
+    """An output path cannot be written (a folder or file in the way, no permission, read-only, disk full).
+
+    ``path`` is the path concerned; ``payload`` (when set) is the text that could not be written, so that the CLI can
+    print it instead of losing a result.
+    """
+
+    def __init__(self, message: str, path=None, payload: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.payload = payload

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from clipheads.cli import app
@@ -24,3 +25,35 @@ def test_quick_demo_writes_report_and_summary(tmp_path):
     assert "data:image/png;base64," in html and "Single-head scan" in html
     for name in ("greedy", "aat_ga", "aat_bp"):
         assert json.loads((tmp_path / f"mask_{name}.json").read_text())["format"] == "clipheads.HeadMask/1"
+
+
+def test_demo_refuses_a_folder_whose_world_is_not_its_own(tmp_path, run_main):
+    (tmp_path / "world" / "images" / "holiday").mkdir(parents=True)
+    (tmp_path / "world" / "images" / "holiday" / "README.txt").write_text("notes\n")
+    code, _, err = run_main("demo", "--quick", "--out", tmp_path, forbid_load=True)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert (tmp_path / "world" / "images" / "holiday" / "README.txt").read_text() == "notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing written before the refusal
+
+
+def test_a_demo_folder_passes_its_own_checks_and_keeps_other_files(tmp_path):
+    from clipheads.demo.pipeline import DEMO_OUTPUTS
+    from clipheads.errors import OutputError
+    from clipheads.files import check_output_dir, write_json_atomic
+    from clipheads.report import Report
+    from clipheads.world import WorldSizes, make_world
+    from clipheads.world.make import check_world_folder
+
+    sizes = WorldSizes(train=0, val_ood=2, test_ood=2, test_iid=2, test_anti=2, compositional=0, counterfactual=1)
+    make_world(tmp_path / "world", sizes=sizes, progress=False)  # what an earlier demo left
+    write_json_atomic(tmp_path / "summary.json", {"model": "bundled"})
+    write_json_atomic(tmp_path / "mask_greedy.json", {"format": "clipheads.HeadMask/1"})
+    Report("demo").save(tmp_path / "report.html")
+    (tmp_path / "notes.txt").write_text("mine")  # another file beside the demo's is left alone
+    assert check_output_dir(tmp_path, DEMO_OUTPUTS) == tmp_path
+    assert check_world_folder(tmp_path / "world")  # its own world: replaced on the next run
+    (tmp_path / "report.html").write_text("my own notes, not a clipheads report")
+    with pytest.raises(OutputError, match="report.html.*is not an HTML file"):
+        check_output_dir(tmp_path, DEMO_OUTPUTS)

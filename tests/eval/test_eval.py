@@ -95,6 +95,20 @@ def test_disk_cache_hit_miss_and_files(tiny_hf, retrieval_set, world: Path, coun
     assert counter.images == seen[0] + 6
 
 
+def test_a_full_disk_costs_the_cache_not_the_evaluation(tiny_hf, retrieval_set, world: Path, monkeypatch, caplog):
+    import errno
+    import os
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    cached = evaluate_retrieval(tiny_hf, retrieval_set, cache=FeatureCache(world / "cache"))
+    assert cached.metrics == evaluate_retrieval(tiny_hf, retrieval_set, cache=FeatureCache()).metrics
+    assert "features not cached: cannot write" in caplog.text and "disk is full" in caplog.text
+    assert not [p for p in (world / "cache").iterdir()]  # no temporary file left behind
+
+
 def test_bad_image_names_file_or_is_skipped_with_its_captions(tiny_hf, retrieval_set):
     retrieval_set.image_paths[2].write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"cannot read image .*2\.png.*--skip-bad"):

@@ -196,3 +196,80 @@ def test_a_world_written_over_a_larger_one_replaces_it(tmp_path):
     with pytest.raises(DataError, match="holds files that are not a clipheads world \\(notes.txt\\)"):
         make_world(tmp_path / "mine", seed=3, sizes=smaller, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+TINY_CLI = ("--n-train", "0", "--n-val", "2", "--n-test", "2", "--n-pairs", "0", "--n-groups", "0")
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_issue_example_a_users_folder_survives_world_make(tmp_path, run_main, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proj" / "images" / "holiday").mkdir(parents=True)
+    (tmp_path / "proj" / "images" / "holiday" / "README.txt").write_text("notes\n")
+    code, _, err = run_main("world", "make", "--out", "proj", *TINY_CLI)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "holds images but no world.json listing" in line and "new or empty folder" in line
+    assert (tmp_path / "proj" / "images" / "holiday" / "README.txt").read_text() == "notes\n"
+    assert sorted(p.name for p in (tmp_path / "proj").rglob("*")) == ["README.txt", "holiday", "images"]
+
+
+def _files_on_disk(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_world_lists_every_file_and_folder_it_wrote(world):
+    listing = json.loads((world.root / "world.json").read_text())
+    assert listing["format"] == "clipheads.world/2" and listing["complete"] is True
+    assert set(listing["files"]) | {"world.json"} == _files_on_disk(world.root)
+    assert set(listing["folders"]) == {p.relative_to(world.root).as_posix() for p in world.root.rglob("*")
+                                       if p.is_dir()}
+
+
+def test_a_world_remade_in_its_own_folder_replaces_only_its_own_files(tmp_path, run_main):
+    out = tmp_path / "w"
+    assert run_main("world", "make", "--out", out, "--n-train", "3", "--n-val", "4", "--n-test", "3",
+                    "--n-pairs", "1", "--n-groups", "1")[0] == 0
+    code, _, err = run_main("world", "make", "--out", out, "--seed", "1", *TINY_CLI)
+    assert code == 0, err
+    listing = json.loads((out / "world.json").read_text())
+    assert listing["seed"] == 1 and listing["complete"]
+    assert _files_on_disk(out) == set(listing["files"]) | {"world.json"}  # nothing stale of the larger world
+    assert not (out / "images" / "train").exists()
+    # anything the world did not write, even deep inside its own folders, stops the next one (and survives)
+    (out / "images" / "val_ood" / "mine.png").write_bytes(b"user's")
+    code, _, err = run_main("world", "make", "--out", out, *TINY_CLI, forbid_load=True)
+    assert code == 2 and "images/val_ood/mine.png" in _one_error_line(err)
+    assert (out / "images" / "val_ood" / "mine.png").read_bytes() == b"user's"
+    assert json.loads((out / "world.json").read_text())["seed"] == 1  # the world itself is untouched too
+
+
+def test_an_interrupted_world_is_replaced_and_an_unlisted_one_refused(tmp_path):
+    small = WorldSizes(train=0, val_ood=2, test_ood=2, test_iid=2, test_anti=2, compositional=0, counterfactual=0)
+    root = make_world(tmp_path / "w", seed=3, sizes=small, progress=False).root
+    listing = json.loads((root / "world.json").read_text())
+    # as after kill -9: world.json is the planned listing, some files are missing, a temporary file is left
+    (root / "world.json").write_text(json.dumps({"format": listing["format"], "complete": False,
+                                                 "files": listing["files"], "folders": listing["folders"]}))
+    (root / "retrieval.json").unlink()
+    (root / ".retrieval.json.abc123.tmp").write_text("{")
+    make_world(root, seed=3, sizes=small, progress=False)
+    assert _files_on_disk(root) == set(listing["files"]) | {"world.json"}
+    # a world written by an earlier clipheads (world.json without a file list) is refused, nothing deleted
+    old = {k: v for k, v in json.loads((root / "world.json").read_text()).items()
+           if k not in ("format", "files", "folders", "complete")}
+    (root / "world.json").write_text(json.dumps(old))
+    before = _digests(root)
+    with pytest.raises(DataError, match="earlier clipheads.*new or empty folder"):
+        make_world(root, seed=3, sizes=small, progress=False)
+    assert _digests(root) == before
+    (root / "world.json").unlink()
+    with pytest.raises(DataError, match="no world.json listing"):
+        make_world(root, seed=3, sizes=small, progress=False)
+

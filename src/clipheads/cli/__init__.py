@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from clipheads.errors import ClipHeadsError
+from clipheads.errors import ClipHeadsError, OutputError
 
 app = typer.Typer(
     name="clipheads",
@@ -57,6 +57,31 @@ def main() -> None:
     configure_logging()
     try:
         app()
+    except OutputError as exc:
+        _fail(_rescue(exc))
     except ClipHeadsError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:  # a write that bypasses files.py (library save_pretrained, torch.save ...)
+        from clipheads.files import WRITE_ERRNOS, output_error
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        _fail(str(output_error(exc, exc.filename or "?", action="file-system error at")))
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(2)
+
+
+def _rescue(exc: OutputError) -> str:
+    """A result that could not be written is printed on standard output instead of being lost."""
+    from clipheads.files import MAX_PAYLOAD
+
+    if exc.payload is None:
+        return str(exc)
+    if len(exc.payload) > MAX_PAYLOAD:
+        return f"{exc} (the unwritten JSON, {len(exc.payload)} characters, was too long to print)"
+    sys.stdout.write(exc.payload)
+    sys.stdout.flush()
+    return f"{exc} (the JSON it would have held is printed on standard output)"

@@ -106,8 +106,10 @@ def train(
     """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings."""
     import clipheads
     from clipheads.captions import CaptionTrainConfig, build_captioner, encode_images, train_captioner
-    from clipheads.files import write_json_atomic
+    from clipheads.captions.prefix import CONFIG_FILE, DECODER_DIR
+    from clipheads.files import check_output_dir, write_json_atomic
 
+    check_output_dir(out, {CONFIG_FILE: "json", "train.json": "json", DECODER_DIR: "dir"}, marker=CONFIG_FILE)
     files, captions, index = read_karpathy_pairs(data, split, images_root)
     backend = clipheads.load(model, device=device).eval()
     features = encode_images(backend, _pixel_batches(backend.preprocess, files, batch_size), progress=True)
@@ -145,8 +147,10 @@ def generate(
     """Caption images (greedy or beam search), optionally continuing a text prefix."""
     import clipheads
     from clipheads.captions import PrefixCaptioner, generate_captions, load_captioner
-    from clipheads.files import write_json_atomic
+    from clipheads.files import check_output_file, write_json_atomic
 
+    if out is not None:
+        check_output_file(out, "json")
     captioner = load_captioner(captioner_dir, device=device)
     if isinstance(captioner, PrefixCaptioner):
         backend = clipheads.load(model or captioner.config.clip_model or "bundled", device=device).eval()

@@ -69,10 +69,13 @@ def eval_command(
     """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON."""
     import clipheads
     from clipheads.eval import EVALUATORS, EncodeOptions, FeatureCache
-    from clipheads.files import write_json_atomic
+    from clipheads.files import check_output_dir, check_output_file, write_json_atomic
 
     if task not in EVALUATORS:
         raise clipheads.ClipHeadsError(f"unknown --task {task!r}; choose one of {', '.join(EVALUATORS)}")
+    out = check_output_file(out or Path(f"eval-{task}.json"), "json")
+    if cache_dir is not None:
+        check_output_dir(cache_dir)
     started = time.perf_counter()
     dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames)
     backend = clipheads.load(model, device=device)
@@ -96,7 +99,6 @@ def eval_command(
         "options": {"batch_size": batch_size, "num_workers": num_workers, "device": device, "precision": precision},
         "wall_time_s": wall, "versions": package_versions(),
     }
-    out = out or Path(f"eval-{task}.json")
     write_json_atomic(out, report)
     _print(report)
     console.print(f"-> {out}")

@@ -14,6 +14,7 @@ from rich.table import Table
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
 from clipheads.cli.options import Device, ModelName, Precision
 from clipheads.errors import ClipHeadsError, DataError
+from clipheads.files import check_output_dir
 
 console = Console()
 
@@ -107,6 +108,7 @@ def describe(
     seed: SubsetSeed = 0,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
+    check_output_dir(out, {"descriptions.json": "json"})
     backend = _load(model, device, precision)
     result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
     _print_descriptions(result)
@@ -175,6 +177,8 @@ def ccs(
     from clipheads.explain.plots import plot_ccs_heatmap
     from clipheads.explain.textspan import TextSpanResult
 
+    check_output_dir(out, {"descriptions.json": "json", "ccs.json": "json", "ccs_progress.json": "json",
+                           "ccs_heatmap.png": "png"})
     backend = _load(model, device, precision)
     pool = features = None
     if descriptions is not None:
@@ -293,6 +297,7 @@ def prune(
     from clipheads.explain.prune import compare_pruning, select_heads
     from clipheads.files import write_json_atomic
 
+    check_output_dir(out, {"prune.json": "json", "prune.png": "png"})
     result = CCSResult.load(ccs_file)
     heads = select_heads(result, group=group, top=top)
     backend = _load(model, device, precision)

@@ -77,7 +77,7 @@ def finetune_command(
     from clipheads.baselines.plots import plot_comparison, plot_epoch_curves
     from clipheads.cli.eval_cmd import package_versions
     from clipheads.errors import ClipHeadsError
-    from clipheads.files import write_json_atomic
+    from clipheads.files import check_output_dir, write_bytes_atomic, write_json_atomic
     from clipheads.search import BPConfig, GAConfig, load_search_data
 
     if method not in ("lora", "ia3", "full"):
@@ -89,6 +89,8 @@ def finetune_command(
     if not allow_same_split and train_split in (val_split, report_split):  # refuse before loading anything
         raise ClipHeadsError(f"the training split {train_split!r} is also the validation or held-out split; use "
                              "other splits (--val-split, --report-split) or pass --allow-same-split")
+    check_output_dir(out, {"metrics.json": "json", "comparison.json": "json", "comparison.md": "text", "*.png": "png",
+                           "checkpoints": "dir", **{method: "dir" for method in chosen}})
     started = time.perf_counter()
     backend = clipheads.load(model, device=device)
     splits = {"train": train_split, "val": val_split, "test": report_split}
@@ -107,7 +109,7 @@ def finetune_command(
              "wall_time_s": time.perf_counter() - started, "versions": package_versions()}
     if compare:
         write_json_atomic(out / "comparison.json", {**about, **result.to_dict()})
-        (out / "comparison.md").write_text(result.markdown())
+        write_bytes_atomic(out / "comparison.md", result.markdown().encode())
         figures = plot_comparison(result, out)
         _print_table(result, "AAT against fine-tuning and PEFT")
         console.print(result.caption())

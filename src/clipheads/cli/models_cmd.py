@@ -46,9 +46,11 @@ def mask(
 ) -> None:
     """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it."""
     import clipheads
+    from clipheads.files import check_output_file
 
     if not heads and not layers:
         raise MaskError("give --heads and/or --layers")
+    check_output_file(out, "json")
     backend = clipheads.load(model, device=device)
     result = clipheads.HeadMask.ones(backend)
     if heads:

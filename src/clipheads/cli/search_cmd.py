@@ -115,6 +115,14 @@ class _Run:
                 **extra}
 
 
+def _check_out(out: Path) -> None:
+    """Before the model is loaded: ``--out`` must be writable and new, empty or an earlier run's folder."""
+    from clipheads.files import check_output_dir
+    from clipheads.search.state import CONFIG
+
+    check_output_dir(out, marker=CONFIG)
+
+
 def _parse_betas(spec: str) -> list[float]:
     from clipheads.errors import ClipHeadsError
 
@@ -196,6 +204,7 @@ def scan_command(
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown --surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     started = time.perf_counter()
+    _check_out(out)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
     report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
@@ -338,6 +347,7 @@ def layers_command(
     if generate and prefix_from_selection and task != "selection":
         raise typer.BadParameter("--prefix-from-selection needs --task selection (or --no-prefix-from-selection)",
                                  param_hint="--prefix-from-selection")
+    _check_out(out)
     run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates)
     if ranges:
         parse_layer_ranges(ranges, run.backend.n_layers)  # a bad range fails before the data is encoded
@@ -484,6 +494,7 @@ def search_command(
         config = BPConfig(beta, epochs, batch_size, lr, threshold=threshold, seed=seed)
     else:
         config = GreedyConfig(beta, max_heads, candidates)
+    _check_out(out)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
     if strategy == "bp":

@@ -25,7 +25,8 @@ world_app = typer.Typer(
 @world_app.command("make")
 def make(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created; an earlier world "
-                                                      "there is replaced, a folder with other files is refused)."),
+                                                      "there is replaced: only the files its world.json lists; a "
+                                                      "folder with anything else is refused)."),
     seed: int = typer.Option(0, help="World seed: the same seed writes byte-identical files."),
     n_train: int = typer.Option(20000, min=0, help="Training images (0: held-out data only, e.g. for evaluation)."),
     n_val: int = typer.Option(1000, min=0, help="Images of the validation split val_ood (marker random: search "
@@ -79,8 +80,10 @@ def train(
 ) -> None:
     """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
     (data, config, seed, time, held-out metrics, the command to reproduce) and checksums."""
-    from clipheads.world.train import TrainConfig, train_clip
+    from clipheads.files import check_output_dir
+    from clipheads.world.train import TRAINING_FILE, TrainConfig, train_clip
 
+    check_output_dir(out, {TRAINING_FILE: "json", "README.md": "text"}, marker=TRAINING_FILE)
     cfg = TrainConfig(preset=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       device=device, eval_images=eval_images)
     result = train_clip(data, out, cfg)

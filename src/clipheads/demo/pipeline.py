@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import clipheads
 from clipheads.demo.cue import cue_share
 from clipheads.demo.data import RetrievalSet, load_retrieval_set
-from clipheads.files import write_json_atomic
+from clipheads.files import check_output_dir, write_json_atomic
 from clipheads.heads import parse_layer_ranges
 from clipheads.search import (
     BPConfig,
@@ -36,10 +36,13 @@ from clipheads.search import (
     scan_heads,
 )
 from clipheads.world import WorldSizes, make_world
+from clipheads.world.make import check_world_folder
 
 log = logging.getLogger(__name__)
 
 HELD_OUT = ("test_ood", "test_iid", "test_anti")
+# what the demo writes in its folder (name -> kind): an existing entry of another kind is never overwritten
+DEMO_OUTPUTS = {"summary.json": "json", "report.html": "html", "mask_*.json": "json", "world": "dir"}
 
 
 @dataclass
@@ -111,9 +114,15 @@ def caption_selection(backend, data: SelectionSet, mask=None, op: str = "identit
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bool = True) -> dict:
-    """Run the demo, write ``report.html``, ``summary.json`` and the masks under ``out_dir``; return the summary."""
+    """Run the demo, write ``report.html``, ``summary.json`` and the masks under ``out_dir``; return the summary.
+
+    ``out_dir`` and its ``world`` folder are checked before any work (see :data:`DEMO_OUTPUTS` and
+    :func:`clipheads.world.make.check_world_folder`): an entry of another kind under one of those names, or anything
+    in ``world`` that the world there did not write, stops the demo with a :class:`~clipheads.errors.ClipHeadsError`.
+    """
     config = config or DemoConfig()
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, DEMO_OUTPUTS)
+    check_world_folder(out / "world")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     timings: dict[str, float] = {}

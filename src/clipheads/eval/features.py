@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from clipheads.data.images import image_loader, iter_pixels
-from clipheads.errors import ClipHeadsError, DataError
+from clipheads.errors import ClipHeadsError, DataError, OutputError
 from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.interventions import HeadMask, Operator, ablate
 from clipheads.interventions.operators import resolve_operator
@@ -194,8 +194,11 @@ class FeatureCache:
         else:
             tensors = {"features": value.contiguous()}
             meta = {**meta, "kind": "text"}
-        write_bytes_atomic(tensors_path, save_tensors(tensors))
-        write_json_atomic(sidecar_path, {"format": CACHE_FORMAT, "key": key, "created": time.time(), **meta})
+        try:
+            write_bytes_atomic(tensors_path, save_tensors(tensors))
+            write_json_atomic(sidecar_path, {"format": CACHE_FORMAT, "key": key, "created": time.time(), **meta})
+        except OutputError as exc:  # the cache is a convenience: a full disk must not cost the evaluation
+            logger.warning("features not cached: %s", exc)
 
 
 DEFAULT_CACHE = FeatureCache()

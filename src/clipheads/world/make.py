@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,25 +128,25 @@ def _write_png(path: Path, image: Image.Image) -> bytes:
     return payload
 
 
-def _write_splits(root: Path, sizes: WorldSizes, seed: int, progress: bool) -> tuple[list[dict], dict[str, list]]:
+def _write_splits(root: Path, scenes: dict[str, list], progress: bool) -> tuple[list[dict], dict[str, list]]:
     from tqdm.auto import tqdm
 
     entries: list[dict] = []
     held_out: dict[str, list] = {}
-    total = sum(sizes.split_size(s) for s in SPLITS)
-    bar = tqdm(total=total, desc="rendering world", unit="img", disable=not progress)
-    for split in SPLITS:
-        records = []
-        for i, (scene, captions) in enumerate(generate_split(split, sizes.split_size(split), seed)):
-            name = f"{split}_{i:05d}.png"
-            payload = _write_png(root / "images" / split / name, render_scene(scene))
-            entries.append({"filename": name, "filepath": f"images/{split}", "split": split, "imgid": len(entries),
-                            "sentences": [{"raw": c} for c in captions], "scene": scene.metadata()})
-            if split in HELD_OUT:
-                records.append((name, scene, payload))
-            bar.update()
-        held_out[split] = records
-    bar.close()
+    total = sum(len(items) for items in scenes.values())
+    with tqdm(total=total, desc="rendering world", unit="img", disable=not progress) as bar:  # closed on errors too
+        for split in SPLITS:
+            records = []
+            for i, (scene, captions) in enumerate(scenes[split]):
+                name = f"{split}_{i:05d}.png"
+                payload = _write_png(root / "images" / split / name, render_scene(scene))
+                entries.append({"filename": name, "filepath": f"images/{split}", "split": split,
+                                "imgid": len(entries), "sentences": [{"raw": c} for c in captions],
+                                "scene": scene.metadata()})
+                if split in HELD_OUT:
+                    records.append((name, scene, payload))
+                bar.update()
+            held_out[split] = records
     return entries, held_out
 
 
@@ -232,46 +232,174 @@ def _write_counterfactual(root: Path, attribute: str, n_groups: int, seed: int) 
     return {"queries": list(NEUTRAL_QUERIES), "images": images}
 
 
-_WORLD_ENTRY = re.compile(r"images|classification|retrieval\.json|selection_\w+\.json|compositional\.json|"
-                          r"counterfactual_\w+\.json|templates\.txt|world\.json|\..+\.tmp")
+MANIFEST = "world.json"
+MANIFEST_FORMAT = "clipheads.world/2"  # world.json lists every file and folder the world wrote
+# names an earlier world (before world.json listed its files) may have written at the top of its folder
+_OLD_WORLD_ENTRY = re.compile(r"images|classification|retrieval\.json|selection_\w+\.json|compositional\.json|"
+                              r"counterfactual_\w+\.json|templates\.txt|world\.json")
 
 
-def _clear_earlier_world(root: Path) -> None:
-    """Remove an earlier (possibly interrupted) world from ``root``: a smaller world written over a larger one would
-    otherwise leave stale images in the ImageFolder classes and stale dataset files of splits it does not have. A
-    folder holding anything else is refused."""
-    if not root.is_dir():
-        return
-    entries = list(root.iterdir())
-    others = sorted(entry.name for entry in entries if not _WORLD_ENTRY.fullmatch(entry.name))
+def _names(entries: list[str], limit: int = 3) -> str:
+    return ", ".join(entries[:limit]) + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def _read_manifest(root: Path) -> dict | None:
+    """The world.json of a world in ``root`` that lists its files, or None if there is none; raises on one that
+    does not list them (an earlier clipheads' world, or someone else's file)."""
+    import json
+
+    path = root / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = None
+    if (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and isinstance(data.get("files"), list)
+            and isinstance(data.get("folders"), list)
+            and all(isinstance(x, str) for x in data["files"] + data["folders"])):
+        return data
+    if isinstance(data, dict) and "world_version" in data:
+        raise DataError(f"{str(root)!r} holds a world written by an earlier clipheads, whose world.json does not list "
+                        "its files, so clipheads cannot tell them from yours: write the world to a new or empty folder")
+    raise DataError(f"{str(root)!r} holds a world.json that clipheads did not write; write the world to a new or empty "
+                    "folder")
+
+
+def _is_own_temp(relative: str, files: set[str]) -> bool:
+    """A temporary file left by an interrupted atomic write of one of ``files`` (``.NAME.XXXXXXXX.tmp``)."""
+    folder, _, name = relative.rpartition("/")
+    match = re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]+\.tmp", name)
+    return bool(match) and (f"{folder}/{match.group(1)}" if folder else match.group(1)) in files
+
+
+def check_world_folder(out_dir: str | Path) -> list[str]:
+    """Check that a world may be written to ``out_dir``, before any work; change nothing.
+
+    The folder may be missing, empty, or hold a world that clipheads wrote there, recognised by its ``world.json``,
+    which lists every file and folder that world wrote. Only those may be replaced: any other entry (a user's
+    file, or anything added inside the world's folders) is refused, and so is a world without such a list.
+
+    Returns:
+        The files (relative, ``/``-separated) of the earlier world that the new one replaces (empty if none).
+
+    Raises:
+        DataError: the folder holds something that is not this world's own.
+        OutputError: the folder cannot be written (a file in the way, no permission, read-only).
+    """
+    from clipheads.files import check_output_dir
+
+    root = Path(out_dir)
+    check_output_dir(root)
+    if not root.is_dir() or not any(root.iterdir()):
+        return []
+    manifest = _read_manifest(root)
+    if manifest is None:
+        entries = sorted(entry.name for entry in root.iterdir())
+        if all(_OLD_WORLD_ENTRY.fullmatch(name) or name.endswith(".tmp") for name in entries):
+            raise DataError(f"{str(root)!r} holds {_names(entries)} but no world.json listing what a clipheads world "
+                            "wrote there (an earlier or interrupted world, or your own files): clipheads deletes only "
+                            "files it listed; write the world to a new or empty folder")
+        raise DataError(f"{str(root)!r} holds files that are not a clipheads world ({_names(entries)}); write the "
+                        "world to a new or empty folder")
+    files, folders = set(manifest["files"]), set(manifest["folders"])
+    others = []
+    for current, dirnames, filenames in os.walk(root):
+        base = Path(current).relative_to(root).as_posix()
+        prefix = "" if base == "." else f"{base}/"
+        for name in sorted(dirnames):
+            if f"{prefix}{name}" not in folders or (Path(current) / name).is_symlink():
+                others.append(f"{prefix}{name}/")
+        dirnames[:] = [name for name in dirnames if f"{prefix}{name}/" not in others]
+        for name in sorted(filenames):
+            relative = f"{prefix}{name}"
+            path = Path(current) / name
+            own = relative in files or relative == MANIFEST or _is_own_temp(relative, files | {MANIFEST})
+            if not own or path.is_symlink() or not path.is_file():
+                others.append(relative)
     if others:
-        raise DataError(f"{str(root)!r} holds files that are not a clipheads world ({', '.join(others[:3])}"
-                        f"{', ...' if len(others) > 3 else ''}); write the world to a new or empty folder")
-    for entry in entries:
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        raise DataError(f"{str(root)!r} holds entries that the clipheads world there did not write ({_names(others)}); "
+                        "clipheads replaces only its own files: move them or write the world to a new or empty folder")
+    return sorted(files)
+
+
+def _remove_world(root: Path, files: list[str], folders: list[str]) -> None:
+    """Delete the listed files of an earlier world (checked by :func:`check_world_folder`), its temporary files and
+    the listed folders that are then empty; nothing else."""
+    own = set(files) | {MANIFEST}
+    for current, _, filenames in os.walk(root):
+        for name in filenames:
+            relative = (Path(current) / name).relative_to(root).as_posix()
+            if relative in own or _is_own_temp(relative, own):
+                (Path(current) / name).unlink()
+    for folder in sorted(folders, key=lambda f: f.count("/"), reverse=True):
+        path = root / folder
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _planned_files(sizes: WorldSizes, scenes: dict[str, list]) -> list[str]:
+    """Every file a world of ``sizes`` writes (relative paths), known before any is written."""
+    files = [RETRIEVAL_FILE, "templates.txt"]
+    for split, items in scenes.items():
+        names = [f"{split}_{i:05d}.png" for i in range(len(items))]
+        files += [f"images/{split}/{name}" for name in names]
+        if split in HELD_OUT and items:
+            files += [f"classification/{split}/{scene.first.shape}/{name}"
+                      for name, (scene, _) in zip(names, items, strict=True)]
+            files.append(f"selection_{split}.json")
+    if sizes.compositional:
+        files.append("compositional.json")
+        files += [f"images/compositional/pair{i:04d}_{k}.png" for i in range(sizes.compositional) for k in "ab"]
+    if sizes.counterfactual:
+        for attribute, values in (("cue", MARKER_COLOURS), ("colour", COLOURS)):
+            files.append(f"counterfactual_{attribute}.json")
+            files += [f"images/counterfactual/{attribute}_g{g:04d}_{value}.png" for g in range(sizes.counterfactual)
+                      for value in values]
+    return sorted(files)
+
+
+def _folders_of(files: list[str]) -> list[str]:
+    folders = set()
+    for file in files:
+        parts = file.split("/")[:-1]
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(folders)
 
 
 def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = None,
                progress: bool = True) -> WorldPaths:
     """Render a world and write every dataset of it under ``out_dir``.
 
+    Before anything is written, ``world.json`` lists every file and folder the world will write (``"complete":
+    false``); it is rewritten last (``"complete": true``, with the sizes, seed and the retrieval JSON's sha256). A
+    later world written to the same folder replaces only what that list names (see :func:`check_world_folder`).
+
     Args:
-        out_dir: folder to write (created; an earlier world there is replaced, a folder with other files refused).
+        out_dir: folder to write (created). It must be missing, empty or hold a world written there by clipheads
+            with nothing else in it.
         seed: the world's seed; the same seed gives byte-identical files.
         sizes: images per split and pairs/groups per task (default :class:`WorldSizes`).
         progress: show a tqdm progress bar.
 
     Returns:
         :class:`WorldPaths` of everything written.
+
+    Raises:
+        DataError: ``out_dir`` holds something that is not its earlier world's own (nothing is deleted then).
+        OutputError: ``out_dir`` cannot be written.
     """
     sizes = sizes or WorldSizes()
     root = Path(out_dir).resolve()
-    _clear_earlier_world(root)
+    earlier = check_world_folder(root)
+    scenes = {split: list(generate_split(split, sizes.split_size(split), seed)) for split in SPLITS}
+    files = _planned_files(sizes, scenes)
+    listing = {"format": MANIFEST_FORMAT, "complete": False, "files": files, "folders": _folders_of(files)}
+    if earlier:
+        _remove_world(root, earlier, _read_manifest(root)["folders"])
     root.mkdir(parents=True, exist_ok=True)
-    entries, held_out = _write_splits(root, sizes, seed, progress)
+    write_json_atomic(root / MANIFEST, listing)  # first: an interrupted world is still known to be clipheads' own
+    entries, held_out = _write_splits(root, scenes, progress)
     paths = WorldPaths(root=root, retrieval=root / RETRIEVAL_FILE)
     write_json_atomic(paths.retrieval, {"dataset": "clipheads-world", "seed": seed, "images": entries})
     for split, records in held_out.items():
@@ -288,8 +416,9 @@ def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = No
         paths.counterfactual[attribute] = root / f"counterfactual_{attribute}.json"
         write_json_atomic(paths.counterfactual[attribute], _write_counterfactual(root, attribute,
                                                                                  sizes.counterfactual, seed))
-    paths.manifest = root / "world.json"
+    paths.manifest = root / MANIFEST
     write_json_atomic(paths.manifest, {
+        **listing, "complete": True,
         "world_version": WORLD_VERSION, "seed": seed, "sizes": sizes.to_dict(), "splits": SPLITS,
         "cue": {"kind": "8x8 marker in the top-left corner", "p_match_train": P_CUE_MATCH_TRAIN,
                 "marker_for_shape": SHAPE_CUE},
