@@ -28,6 +28,10 @@ ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON 
 MaxImages = Annotated[int, typer.Option(help="Use a fixed random subset of at most this many images.")]
 ImageBatch = Annotated[int, typer.Option(help="Images per batch.")]
 SubsetSeed = Annotated[int, typer.Option(help="Seed of the image subset and the default pool.")]
+Convention = Annotated[str, typer.Option(help="Decomposition convention: textspan (as published: the final layer "
+                                              "norm's mean and bias and out_proj biases shared out equally, terms "
+                                              "divided by the embedding norm) or centred (each term centred on its "
+                                              "own mean, biases kept out, unnormalised).")]
 
 
 def _load(model: str, device: str, precision: str):
@@ -62,12 +66,14 @@ def _pixel_batches(backend, paths: list[Path], batch_size: int):
 
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
-              max_images: int, batch_size: int, seed: int):
+              max_images: int, batch_size: int, seed: int, convention: str = "textspan"):
     from clipheads.eval.features import encode_text_batches
+    from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import describe_model
     from clipheads.explain.pool import get_pool, known_texts
     from clipheads.heads import parse_layers
 
+    check_convention(convention)
     if layers is not None:
         parse_layers(layers, backend.n_layers)  # a bad spec fails before any image is read
     paths = _image_paths(data, split, max_images, seed)
@@ -75,7 +81,7 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
     features = encode_text_batches(backend, pool.texts)
     result = describe_model(backend, _pixel_batches(backend, paths, batch_size), pool, k=k, layers=layers, rank=rank,
-                            pool_features=features)
+                            pool_features=features, convention=convention)
     result.meta["data"] = str(data)
     return result, pool, features
 
@@ -97,6 +103,7 @@ def describe(
     k: TextsPerHead = 5,
     layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
     rank: Rank = 80,
+    convention: Convention = "textspan",
     split: ImageSplit = None,
     max_images: MaxImages = 2000,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (descriptions.json)."),
@@ -106,8 +113,12 @@ def describe(
     seed: SubsetSeed = 0,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
+    from clipheads.explain.decomposition import check_convention
+
+    check_convention(convention)
     backend = _load(model, device, precision)
-    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
+                             convention)
     _print_descriptions(result)
     path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
@@ -149,6 +160,7 @@ def ccs(
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
                                                "calibrated on the tagged default pool)."),
     rank: Rank = 80,
+    convention: Convention = "textspan",
     split: ImageSplit = None,
     max_images: MaxImages = 2000,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (ccs.json, ccs_heatmap.png)."),
@@ -160,16 +172,19 @@ def ccs(
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
 
+    from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import score_heads
     from clipheads.explain.plots import plot_ccs_heatmap
     from clipheads.explain.textspan import TextSpanResult
 
+    check_convention(convention)
     backend = _load(model, device, precision)
     pool = features = None
     if descriptions is not None:
         result = TextSpanResult.load(descriptions)
     elif data is not None:
-        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
+                                           convention)
         result.save(out / "descriptions.json")
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
