@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName, Precision
+from clipheads.cli.options import Device, MeansKind, ModelName, Precision
 from clipheads.errors import ClipHeadsError, DataError
 
 console = Console()
@@ -273,6 +273,7 @@ def prune(
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
     alpha: float = typer.Option(0.0, help="Factor of the scale operator (0 = remove the head's output)."),
     means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
+    means_kind: MeansKind = "per-position",
     seeds: int = typer.Option(3, help="Random head sets of the same size to compare with (one per seed)."),
     retrieval: Path = typer.Option(None, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
     split: str = typer.Option(None, help="Split of the retrieval JSON."),
@@ -291,7 +292,9 @@ def prune(
     from clipheads.explain.plots import plot_metric_changes
     from clipheads.explain.prune import compare_pruning, select_heads
     from clipheads.files import write_json_atomic
+    from clipheads.interventions import check_means_kind
 
+    check_means_kind(means_kind)
     result = CCSResult.load(ccs_file)
     heads = select_heads(result, group=group, top=top)
     backend = _load(model, device, precision)
@@ -300,13 +303,13 @@ def prune(
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
         paths = _image_paths(means_from, None, 2000, 0)
-        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size))
+        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size), kind=means_kind)
     tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
     name = f"CCS {group}" if group else f"CCS top {top}"
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
                              progress=lambda run: console.print(f"evaluating: {run}"))
     report.meta.update({"model": backend.name, "ccs": str(ccs_file), "judges": result.judges, "group": group,
-                        "top": top})
+                        "top": top, **({"means": means_kind} if op == "mean" else {})})
     console.print(f"pruned ({name}): {', '.join(report.selected.heads)}")
     for run in report.random:
         console.print(f"{run.name}: {', '.join(run.heads)}")
