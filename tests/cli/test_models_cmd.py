@@ -36,6 +36,15 @@ def test_mask_with_means_round_trips(model_dir, tmp_path):
     mask = HeadMask.load(out)
     assert mask.ablated == ["L0.H0", "L0.H1", "L0.H2", "L0.H3", "L1.H2"]
     assert set(json.loads(out.read_text())["means"]) == set(mask.ablated)
+    assert json.loads(out.read_text())["means_kind"] == "per-position" and mask.means.dim() == 4
+    result = CliRunner().invoke(app, ["mask", "--model", model_dir, "--heads", "L1.H2", "--means-from", str(images),
+                                      "--means", "pooled", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["means_kind"] == "pooled" and HeadMask.load(out).means.dim() == 3
+    result = CliRunner().invoke(app, ["mask", "--model", model_dir, "--heads", "L1.H2", "--means-from", str(images),
+                                      "--means", "tokens", "-o", str(tmp_path / "other.json")])
+    assert result.exit_code != 0 and "unknown kind of head means 'tokens'" in str(result.exception)
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_mask_refuses_a_head_that_does_not_exist(model_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""The head decomposition sums back to the model's image embedding, on both backends."""
+"""The ``centred`` head decomposition sums back to the model's image embedding, on both backends (the published
+``textspan`` convention: test_decomposition_published.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def images():
 
 
 def test_terms_sum_to_the_embedding(model, images):
-    parts = decompose(model, images)
+    parts = decompose(model, images, convention="centred")
     n, d = images.shape[0], model.encode_image(images[:1]).shape[-1]
     assert parts.heads.shape == (n, model.n_layers, model.n_heads, d)
     assert parts.mlp.shape == parts.attention.shape == (n, model.n_layers, d)
@@ -34,7 +35,7 @@ def test_terms_sum_to_the_embedding(model, images):
 
 
 def test_heads_plus_bias_are_the_attention_term(model, images):
-    parts = decompose(model, images, layers=[1])
+    parts = decompose(model, images, layers=[1], convention="centred")
     assert parts.layers == [1] and parts.heads.shape[1] == 1
     bias = parts.attention_bias()
     # the out_proj bias term is the same vector for every head set; it is not a head
@@ -50,7 +51,7 @@ def test_head_terms_carry_the_whole_attention_output(model, images):
             else silent.model.visual.transformer.resblocks[layer].mlp.c_proj
         torch.nn.init.zeros_(fc.weight)
         torch.nn.init.zeros_(fc.bias)
-    parts = decompose(silent, images)
+    parts = decompose(silent, images, convention="centred")
     assert parts.mlp.abs().max() < 1e-5
     assert parts.heads.abs().max() > 1e-3
     assert torch.allclose(parts.total(), silent.encode_image(images), atol=1e-4)
@@ -60,13 +61,13 @@ def test_a_zero_ablated_head_contributes_nothing(model, images):
     """Head terms are the heads: zeroing one head's output zeroes its own term and no other."""
     last = model.n_layers - 1
     baked = as_backend(clipheads.bake(model, clipheads.HeadMask.from_heads(f"L{last}.H2", model), op="zero"))
-    parts = decompose(baked, images)
+    parts = decompose(baked, images, convention="centred")
     assert parts.heads[:, last, 2].abs().max() == 0
     assert parts.heads[:, last, 1].abs().max() > 0
 
 
 def test_batches_join_and_ablated_models_are_refused(model, images):
-    joined = decompose_batches(model, [images[:4], images[4:]], layers="0")
+    joined = decompose_batches(model, [images[:4], images[4:]], layers="0", convention="centred")
     assert joined.n_images == 6 and joined.layers == [0]
     assert torch.allclose(joined.total(), model.encode_image(images), atol=1e-4)
     with clipheads.ablate(model, clipheads.HeadMask.from_heads("L0.H0", model), op="zero"), \

@@ -47,6 +47,19 @@ def test_describe_then_ccs_from_descriptions(setup):
     assert "CCS distribution: 0:" in result.output
 
 
+def test_describe_convention_is_recorded_and_checked_first(setup, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["describe", "--model", str(setup / "model"), "--data", str(setup / "images"),
+                                 "--k", "2", "--layers", "0", "--convention", "centred", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    described = json.loads((tmp_path / "descriptions.json").read_text())
+    assert described["meta"]["convention"] == "centred" and all(h["rank"] >= 1 for h in described["heads"])
+    result = runner.invoke(app, ["describe", "--model", "no/such-model", "--data", str(setup / "images"),
+                                 "--convention", "paper", "--out", str(tmp_path / "bad")])
+    assert "unknown decomposition convention 'paper'" in str(result.exception)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_input_is_one_clear_line(setup, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["ccs", "--model", str(setup / "model"), "--out", str(tmp_path)])

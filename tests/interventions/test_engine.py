@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -99,7 +101,7 @@ def test_bake_equals_context_manager(tiny_backend, pixels, op):
     gates = torch.ones(tiny_backend.n_layers, tiny_backend.n_heads)
     gates[0, 1], gates[1, 3], gates[1, 0] = 0.0, 0.0, 0.4
     mask = clipheads.HeadMask.from_tensor(gates, tiny_backend)
-    means = clipheads.compute_head_means(tiny_backend, pixels) if op == "mean" else None
+    means = clipheads.compute_head_means(tiny_backend, pixels, kind="pooled") if op == "mean" else None
     with torch.inference_mode():
         with clipheads.ablate(tiny_backend, mask, op=op, alpha=0.25, means=means):
             expected = tiny_backend.encode_image(pixels)
@@ -111,9 +113,13 @@ def test_bake_equals_context_manager(tiny_backend, pixels, op):
     assert (untouched - expected).abs().max() > 1e-4, "bake must not modify the original model"
 
 
-def test_bake_refuses_identity(tiny_backend):
+def test_bake_refuses_identity_and_per_position_means(tiny_backend, pixels):
+    mask = clipheads.HeadMask.from_heads("L0.H0", tiny_backend)
     with pytest.raises(clipheads.OperatorError, match="cannot be folded"):
-        clipheads.bake(tiny_backend, clipheads.HeadMask.from_heads("L0.H0", tiny_backend), op="identity")
+        clipheads.bake(tiny_backend, mask, op="identity")
+    means = clipheads.compute_head_means(tiny_backend, pixels)  # default: per-position
+    with pytest.raises(clipheads.OperatorError, match="per-position head means cannot be folded into out_proj"):
+        clipheads.bake(tiny_backend, mask, op="mean", means=means)
 
 
 def test_baked_hf_model_round_trips_through_save_pretrained(tiny_hf, pixels, tmp_path):
@@ -145,8 +151,11 @@ def test_baked_open_clip_model_round_trips_through_a_checkpoint(pixels, tmp_path
 
 
 def test_head_means_shape_and_values(tiny_backend, pixels):
+    pooled = clipheads.compute_head_means(tiny_backend, [pixels[:2], pixels[2:]], kind="pooled")
+    assert pooled.shape == (tiny_backend.n_layers, tiny_backend.n_heads, tiny_backend.head_dim)
     means = clipheads.compute_head_means(tiny_backend, [pixels[:2], pixels[2:]])
-    assert means.shape == (tiny_backend.n_layers, tiny_backend.n_heads, tiny_backend.head_dim)
+    tokens = tiny_backend.embed(pixels).shape[1]
+    assert means.shape == (tiny_backend.n_layers, tiny_backend.n_heads, tokens, tiny_backend.head_dim)
     recorded = {}
 
     def grab(z, v):
@@ -159,7 +168,11 @@ def test_head_means_shape_and_values(tiny_backend, pixels):
             tiny_backend.encode_image(pixels)
     finally:
         tiny_backend.clear_head_hooks()
-    assert (means[1] - recorded["z"].mean(dim=(0, 1))).abs().max() <= 1e-5
+    assert (pooled[1] - recorded["z"].mean(dim=(0, 1))).abs().max() <= 1e-5  # z: [B, T, H, d]
+    assert (means[1] - recorded["z"].mean(dim=0).transpose(0, 1)).abs().max() <= 1e-5  # each position's own mean
+    assert (means[1, :, 0] - pooled[1]).abs().max() > 1e-3  # the class token's mean is not the pooled one
+    with pytest.raises(clipheads.ClipHeadsError, match="unknown kind of head means 'tokens'"):
+        clipheads.compute_head_means(tiny_backend, pixels, kind="tokens")
 
 
 def test_mean_operator_uses_means_stored_in_the_mask(tiny_backend, pixels, tmp_path):
@@ -168,6 +181,8 @@ def test_mean_operator_uses_means_stored_in_the_mask(tiny_backend, pixels, tmp_p
     mask.means = means
     mask.save(tmp_path / "m.json")
     loaded = clipheads.HeadMask.load(tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["means_kind"] == "per-position"
+    assert loaded.means.shape == means.shape and torch.equal(loaded.means[1, 2], means[1, 2])
     with torch.inference_mode():
         with clipheads.ablate(tiny_backend, mask, op="mean"):
             a = tiny_backend.encode_image(pixels)

@@ -47,8 +47,8 @@ def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None
             edited = torch.zeros_like(attn)
         g = gates[layer].view(1, heads, 1, 1)
         z = (g * attn + (1 - g) * edited) @ v  # [B, H, T, d]
-        if op == "mean":
-            z = z + (1 - g) * means[layer].view(1, heads, 1, d)
+        if op == "mean":  # pooled means [L, H, d] or per-position means [L, H, T, d]
+            z = z + (1 - g) * means[layer].view(1, heads, -1, d)
         x = x + ls1(out_proj(z.transpose(1, 2).reshape(batch, tokens, width)))
         x = x + ls2(mlp(ln2(x)))
     return backend.pool(x)
@@ -70,6 +70,28 @@ def test_operator_matches_naive_reference(tiny_backend, pixels, op, soft):
         vanilla = tiny_backend.encode_image(pixels)
     assert (got - expected).abs().max() <= 1e-5
     assert (got - vanilla).abs().max() > 1e-3, "the intervention must change the output"
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_per_position_means_match_naive_reference(tiny_backend, pixels, soft):
+    """The default means: each head's output at each token position becomes its mean at that position."""
+    torch.manual_seed(1)
+    shape = (tiny_backend.n_layers, tiny_backend.n_heads)
+    gates = torch.rand(shape) if soft else (torch.rand(shape) > 0.5).float()
+    gates[0, 0] = 0.0
+    means = clipheads.compute_head_means(tiny_backend, torch.randn(5, *pixels.shape[1:]))
+    assert means.dim() == 4
+    mask = clipheads.HeadMask.from_tensor(gates, tiny_backend)
+    with torch.no_grad():
+        expected = naive_encode(tiny_backend, pixels, gates, "mean", means=means)
+        pooled = naive_encode(tiny_backend, pixels, gates, "mean", means=means.mean(dim=2))
+        with clipheads.ablate(tiny_backend, mask, op="mean", means=means):
+            got = tiny_backend.encode_image(pixels)
+    assert (got - expected).abs().max() <= 1e-5
+    assert (got - pooled).abs().max() > 1e-3, "per-position and pooled means must differ here"
+    with pytest.raises(clipheads.OperatorError, match="token positions"), torch.no_grad(), \
+            clipheads.ablate(tiny_backend, mask, op="mean", means=means[:, :, :2]):
+        tiny_backend.encode_image(pixels)
 
 
 def test_naive_reference_with_all_ones_is_the_library(tiny_backend, pixels):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName, Precision
+from clipheads.cli.options import Device, MeansKind, ModelName, Precision
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.files import check_output_dir
 
@@ -30,6 +30,10 @@ ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON 
 MaxImages = Annotated[int, typer.Option(help="Use a fixed random subset of at most this many images.")]
 ImageBatch = Annotated[int, typer.Option(help="Images per batch.")]
 SubsetSeed = Annotated[int, typer.Option(help="Seed of the image subset and the default pool.")]
+Convention = Annotated[str, typer.Option(help="Decomposition convention: textspan (as published: the final layer "
+                                              "norm's mean and bias and out_proj biases shared out equally, terms "
+                                              "divided by the embedding norm) or centred (each term centred on its "
+                                              "own mean, biases kept out, unnormalised).")]
 
 
 def _load(model: str, device: str, precision: str):
@@ -64,12 +68,14 @@ def _pixel_batches(backend, paths: list[Path], batch_size: int):
 
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
-              max_images: int, batch_size: int, seed: int):
+              max_images: int, batch_size: int, seed: int, convention: str = "textspan"):
     from clipheads.eval.features import encode_text_batches
+    from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import describe_model
     from clipheads.explain.pool import get_pool, known_texts
     from clipheads.heads import parse_layers
 
+    check_convention(convention)
     if layers is not None:
         parse_layers(layers, backend.n_layers)  # a bad spec fails before any image is read
     paths = _image_paths(data, split, max_images, seed)
@@ -77,7 +83,7 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
     features = encode_text_batches(backend, pool.texts)
     result = describe_model(backend, _pixel_batches(backend, paths, batch_size), pool, k=k, layers=layers, rank=rank,
-                            pool_features=features)
+                            pool_features=features, convention=convention)
     result.meta["data"] = str(data)
     return result, pool, features
 
@@ -99,6 +105,7 @@ def describe(
     k: TextsPerHead = 5,
     layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
     rank: Rank = 80,
+    convention: Convention = "textspan",
     split: ImageSplit = None,
     max_images: MaxImages = 2000,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (descriptions.json)."),
@@ -109,8 +116,12 @@ def describe(
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
     check_output_dir(out, {"descriptions.json": "json"})
+    from clipheads.explain.decomposition import check_convention
+
+    check_convention(convention)
     backend = _load(model, device, precision)
-    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
+                             convention)
     _print_descriptions(result)
     path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
@@ -162,6 +173,7 @@ def ccs(
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
                                                "calibrated on the tagged default pool)."),
     rank: Rank = 80,
+    convention: Convention = "textspan",
     split: ImageSplit = None,
     max_images: MaxImages = 2000,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (ccs.json, ccs_heatmap.png)."),
@@ -173,18 +185,21 @@ def ccs(
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
 
+    from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import score_heads
     from clipheads.explain.plots import plot_ccs_heatmap
     from clipheads.explain.textspan import TextSpanResult
 
     check_output_dir(out, {"descriptions.json": "json", "ccs.json": "json", "ccs_progress.json": "json",
                            "ccs_heatmap.png": "png"})
+    check_convention(convention)
     backend = _load(model, device, precision)
     pool = features = None
     if descriptions is not None:
         result = TextSpanResult.load(descriptions)
     elif data is not None:
-        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
+                                           convention)
         result.save(out / "descriptions.json")
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
@@ -278,6 +293,7 @@ def prune(
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
     alpha: float = typer.Option(0.0, help="Factor of the scale operator (0 = remove the head's output)."),
     means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
+    means_kind: MeansKind = "per-position",
     seeds: int = typer.Option(3, help="Random head sets of the same size to compare with (one per seed)."),
     retrieval: Path = typer.Option(None, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
     split: str = typer.Option(None, help="Split of the retrieval JSON."),
@@ -296,8 +312,10 @@ def prune(
     from clipheads.explain.plots import plot_metric_changes
     from clipheads.explain.prune import compare_pruning, select_heads
     from clipheads.files import write_json_atomic
+    from clipheads.interventions import check_means_kind
 
     check_output_dir(out, {"prune.json": "json", "prune.png": "png"})
+    check_means_kind(means_kind)
     result = CCSResult.load(ccs_file)
     heads = select_heads(result, group=group, top=top)
     backend = _load(model, device, precision)
@@ -306,13 +324,13 @@ def prune(
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
         paths = _image_paths(means_from, None, 2000, 0)
-        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size))
+        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size), kind=means_kind)
     tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
     name = f"CCS {group}" if group else f"CCS top {top}"
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
                              progress=lambda run: console.print(f"evaluating: {run}"))
     report.meta.update({"model": backend.name, "ccs": str(ccs_file), "judges": result.judges, "group": group,
-                        "top": top})
+                        "top": top, **({"means": means_kind} if op == "mean" else {})})
     console.print(f"pruned ({name}): {', '.join(report.selected.heads)}")
     for run in report.random:
         console.print(f"{run.name}: {', '.join(run.heads)}")

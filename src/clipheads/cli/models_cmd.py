@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, ModelName
+from clipheads.cli.options import Device, MeansKind, ModelName
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -40,6 +40,7 @@ def mask(
     gate: float = typer.Option(0.0, help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
     means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
                                                 "mask (needed by --op mean)."),
+    means: MeansKind = "per-position",
     model: ModelName = "bundled",
     batch_size: int = typer.Option(32, help="Images per batch for --means-from."),
     device: Device = "cpu",
@@ -51,6 +52,9 @@ def mask(
     if not heads and not layers:
         raise MaskError("give --heads and/or --layers")
     check_output_file(out, "json")
+    from clipheads.interventions import check_means_kind
+
+    check_means_kind(means)
     backend = clipheads.load(model, device=device)
     result = clipheads.HeadMask.ones(backend)
     if heads:
@@ -58,7 +62,8 @@ def mask(
     if layers:
         result.gates = torch.minimum(result.gates, clipheads.HeadMask.from_layers(layers, backend, value=gate).gates)
     if means_from is not None:
-        result.means = clipheads.compute_head_means(backend, _image_batches(backend, means_from, batch_size))
+        result.means = clipheads.compute_head_means(backend, _image_batches(backend, means_from, batch_size),
+                                                    kind=means)
         result.meta["means_from"] = str(means_from)
     result.meta["model"] = backend.name
     result.save(out)

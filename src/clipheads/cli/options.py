@@ -27,3 +27,6 @@ NumWorkers = Annotated[int, typer.Option(help="DataLoader workers reading images
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")]
 Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]
+MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
+              "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")
+MeansKind = Annotated[str, typer.Option("--means", help=MEANS_HELP)]

@@ -21,6 +21,7 @@ from clipheads.cli.options import (
     Alpha,
     DataPath,
     Device,
+    MeansKind,
     ModelName,
     NumWorkers,
     OperatorName,
@@ -55,6 +56,7 @@ class _Run:
         self.loader = {"batch_size": batch_size, "num_workers": num_workers, "skip_bad": skip_bad}
         self.batch_size = batch_size
         self._data_path, self.search_split = data, _split(search_split)
+        self.means_kind = "per-position"  # of the head means for op=mean (--means)
 
     @cached_property
     def data(self):
@@ -78,7 +80,8 @@ class _Run:
 
         means = None
         if op == "mean":
-            means = clipheads.compute_head_means(self.backend, self.data.pixels.split(self.batch_size))
+            means = clipheads.compute_head_means(self.backend, self.data.pixels.split(self.batch_size),
+                                                 kind=self.means_kind)
         return MaskEvaluator(self.backend, data.pixels, data.objective, op, alpha=alpha, means=means,
                              batch_size=self.batch_size, split=data.split, distributed=self.dist,
                              cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
@@ -112,7 +115,7 @@ class _Run:
         return {"command": command, "model": model, "task": self.task, "data": str(data),
                 "search_split": _split(search_split), "report_data": str(report_data) if report_data else None,
                 "report_split": _split(report_split), "op": op, "alpha": alpha, "metric": self.data.objective.name,
-                **extra}
+                **({"means": self.means_kind} if op == "mean" else {}), **extra}
 
 
 def _check_out(out: Path) -> None:
@@ -168,6 +171,7 @@ def scan_command(
     allow_same_split: AllowSameSplit = False,
     op: OperatorName = "identity",
     alpha: Alpha = None,
+    means: MeansKind = "per-position",
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
     templates: Templates = None,
     top_k: int = typer.Option(None, help="Evaluate the k most harmful heads together for k = 1..top-k."),
@@ -205,8 +209,12 @@ def scan_command(
         raise ClipHeadsError(f"unknown --surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     started = time.perf_counter()
     _check_out(out)
+    from clipheads.interventions import check_means_kind
+
+    check_means_kind(means)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
+    run.means_kind = means
     report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     if method == "attribution":
         _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
@@ -309,6 +317,7 @@ def layers_command(
     ranges: str = typer.Option(None, help="Layer groups, e.g. '0-2,3-5,6-8,9-11' (default: every layer alone)."),
     op: OperatorName = "identity",
     alpha: Alpha = None,
+    means: MeansKind = "per-position",
     metric: str = typer.Option(None, help="Metric to report (default per task)."),
     templates: Templates = None,
     out: Path = typer.Option(Path("layers-out"), "--out", "-o", help="Output folder."),
@@ -348,7 +357,11 @@ def layers_command(
         raise typer.BadParameter("--prefix-from-selection needs --task selection (or --no-prefix-from-selection)",
                                  param_hint="--prefix-from-selection")
     _check_out(out)
+    from clipheads.interventions import check_means_kind
+
+    check_means_kind(means)
     run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates)
+    run.means_kind = means
     if ranges:
         parse_layer_ranges(ranges, run.backend.n_layers)  # a bad range fails before the data is encoded
     evaluator = run.evaluator(run.data, op, alpha)
@@ -437,6 +450,7 @@ def search_command(
     allow_same_split: AllowSameSplit = False,
     op: OperatorName = "identity",
     alpha: Alpha = None,
+    means: MeansKind = "per-position",
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
     templates: Templates = None,
     beta: float = typer.Option(0.01, help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
@@ -495,8 +509,12 @@ def search_command(
     else:
         config = GreedyConfig(beta, max_heads, candidates)
     _check_out(out)
+    from clipheads.interventions import check_means_kind
+
+    check_means_kind(means)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
+    run.means_kind = means
     if strategy == "bp":
         _require_pairs(run, "AAT-BP trains its gates")
     if seed_from == "attribution":

@@ -26,7 +26,7 @@ def cue_share(backend: CLIPBackend, groups: Sequence[torch.Tensor]) -> tuple[tor
     numerator = torch.zeros(backend.n_layers, backend.n_heads, dtype=torch.float64)
     denominator = 0.0
     for pixels in groups:
-        parts = decompose(backend, pixels)
+        parts = decompose(backend, pixels, convention="centred")  # shares of the unnormalised embedding
         total = parts.total().double()  # [G, D]
         d_emb = total - total.mean(dim=0, keepdim=True)
         heads = parts.heads.double()  # [G, L, H, D]

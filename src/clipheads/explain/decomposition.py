@@ -14,6 +14,18 @@ Centering is linear, so each term is centered by its own mean over the width (it
 term is divided by the same per-image ``std(x)`` (``sqrt(var + eps)``). The layer norm's bias ``beta`` is the same
 for every image and belongs to no head: it is kept as a term of its own (``ln_bias``), so that head terms are pure
 head outputs. Each term is then multiplied by the image projection. The terms sum to ``model.encode_image``.
+
+Two conventions place the layer norm's mean and bias (``convention=``):
+
+* ``textspan`` (default): the published one (Gandelsman et al., clip_text_span ``prs_hook.py``). The final
+  residual's mean ``mean(x)`` and the bias ``beta`` are split equally over the ``K = 2L + 1`` residual components
+  (embedding, L attention layers, L MLPs); a layer's ``out_proj`` bias and its shares are split equally over its
+  ``H`` heads, so that a head's term is ``(gamma * (head + b_O / H - mean(x) / (K H)) / std(x) + beta / (K H)) @ P``;
+  every term is divided by the norm of the image embedding. The terms sum to the *normalised* embedding,
+  ``ln_bias`` is zero and :meth:`Decomposition.attention_bias` is zero.
+* ``centred``: each term is centred on its own mean over the width, biases are kept out (``ln_bias`` and
+  :meth:`Decomposition.attention_bias`) and nothing is normalised: head terms are pure head outputs, and the terms
+  sum to the unnormalised ``model.encode_image``.
 """
 
 from __future__ import annotations
@@ -39,7 +51,9 @@ class Decomposition:
         attention: ``[N, L, D]`` each layer's whole attention term (all its heads + its ``out_proj`` bias).
         mlp: ``[N, L, D]`` each layer's MLP term.
         embedding: ``[N, D]`` the class token entering layer 0 (patch/class/position embeddings, pre-norm).
-        ln_bias: ``[D]`` the final layer norm's bias (and projection bias, if any), the same for every image.
+        ln_bias: ``[D]`` the final layer norm's bias (and projection bias, if any), the same for every image
+            (``centred``; zero under ``textspan``, where the biases are shared out over the other terms).
+        convention: ``textspan`` (published: biases and mean shared out, normalised) or ``centred``.
     """
 
     heads: torch.Tensor
@@ -48,6 +62,7 @@ class Decomposition:
     mlp: torch.Tensor
     embedding: torch.Tensor
     ln_bias: torch.Tensor
+    convention: str = "textspan"
 
     @property
     def n_images(self) -> int:
@@ -58,7 +73,8 @@ class Decomposition:
         return self.attention[:, self.layers] - self.heads.sum(dim=2)
 
     def total(self) -> torch.Tensor:
-        """``[N, D]``: the sum of all terms, equal to the model's image embedding."""
+        """``[N, D]``: the sum of all terms: the model's image embedding (``centred``), divided by its norm
+        (``textspan``)."""
         return self.embedding + self.attention.sum(dim=1) + self.mlp.sum(dim=1) + self.ln_bias
 
     @classmethod
@@ -67,7 +83,8 @@ class Decomposition:
         if not parts:
             raise ClipHeadsError("no image batches to decompose")
         return cls(torch.cat([p.heads for p in parts]), parts[0].layers, torch.cat([p.attention for p in parts]),
-                   torch.cat([p.mlp for p in parts]), torch.cat([p.embedding for p in parts]), parts[0].ln_bias)
+                   torch.cat([p.mlp for p in parts]), torch.cat([p.embedding for p in parts]), parts[0].ln_bias,
+                   parts[0].convention)
 
 
 def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
@@ -127,23 +144,42 @@ def _residual_terms(backend: CLIPBackend, pixels: torch.Tensor):
     return embedding, torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(mlps, 1), x[:, 0].float()
 
 
-def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str | Iterable[int] | None = None
-              ) -> Decomposition:
+CONVENTIONS = ("textspan", "centred")
+
+
+def check_convention(convention: str) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`; else a :class:`ClipHeadsError` in one line."""
+    if convention not in CONVENTIONS:
+        raise ClipHeadsError(f"unknown decomposition convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    return convention
+
+
+def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str | Iterable[int] | None = None,
+              convention: str = "textspan") -> Decomposition:
     """Decompose the image embeddings of one batch into head, MLP and embedding terms.
 
     Args:
         model: a backend (or library model) with no ablation applied.
         pixels: ``[N, 3, H, W]`` preprocessed images.
         layers: layers whose heads are kept separately (``"8-11"``, ``[10, 11]``; default: all).
+        convention: ``textspan`` (default, as published: the layer norm's mean and bias and each ``out_proj`` bias
+            shared out equally, every term divided by the embedding's norm) or ``centred`` (see the module doc).
 
     Returns:
-        A :class:`Decomposition` whose ``total()`` equals ``model.encode_image(pixels)`` (``[N, D]``).
+        A :class:`Decomposition` whose ``total()`` equals ``model.encode_image(pixels)`` (``[N, D]``; divided by
+        its norm under ``textspan``).
+
+    Raises:
+        ClipHeadsError: an unknown convention, an ablated model or a tower that does not pool its class token.
     """
+    check_convention(convention)
     backend = as_backend(model)
     backend.require_unablated("the decomposition")
     chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers, backend.n_layers)
     norm, projection, projection_bias = _final_stage(backend)
     embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels)
+    if convention == "textspan":
+        return _textspan_terms(norm, projection, projection_bias, chosen, embedding, heads, biases, mlps, residual)
 
     with torch.inference_mode():
         std = torch.sqrt(residual.var(dim=-1, unbiased=False, keepdim=True) + norm.eps)  # [N, 1]
@@ -165,10 +201,44 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
         head_terms = linearise(heads)  # [N, L, H, D]
         attention = head_terms.sum(dim=2) + linearise(biases)
         return Decomposition(heads=head_terms[:, chosen].cpu(), layers=chosen, attention=attention.cpu(),
-                             mlp=linearise(mlps).cpu(), embedding=linearise(embedding).cpu(), ln_bias=ln_bias.cpu())
+                             mlp=linearise(mlps).cpu(), embedding=linearise(embedding).cpu(), ln_bias=ln_bias.cpu(),
+                             convention="centred")
+
+
+@torch.inference_mode()
+def _textspan_terms(norm: nn.LayerNorm, projection: torch.Tensor | None, projection_bias: torch.Tensor | None,
+                    chosen: list[int], embedding: torch.Tensor, heads: torch.Tensor, biases: torch.Tensor,
+                    mlps: torch.Tensor, residual: torch.Tensor) -> Decomposition:
+    """The published convention (clip_text_span ``prs_hook.py``): ``mean(x)``, ``beta`` (and a projection bias)
+    shared equally over the ``2L + 1`` components and a layer's shares (and ``out_proj`` bias) over its heads;
+    every term divided by the image embedding's norm."""
+    n_heads = heads.shape[2]
+    components = 2 * heads.shape[1] + 1  # embedding, L attention layers, L MLPs
+    mean = residual.mean(dim=-1, keepdim=True)  # [N, 1]
+    std = torch.sqrt(residual.var(dim=-1, unbiased=False, keepdim=True) + norm.eps)  # [N, 1]
+    gamma = norm.weight.float() if norm.weight is not None else torch.ones_like(residual[0])
+    beta = norm.bias.float() if norm.bias is not None else torch.zeros_like(residual[0])
+    projection = projection.float() if projection is not None else torch.eye(residual.shape[-1],
+                                                                             device=residual.device)
+    extra = projection_bias.float() if projection_bias is not None else torch.zeros_like(projection[0])
+    embedded = (gamma * (residual - mean) / std + beta) @ projection + extra  # the model's image embedding
+    scale = embedded.norm(dim=-1, keepdim=True)  # [N, 1]
+
+    def term(values: torch.Tensor, share: int) -> torch.Tensor:
+        """``[N, ..., W]`` -> ``[N, ..., D]``: one of ``share`` equal parts of the mean, bias and extra."""
+        shape = (values.shape[0],) + (1,) * (values.dim() - 1)
+        post = gamma * (values - mean.view(shape) / share) / std.view(shape) + beta / share
+        return (post @ projection + extra / share) / scale.view(shape)
+
+    head_terms = term(heads + biases.unsqueeze(2) / n_heads, components * n_heads)  # [N, L, H, D]
+    zero = torch.zeros(projection.shape[-1], device=residual.device)
+    return Decomposition(heads=head_terms[:, chosen].cpu(), layers=chosen, attention=head_terms.sum(dim=2).cpu(),
+                         mlp=term(mlps, components).cpu(), embedding=term(embedding, components).cpu(),
+                         ln_bias=zero.cpu(), convention="textspan")
 
 
 def decompose_batches(model: CLIPBackend | nn.Module, batches: Iterable[torch.Tensor],
-                      layers: str | Iterable[int] | None = None) -> Decomposition:
+                      layers: str | Iterable[int] | None = None, convention: str = "textspan") -> Decomposition:
     """:func:`decompose` over an iterable of ``[B, 3, H, W]`` batches, joined along the image axis."""
-    return Decomposition.concat([decompose(model, pixels, layers) for pixels in batches])
+    check_convention(convention)
+    return Decomposition.concat([decompose(model, pixels, layers, convention) for pixels in batches])

@@ -9,7 +9,7 @@ import torch
 
 from clipheads.eval.features import encode_text_batches
 from clipheads.explain.concepts import CCSResult, concept_consistency
-from clipheads.explain.decomposition import decompose_batches
+from clipheads.explain.decomposition import check_convention, decompose_batches
 from clipheads.explain.judges import Judge
 from clipheads.explain.pool import TextPool, default_pool, known_texts
 from clipheads.explain.textspan import TextSpanResult, describe_heads
@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def describe_model(model: CLIPBackend, batches: Iterable[torch.Tensor], pool: TextPool | None = None, k: int = 5,
                    layers: str | Sequence[int] | None = None, rank: int = 80,
-                   pool_features: torch.Tensor | None = None, text_batch_size: int = 256) -> TextSpanResult:
+                   pool_features: torch.Tensor | None = None, text_batch_size: int = 256,
+                   convention: str = "textspan") -> TextSpanResult:
     """TextSpan descriptions of the heads of ``layers`` (default: all) over an image set.
 
     Args:
@@ -29,9 +30,12 @@ def describe_model(model: CLIPBackend, batches: Iterable[torch.Tensor], pool: Te
         pool: texts to describe heads with (default: :func:`~clipheads.explain.pool.default_pool`).
         pool_features: ``[M, D]`` features of ``pool.texts``, if already computed (texts the model's tokenizer
             does not know are dropped first, see :func:`~clipheads.explain.pool.known_texts`).
+        convention: how the decomposition places the layer norm's mean and the biases: ``textspan`` (default, as
+            published) or ``centred`` (see :func:`~clipheads.explain.decomposition.decompose`).
     """
+    check_convention(convention)
     pool = known_texts(model, pool or default_pool())
-    decomposition = decompose_batches(model, batches, layers)
+    decomposition = decompose_batches(model, batches, layers, convention)
     logger.info("decomposed %d images into %d layers x %d heads", decomposition.n_images,
                 len(decomposition.layers), model.n_heads)
     if pool_features is None or len(pool_features) != len(pool):

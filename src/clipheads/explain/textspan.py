@@ -1,13 +1,21 @@
 """TextSpan (Gandelsman et al., 2024): describe each head by the text directions that span its output variance.
 
-For one head, the contributions ``C`` (``[N, D]``, one row per image, mean-centered over images) vary in a few
-directions. Text features (unit norm) are first projected onto the head's top ``rank`` principal directions. Then,
-``k`` times: pick the text whose (projected) feature ``t`` maximises the variance of ``C @ t``, and project the
-direction of ``t`` out of the contributions and out of every remaining text feature. A text close to an already
-chosen one keeps little norm and is not picked again. The variance a pick explains is the variance it removes
-from the contributions, as a fraction of the head's total variance.
+As published (clip_text_span ``compute_complete_text_set.py``, ``replace_with_iterative_removal``): for one head,
+the contributions ``C`` (``[N, D]``, one row per image) are factored by an SVD of the *uncentred* ``C``, and the
+text features (unit norm) are projected onto its top ``rank`` right singular vectors. ``C`` is then centred over
+the images, and ``k`` times: pick the text whose (projected) feature ``t`` maximises the variance of ``C @ t``, and
+project the direction of ``t`` out of the contributions and out of every remaining text feature. A text close to an
+already chosen one keeps little norm and is not picked again. The variance a pick explains is the variance it
+removes from the contributions, as a fraction of the head's total variance.
 
-All heads are processed at once (in chunks) in the ``rank``-dimensional principal coordinates, where the
+Stability: ``rank`` is clamped to each head's numerical rank (see :func:`effective_ranks`; a head's terms span at
+most ``head_dim + 3`` directions), because right singular vectors past it are rounding noise: projecting the texts
+onto them made picks 2..k depend on the number of threads. The SVD, the projections and the greedy steps run in
+float64 on the CPU; scores within ``1e-9`` of the head's first best score count as tied and a tie goes to the first
+text in the pool, and a text is never picked twice. Picks after a head's variance is used up (``k`` above its rank)
+explain 0 and are then the first unpicked texts of the pool: the same on every thread count and device.
+
+All heads are processed at once (in chunks) in the ``rank``-dimensional singular coordinates, where the centred
 contributions are summarised by their ``[rank, rank]`` covariance: a step costs ``O(texts * rank^2)`` per head.
 """
 
@@ -38,6 +46,7 @@ class HeadDescription:
     texts: list[str]
     explained: list[float]  # fraction of the head's variance removed by each text, in order
     variance: float  # total variance of the head's contributions (sum over embedding dimensions)
+    rank: int | None = None  # singular directions the texts were projected onto (the clamped rank)
 
     @property
     def label(self) -> str:
@@ -46,6 +55,8 @@ class HeadDescription:
     def to_dict(self) -> dict:
         fields = asdict(self)
         del fields["layer"], fields["head"]
+        if self.rank is None:
+            del fields["rank"]
         return {"head": self.label, **fields}
 
 
@@ -79,7 +90,8 @@ class TextSpanResult:
     def from_dict(cls, data: dict, source: str = "descriptions") -> TextSpanResult:
         try:
             heads = [HeadDescription(*parse_head(h["head"]), list(h["texts"]),
-                                     [float(v) for v in h["explained"]], float(h["variance"])) for h in data["heads"]]
+                                     [float(v) for v in h["explained"]], float(h["variance"]),
+                                     None if h.get("rank") is None else int(h["rank"])) for h in data["heads"]]
             return cls(heads, int(data["k"]), int(data["rank"]), int(data["n_images"]), int(data["n_texts"]),
                        data.get("meta", {}))
         except (KeyError, TypeError, ValueError) as exc:
@@ -101,7 +113,6 @@ class TextSpanResult:
         return cls.from_dict(data, source=str(path))
 
 
-@torch.no_grad()
 def text_span(contributions: torch.Tensor, text_features: torch.Tensor, k: int = 5, rank: int = 80,
               chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy TextSpan for ``G`` heads at once.
@@ -110,40 +121,80 @@ def text_span(contributions: torch.Tensor, text_features: torch.Tensor, k: int =
         contributions: ``[G, N, D]`` contributions of ``G`` heads over ``N`` images.
         text_features: ``[M, D]`` text features (normalised to unit norm here).
         k: texts to choose per head.
-        rank: principal directions of each head that the texts are projected onto (``min(rank, D)``).
-        chunk: heads processed together (memory: ``chunk * M * rank`` floats).
+        rank: right singular vectors of each head's (uncentred) contributions that the texts are projected onto,
+            clamped to the head's numerical rank (see :func:`effective_ranks`).
+        chunk: heads processed together (memory: ``chunk * M * rank`` float64).
 
     Returns:
         ``indices [G, k]`` (into the texts, in choice order), ``explained [G, k]`` (fraction of each head's
         variance that each pick removes) and ``variance [G]`` (each head's total variance).
+
+    Raises:
+        ClipHeadsError: shapes that do not fit, ``k`` outside ``1..M`` or ``rank < 1``.
     """
+    return _text_span(contributions, text_features, k, rank, chunk)[:3]
+
+
+@torch.no_grad()
+def _text_span(contributions: torch.Tensor, text_features: torch.Tensor, k: int, rank: int, chunk: int = 16):
+    """:func:`text_span`, plus ``[G]`` the rank each head used."""
     if contributions.dim() != 3 or text_features.dim() != 2 or contributions.shape[-1] != text_features.shape[-1]:
         raise ClipHeadsError(f"text_span needs contributions [G, N, D] and text features [M, D]; got "
                              f"{tuple(contributions.shape)} and {tuple(text_features.shape)}")
     if not 1 <= k <= text_features.shape[0]:
         raise ClipHeadsError(f"k={k} must be between 1 and the number of texts ({text_features.shape[0]})")
-    texts = torch.nn.functional.normalize(text_features.double(), dim=-1)
-    results = [_text_span_chunk(contributions[i:i + chunk].double(), texts, k, min(rank, texts.shape[-1]))
-               for i in range(0, contributions.shape[0], chunk)]
-    indices, explained, variance = (torch.cat(parts) for parts in zip(*results, strict=True))
-    return indices, explained.float(), variance.float()
+    if rank < 1:
+        raise ClipHeadsError(f"rank={rank} must be at least 1")
+    texts = torch.nn.functional.normalize(text_features.detach().cpu().double(), dim=-1)
+    data = contributions.detach().cpu()
+    results = [_text_span_chunk(data[i:i + chunk].double(), texts, k, rank)
+               for i in range(0, data.shape[0], chunk)]
+    indices, explained, variance, ranks = (torch.cat(parts) for parts in zip(*results, strict=True))
+    return indices, explained.float(), variance.float(), ranks
+
+
+NOISE_FACTOR = 2.0  # rounding-noise level of float32 head terms, in units of eps(float32) * ||C||_F (see below)
+
+
+def effective_ranks(singular_values: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[G]`` ranks used per head: ``rank`` clamped to the numerical rank of each ``[N, D]`` contribution matrix.
+
+    ``singular_values``: ``[G, min(N, D)]`` descending. A singular value counts when it exceeds
+    ``2 * eps(float32) * ||C||_F``: the float32 rounding of the terms is a noise matrix of Frobenius norm about
+    ``eps * ||C||_F``, none of whose singular values exceed that. (``torch.linalg.matrix_rank``'s default,
+    ``max(N, D) * eps * s_max``, cuts real directions of heads whose mean output dominates.) On the bundled model the
+    kept singular values were at least 12.6 and the dropped ones at most 0.49 of ``eps * ||C||_F`` (2026-11-29).
+    """
+    frobenius = singular_values.square().sum(dim=-1, keepdim=True).sqrt()
+    tolerance = NOISE_FACTOR * torch.finfo(torch.float32).eps * frobenius
+    numerical = (singular_values > tolerance).sum(dim=-1)
+    return numerical.clamp(min=1, max=rank)
 
 
 def _text_span_chunk(data: torch.Tensor, texts: torch.Tensor, k: int, rank: int):
     n_images = data.shape[1]
+    _, singular, vh = torch.linalg.svd(data, full_matrices=False)  # of the uncentred contributions, as published
+    ranks = effective_ranks(singular, rank)  # [G]
+    width = int(ranks.max())
+    keep = (torch.arange(width) < ranks.unsqueeze(1)).to(data.dtype)  # [G, r]: the columns each head uses
+    basis = vh[:, :width].transpose(1, 2) * keep.unsqueeze(1)  # [G, D, r], orthonormal columns (or zero)
     data = data - data.mean(dim=1, keepdim=True)
-    covariance = data.transpose(1, 2) @ data / n_images  # [G, D, D]
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
-    basis = eigenvectors[..., -rank:]  # [G, D, r]
-    total = covariance.diagonal(dim1=1, dim2=2).sum(-1)  # [G]
-    cov_r = torch.diag_embed(eigenvalues[..., -rank:].clamp(min=0))  # covariance in principal coordinates
-    texts_r = torch.einsum("md,gdr->gmr", texts, basis)  # texts projected onto each head's principal span
+    total = (data * data).sum(dim=(1, 2)) / n_images  # [G]
+    coordinates = data @ basis  # [G, N, r]
+    cov_r = coordinates.transpose(1, 2) @ coordinates / n_images  # covariance in the singular coordinates
+    texts_r = torch.einsum("md,gdr->gmr", texts, basis)  # texts projected onto each head's top singular span
     heads = torch.arange(data.shape[0])
     indices = torch.zeros(data.shape[0], k, dtype=torch.long)
     explained = torch.zeros(data.shape[0], k, dtype=data.dtype)
+    picked = torch.zeros(texts_r.shape[:2], dtype=torch.bool)
+    quantum = None
     for step in range(k):
         variance = torch.einsum("gmr,grs,gms->gm", texts_r, cov_r, texts_r)  # variance of C @ t per text
-        pick = variance.argmax(dim=-1)
+        if quantum is None:  # scores closer than 1e-9 of the first best are ties: the first text wins
+            quantum = (variance.max(dim=-1, keepdim=True).values * 1e-9).clamp(min=1e-300)
+        keyed = torch.round(variance / quantum).masked_fill(picked, -torch.inf)
+        pick = keyed.argmax(dim=-1)  # the first of the maximal values
+        picked[heads, pick] = True
         u = texts_r[heads, pick]  # [G, r]
         norm2 = (u * u).sum(-1, keepdim=True).clamp(min=1e-30)
         explained[:, step] = variance[heads, pick] / norm2.squeeze(-1) / total.clamp(min=1e-30)
@@ -154,7 +205,7 @@ def _text_span_chunk(data: torch.Tensor, texts: torch.Tensor, k: int, rank: int)
         cov_r = (cov_r - cu.unsqueeze(2) * u.unsqueeze(1) - u.unsqueeze(2) * cu.unsqueeze(1)
                  + ucu.unsqueeze(2) * u.unsqueeze(2) * u.unsqueeze(1))
         texts_r = texts_r - (texts_r @ u.unsqueeze(-1)) / norm2.unsqueeze(1) * u.unsqueeze(1)
-    return indices, explained, total
+    return indices, explained, total, ranks
 
 
 def describe_heads(decomposition: Decomposition, text_features: torch.Tensor, texts: Sequence[str], k: int = 5,
@@ -165,6 +216,8 @@ def describe_heads(decomposition: Decomposition, text_features: torch.Tensor, te
         decomposition: head terms ``[N, S, H, D]`` of ``N`` images.
         text_features: ``[M, D]`` features of ``texts`` from the same model's text tower.
         texts: the ``M`` texts of the pool.
+        k: texts per head. rank: the largest rank of the text projection (clamped per head, see
+            :func:`text_span`; each head's rank is in :attr:`HeadDescription.rank`).
     """
     if len(texts) != text_features.shape[0]:
         raise ClipHeadsError(f"{len(texts)} texts but {text_features.shape[0]} text features")
@@ -172,11 +225,13 @@ def describe_heads(decomposition: Decomposition, text_features: torch.Tensor, te
     if n_images < 2:
         raise ClipHeadsError("TextSpan needs at least 2 images (it explains the variance across images)")
     per_head = decomposition.heads.permute(1, 2, 0, 3).reshape(n_layers * n_heads, n_images, dim)
-    indices, explained, variance = text_span(per_head, text_features.cpu(), k=k, rank=rank)
+    indices, explained, variance, ranks = _text_span(per_head, text_features.cpu(), k=k, rank=rank)
     heads = []
     for i, layer in enumerate(decomposition.layers):
         for h in range(n_heads):
             g = i * n_heads + h
             heads.append(HeadDescription(layer, h, [texts[j] for j in indices[g].tolist()],
-                                         [round(v, 6) for v in explained[g].tolist()], float(variance[g])))
-    return TextSpanResult(heads, k, min(rank, dim), n_images, len(texts), meta or {})
+                                         [round(v, 6) for v in explained[g].tolist()], float(variance[g]),
+                                         int(ranks[g])))
+    meta = {"convention": decomposition.convention, **(meta or {})}
+    return TextSpanResult(heads, k, rank, n_images, len(texts), meta)

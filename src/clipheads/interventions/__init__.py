@@ -1,8 +1,16 @@
 """Head masks and the operators that ablate heads."""
 
-from clipheads.interventions.engine import Intervention, ablate, apply, bake, compute_head_means, remove
+from clipheads.interventions.engine import (
+    Intervention,
+    ablate,
+    apply,
+    bake,
+    check_means_kind,
+    compute_head_means,
+    remove,
+)
 from clipheads.interventions.mask import HeadMask
-from clipheads.interventions.operators import BAKEABLE, OPERATORS, Operator, resolve_operator
+from clipheads.interventions.operators import BAKEABLE, MEAN_KINDS, OPERATORS, Operator, means_kind, resolve_operator
 
-__all__ = ["BAKEABLE", "HeadMask", "Intervention", "OPERATORS", "Operator", "ablate", "apply", "bake",
-           "compute_head_means", "remove", "resolve_operator"]
+__all__ = ["BAKEABLE", "HeadMask", "Intervention", "MEAN_KINDS", "OPERATORS", "Operator", "ablate", "apply", "bake",
+           "check_means_kind", "compute_head_means", "means_kind", "remove", "resolve_operator"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from clipheads.errors import ClipHeadsError, OperatorError
 from clipheads.interventions.mask import HeadMask
-from clipheads.interventions.operators import BAKEABLE, Operator, resolve_operator
+from clipheads.interventions.operators import BAKEABLE, MEAN_KINDS, Operator, resolve_operator
 from clipheads.models import CLIPBackend, as_backend
 
 ModelLike = CLIPBackend | nn.Module
@@ -56,16 +56,18 @@ def apply(model: ModelLike, mask: HeadMask, op: str | Operator = "identity", *, 
         model: a backend from :func:`clipheads.load` or a library model (``CLIPModel``, open_clip ``CLIP``).
         mask: gates per head; a ``requires_grad`` gate tensor hooks every layer so that all gates get gradients.
         op: ``identity`` (default), ``cls``, ``zero``, ``mean`` or ``scale``, or an :class:`Operator`.
-        alpha: factor for ``scale``. means: ``[n_layers, n_heads, d_head]`` for ``mean`` (default: ``mask.means``).
+        alpha: factor for ``scale``. means: for ``mean`` (default: ``mask.means``), ``[n_layers, n_heads, d_head]``
+            (pooled) or ``[n_layers, n_heads, pos, d_head]`` (per-position), see :func:`compute_head_means`.
     """
     backend = as_backend(model)
     if backend.intervention is not None:
         raise ClipHeadsError("this model already has an ablation applied; call clipheads.remove(model) first")
     mask.check(backend)
     operator = _operator_for(mask, op, alpha, means)
-    if operator.means is not None and tuple(operator.means.shape) != (*mask.shape, backend.head_dim):
+    if operator.means is not None and (tuple(operator.means.shape[:2]) != mask.shape
+                                       or operator.means.shape[-1] != backend.head_dim):
         raise OperatorError(f"head means of shape {tuple(operator.means.shape)} do not fit this model "
-                            f"({mask.shape[0]}, {mask.shape[1]}, {backend.head_dim})")
+                            f"({mask.shape[0]}, {mask.shape[1]}, [positions,] {backend.head_dim})")
     intervention = Intervention(mask, operator)
     layers = range(backend.n_layers) if mask.gates.requires_grad else mask.layers
     for layer in layers:
@@ -98,7 +100,8 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
     """Fold a ``zero``/``mean``/``scale`` ablation into the output projections; returns a plain library model.
 
     The result is a ``transformers``/``open_clip`` model with no hooks and zero overhead, saveable with the
-    library's own functions. ``identity`` and ``cls`` depend on each token's values and cannot be folded.
+    library's own functions. ``identity`` and ``cls`` depend on each token's values and cannot be folded; nor can
+    ``mean`` with per-position means (``out_proj``'s bias is the same at every position): use pooled means.
     """
     backend = as_backend(model)
     mask.check(backend)
@@ -106,6 +109,10 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
     if operator.name not in BAKEABLE:
         raise OperatorError(f"operator {operator.name!r} cannot be folded into weights (only "
                             f"{', '.join(BAKEABLE)}); use clipheads.apply or clipheads.ablate for it")
+    if operator.name == "mean" and operator.means.dim() == 4:
+        raise OperatorError("per-position head means cannot be folded into out_proj (its bias is the same at every "
+                            "token position); bake pooled means (compute_head_means(kind='pooled'), CLI --means "
+                            "pooled) or use clipheads.apply / clipheads.ablate")
     target = backend.model if inplace else copy.deepcopy(backend.model)
     baked = as_backend(target)
     baked.clear_head_hooks()
@@ -128,24 +135,46 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
     return target
 
 
-@torch.inference_mode()
-def compute_head_means(model: ModelLike, batches: Iterable[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """Mean output of every head over a reference image set: ``[n_layers, n_heads, d_head]``.
+def check_means_kind(kind: str) -> str:
+    """``kind`` if it is one of ``per-position``, ``pooled``; else a :class:`ClipHeadsError` in one line."""
+    if kind not in MEAN_KINDS:
+        raise ClipHeadsError(f"unknown kind of head means {kind!r}; choose one of {', '.join(MEAN_KINDS)}")
+    return kind
 
-    The mean runs over images and token positions, so that the ``mean`` operator can be folded into weights.
-    ``batches``: preprocessed pixels ``[B, 3, H, W]`` or an iterable of such batches.
+
+@torch.inference_mode()
+def compute_head_means(model: ModelLike, batches: Iterable[torch.Tensor] | torch.Tensor,
+                       kind: str = "per-position") -> torch.Tensor:
+    """Mean output ``z`` (before ``out_proj``) of every head over a reference image set.
+
+    Args:
+        model: an unablated backend or library model.
+        batches: preprocessed pixels ``[B, 3, H, W]`` or an iterable of such batches (all of one image size).
+        kind: ``per-position`` (default): the mean over images at each token position, ``[n_layers, n_heads, pos,
+            d_head]`` (the usual mean ablation, as in clip_text_span); ``pooled``: over images and token positions,
+            ``[n_layers, n_heads, d_head]``, which :func:`bake` folds into ``out_proj``'s bias.
+
+    Raises:
+        ClipHeadsError: an unknown ``kind``, an ablated model, no images, or images of different sizes.
     """
+    check_means_kind(kind)
     backend = as_backend(model)
     if backend.intervention is not None:
         raise ClipHeadsError("compute head means on the unablated model (call clipheads.remove first)")
-    sums = torch.zeros(backend.n_layers, backend.n_heads, backend.head_dim, dtype=torch.float64)
+    sums: list[torch.Tensor | None] = [None] * backend.n_layers
     counts = [0]
 
     def recorder(layer: int):
         def hook(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            sums[layer] += z.detach().double().sum(dim=(0, 1)).cpu()
+            batch = z.detach().double().sum(dim=0).cpu()  # [T, H, d]
+            if kind == "pooled":
+                batch = batch.sum(dim=0)
+            if sums[layer] is not None and sums[layer].shape != batch.shape:
+                raise ClipHeadsError(f"head means: images give {z.shape[1]} token positions here and "
+                                     f"{sums[layer].shape[0]} before; use one image size")
+            sums[layer] = batch if sums[layer] is None else sums[layer] + batch
             if layer == 0:
-                counts[0] += z.shape[0] * z.shape[1]
+                counts[0] += z.shape[0] * (z.shape[1] if kind == "pooled" else 1)
             return z
 
         return hook
@@ -161,4 +190,5 @@ def compute_head_means(model: ModelLike, batches: Iterable[torch.Tensor] | torch
         backend.clear_head_hooks()
     if counts[0] == 0:
         raise ClipHeadsError("compute_head_means got no images")
-    return (sums / counts[0]).float()
+    means = torch.stack(sums) / counts[0]  # [L, H, d] or [L, T, H, d]
+    return (means if kind == "pooled" else means.permute(0, 2, 1, 3)).float().contiguous()

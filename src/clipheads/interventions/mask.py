@@ -33,8 +33,9 @@ def _shape_of(target: ShapeLike) -> tuple[tuple[int, int], Architecture | None]:
 class HeadMask:
     """Gates ``[n_layers, n_heads]`` for the heads of an image encoder, plus what the mask belongs to.
 
-    ``means`` (optional, ``[n_layers, n_heads, head_dim]``) holds the per-head mean outputs used by the ``mean``
-    operator; it is saved with the mask for the heads the mask ablates.
+    ``means`` (optional, ``[n_layers, n_heads, head_dim]`` pooled or ``[n_layers, n_heads, pos, head_dim]``
+    per-position) holds the per-head mean outputs used by the ``mean`` operator; it is saved with the mask for the
+    heads the mask ablates, with its kind (``means_kind``).
     """
 
     gates: torch.Tensor
@@ -156,6 +157,7 @@ class HeadMask:
         if self.means is not None:
             data["means"] = {head_label(*parse_head(label)): self.means[parse_head(label)].detach().cpu().tolist()
                              for label in self.ablated}
+            data["means_kind"] = "per-position" if self.means.dim() == 4 else "pooled"
         if self.meta:
             data["meta"] = self.meta
         return data
@@ -178,10 +180,17 @@ class HeadMask:
             raise MaskError(f"{source}: gates must be a finite [n_layers][n_heads] table")
         means = None
         if data.get("means"):
-            head_dim = len(next(iter(data["means"].values())))
-            means = torch.zeros(*gates.shape, head_dim)
-            for label, values in data["means"].items():
-                means[parse_head(label)] = torch.tensor(values, dtype=torch.float32)
+            try:
+                values = {parse_head(label): torch.tensor(v, dtype=torch.float32) for label, v in data["means"].items()}
+            except (TypeError, ValueError) as exc:
+                raise MaskError(f"{source}: malformed head means ({exc})") from None
+            shape = next(iter(values.values())).shape
+            kind = data.get("means_kind", "pooled")  # files before per-position means held pooled ones
+            if len(shape) != (2 if kind == "per-position" else 1) or any(v.shape != shape for v in values.values()):
+                raise MaskError(f"{source}: head means do not match their kind {kind!r}")
+            means = torch.zeros(*gates.shape, *shape)
+            for head, value in values.items():
+                means[head] = value
         return cls(gates, arch, means=means, meta=data.get("meta", {}))
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -6,8 +6,11 @@ Shapes: ``z`` (the head outputs before ``out_proj``) and ``v`` (the values) are 
   ("value only", the AAT and layer-wise cancellation works).
 * ``cls`` - every token attends only to the class token: each token receives the class token's value.
 * ``zero`` - the head's output is zero.
-* ``mean`` - the head's output is replaced by its mean over a reference image set (over images and token
-  positions, see :func:`clipheads.compute_head_means`), which keeps the operator foldable into weights.
+* ``mean`` - the head's output is replaced by its mean over a reference image set (see
+  :func:`clipheads.compute_head_means`): ``per-position`` means (``[n_layers, n_heads, pos, d_head]``, the default:
+  the mean over images at each token position, the usual definition and clip_text_span's) or ``pooled`` means
+  (``[n_layers, n_heads, d_head]``: over images and positions, which :func:`clipheads.bake` can fold into
+  ``out_proj``'s bias).
 * ``scale`` - the head's output is multiplied by ``alpha`` (soft pruning).
 """
 
@@ -21,11 +24,24 @@ from clipheads.errors import OperatorError
 
 OPERATORS = ("identity", "cls", "zero", "mean", "scale")
 BAKEABLE = ("zero", "mean", "scale")
+MEAN_KINDS = ("per-position", "pooled")
+
+
+def means_kind(means: torch.Tensor) -> str:
+    """``per-position`` for ``[n_layers, n_heads, pos, d_head]`` head means, ``pooled`` for ``[n_layers, n_heads,
+    d_head]``; else an :class:`OperatorError`."""
+    if means.dim() == 4:
+        return "per-position"
+    if means.dim() == 3:
+        return "pooled"
+    raise OperatorError(f"head means are [n_layers, n_heads, d_head] (pooled) or [n_layers, n_heads, pos, d_head] "
+                        f"(per-position); got shape {tuple(means.shape)}")
 
 
 @dataclass(frozen=True)
 class Operator:
-    """An ablation operator. ``alpha`` is used by ``scale``; ``means`` (``[n_layers, n_heads, d_head]``) by ``mean``."""
+    """An ablation operator. ``alpha`` is used by ``scale``; ``means`` by ``mean``: ``[n_layers, n_heads, d_head]``
+    (pooled) or ``[n_layers, n_heads, pos, d_head]`` (per-position)."""
 
     name: str = "identity"
     alpha: float = 0.0
@@ -37,6 +53,8 @@ class Operator:
         if self.name == "mean" and self.means is None:
             raise OperatorError("operator 'mean' needs head means: compute them with clipheads.compute_head_means "
                                 "(CLI: clipheads means) and pass means= or store them in the mask")
+        if self.means is not None:
+            means_kind(self.means)
 
     def describe(self) -> str:
         return f"scale(alpha={self.alpha:g})" if self.name == "scale" else self.name
@@ -57,7 +75,13 @@ class Operator:
             return torch.zeros_like(z)
         if self.name == "scale":
             return z * self.alpha
-        return self.means[layer].to(z.device, z.dtype).expand_as(z)  # mean
+        means = self.means[layer].to(z.device, z.dtype)
+        if means.dim() == 3:  # per-position: [H, T, d]
+            if means.shape[1] != z.shape[1]:
+                raise OperatorError(f"per-position head means have {means.shape[1]} token positions, the images "
+                                    f"give {z.shape[1]}: compute the means at this image size")
+            means = means.transpose(0, 1)
+        return means.expand_as(z)  # mean
 
     def mix(self, z: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, layer: int) -> torch.Tensor:
         """``g*z + (1-g)*replacement`` per head; exact for ``g`` in {0, 1} and differentiable in ``g``."""
