@@ -62,10 +62,13 @@ class FileKey:
         """Fingerprint ``path``: a file by its bytes; a folder (``size`` -1) by the sha256 of the relative path, size
         and modification time of every file under it (stats only: cheap for an image folder or a saved model)."""
         resolved = Path(path).resolve()
-        if resolved.is_dir():
-            files = sorted(p for p in resolved.rglob("*") if p.is_file())
-            return cls(str(resolved), -1, ImagesKey.of(files, resolved).digest)
-        return cls(str(resolved), resolved.stat().st_size, file_sha256(resolved))
+        try:
+            if resolved.is_dir():
+                files = sorted(p for p in resolved.rglob("*") if p.is_file())
+                return cls(str(resolved), -1, ImagesKey.of(files, resolved).digest)
+            return cls(str(resolved), resolved.stat().st_size, file_sha256(resolved))
+        except OSError as exc:
+            raise ClipHeadsError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
 
     @classmethod
     def from_dict(cls, data: Mapping) -> FileKey:
@@ -140,8 +143,8 @@ class WeightsKey:
     @classmethod
     def of(cls, model: torch.nn.Module) -> WeightsKey:
         """Hash ``model``'s state_dict (once per model object and weight version: in-place updates are noticed
-        through the parameters' version counters)."""
-        version = sum(p._version for p in model.parameters())
+        through the tensors' version counters, replaced or cast tensors through their storage and dtype)."""
+        version = tuple((t.data_ptr(), t.dtype, t._version) for t in (*model.parameters(), *model.buffers()))
         known = _WEIGHTS.get(model)
         if known is not None and known[0] == version:
             return known[1]
@@ -285,7 +288,7 @@ def _input_change(name: str, old, new, precision_changed: bool) -> str:
             count = "" if old.images.count == new.images.count else \
                 f"{old.images.count} -> {new.images.count} images; "
             phrases.append(f"the images it lists differ ({count}names, sizes or modification times changed)")
-        return "; ".join(phrases)
+        return "; ".join(p for p in phrases if p)
     if isinstance(old, FileKey) and isinstance(new, FileKey):
         return _file_change(what, old, new)
     return f"{what} differs"

@@ -130,10 +130,10 @@ class _Run:
                    "metric": self.metric or DEFAULT_METRICS.get(self.task), **extra}
         inputs = {"data": dataset_key(self.task, data, self.templates),
                   "report_data": dataset_key(self.task, report_data, self.templates) if report_data else None,
-                  "templates": FileKey.of(self.templates) if self.templates else None,
+                  "templates": FileKey.of(self.templates) if self.templates and self.task == "zeroshot" else None,
                   "weights": self.weights}
         runtime = {"device": self.device, "data": str(Path(data).resolve()), "cwd": os.getcwd(),
-                   **{k: v for k, v in self.loader.items()}}
+                   **self.loader}
         return RunKey(options, inputs, runtime).to_dict()
 
 

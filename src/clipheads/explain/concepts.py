@@ -191,6 +191,14 @@ def _load_checkpoint(path: Path | None, key: RunKey) -> dict[str, HeadConcept]:
     return heads
 
 
+def check_checkpoint(checkpoint: str | os.PathLike, judges: Judge | Sequence[Judge],
+                     labeler: Judge | None = None) -> None:
+    """Refuse (:class:`~clipheads.runkey.RunKeyError`, one line naming the change) a CCS checkpoint made with other
+    judges or judge settings, before any head is judged; nothing when there is no checkpoint yet."""
+    judges = [judges] if isinstance(judges, Judge) else list(judges)
+    _load_checkpoint(Path(checkpoint), judges_key(judges, labeler or judges[0]))
+
+
 def concept_consistency(descriptions: Mapping[str, Sequence[str]], judges: Judge | Sequence[Judge],
                         shape: tuple[int, int], labeler: Judge | None = None,
                         checkpoint: str | os.PathLike | None = None,
