@@ -8,6 +8,7 @@ import pytest
 
 from clipheads.errors import DataError
 from clipheads.explain.concepts import CCSResult, ccs_group, concept_consistency, majority
+from clipheads.runkey import RunKeyError
 
 
 class ListJudge:
@@ -68,7 +69,8 @@ def test_finished_heads_are_kept_and_not_asked_again(tmp_path):
     result = concept_consistency(DESCRIPTIONS, working, shape=(2, 2), checkpoint=checkpoint)
     assert working.calls == 1  # only L1.H1 was left
     assert [h.ccs for h in result.heads] == [5, 5, 5]
-    # other judges: the checkpoint does not apply
+    # other judges: the checkpoint is refused with one line naming the change, and nobody is asked
     other = ListJudge("b", yes)
-    concept_consistency(DESCRIPTIONS, other, shape=(2, 2), checkpoint=checkpoint)
-    assert other.calls == 3
+    with pytest.raises(RunKeyError, match="--judge changed from a to b") as refused:
+        concept_consistency(DESCRIPTIONS, other, shape=(2, 2), checkpoint=checkpoint)
+    assert "\n" not in str(refused.value) and other.calls == 0

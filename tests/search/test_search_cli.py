@@ -57,7 +57,7 @@ def test_scan_then_ga_then_bp(world, tmp_path):
     assert invoke(*ga).exit_code == 0  # resumes the finished run
     assert clipheads.HeadMask.load(tmp_path / "ga" / "mask.json") == mask
     changed = invoke(*ga[:-2], "--seed", 1, "--out", tmp_path / "ga")
-    assert isinstance(changed.exception, ConfigMismatchError) and "seed: 0 -> 1" in str(changed.exception)
+    assert isinstance(changed.exception, ConfigMismatchError) and "--seed changed from 0 to 1" in str(changed.exception)
 
     result = invoke("search", *common, "--strategy", "bp", "--epochs", 1, "--out", tmp_path / "bp")
     assert result.exit_code == 0, result.output

@@ -145,7 +145,7 @@ def test_interrupted_scan_resumes_without_recomputing(planted_setup, tmp_path):
 def test_changed_configuration_is_refused(tmp_path):
     RunFolder(tmp_path, {"strategy": "ga", "beta": 0.1})
     RunFolder(tmp_path, {"strategy": "ga", "beta": 0.1})  # same configuration: resume
-    with pytest.raises(ConfigMismatchError, match=r"beta: 0\.1 -> 0\.2"):
+    with pytest.raises(ConfigMismatchError, match=r"--beta changed from 0\.1 to 0\.2"):
         RunFolder(tmp_path, {"strategy": "ga", "beta": 0.2})
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")

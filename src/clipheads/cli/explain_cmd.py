@@ -185,6 +185,7 @@ def ccs(
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
 
+    from clipheads.explain.concepts import check_checkpoint
     from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import score_heads
     from clipheads.explain.plots import plot_ccs_heatmap
@@ -200,11 +201,13 @@ def ccs(
     elif data is not None:
         result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
                                            convention)
-        result.save(out / "descriptions.json")
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
     judges = _judges(judge, backend, pool, features, llm_base_url, llm_model, llm_timeout, threshold)
     try:
+        check_checkpoint(out / "ccs_progress.json", judges)  # progress by other judging is refused, nothing written
+        if descriptions is None:
+            result.save(out / "descriptions.json")
         with tqdm(total=len(result.heads), desc="judging", unit="head", leave=False) as bar:
             scored = score_heads(result, judges, (backend.n_layers, backend.n_heads),
                                  checkpoint=out / "ccs_progress.json",

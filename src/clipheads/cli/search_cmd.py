@@ -53,6 +53,7 @@ class _Run:
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         self.backend = clipheads.load(model, device=device, dtype=precision)
         self.task, self.metric, self.templates = task, metric, templates
+        self.precision, self.device = precision, device
         self.loader = {"batch_size": batch_size, "num_workers": num_workers, "skip_bad": skip_bad}
         self.batch_size = batch_size
         self._data_path, self.search_split = data, _split(search_split)
@@ -110,12 +111,34 @@ class _Run:
             raise same_split_error(f"{Path(data_path).name}:{self.search_split or 'all'}")
         return self.evaluator(self.load(report_data or data_path, report_split), op, alpha, held_out=True)
 
+    @cached_property
+    def weights(self):
+        """The fingerprint of the loaded weights (see :class:`~clipheads.runkey.WeightsKey`), computed once."""
+        from clipheads.runkey import WeightsKey
+
+        return WeightsKey.of(self.backend.model)
+
     def config(self, command: str, model: str, data: Path, search_split, report_data, report_split, op, alpha,
                **extra) -> dict:
-        return {"command": command, "model": model, "task": self.task, "data": str(data),
-                "search_split": _split(search_split), "report_data": str(report_data) if report_data else None,
-                "report_split": _split(report_split), "op": op, "alpha": alpha, "metric": self.data.objective.name,
-                **({"means": self.means_kind} if op == "mean" else {}), **extra}
+        """The run key (:class:`~clipheads.runkey.RunKey`, JSON form) of a command: every option that changes
+        results, the fingerprints of the dataset files, their images, the templates and the weights; device, batch
+        size and workers are recorded only. Cheap (no image is read) so that a folder is checked before work."""
+        from clipheads.runkey import FileKey, RunKey
+        from clipheads.search.tasks import DEFAULT_METRICS, dataset_key
+
+        model_path = Path(model)
+        options = {"command": command, "model": str(model_path.resolve()) if model_path.exists() else model,
+                   "task": self.task, "precision": self.precision, "search_split": _split(search_split),
+                   "report_split": _split(report_split), "op": op, "alpha": alpha,
+                   "metric": self.metric or DEFAULT_METRICS.get(self.task),
+                   **({"means": self.means_kind} if op == "mean" else {}), **extra}
+        inputs = {"data": dataset_key(self.task, data, self.templates),
+                  "report_data": dataset_key(self.task, report_data, self.templates) if report_data else None,
+                  "templates": FileKey.of(self.templates) if self.templates and self.task == "zeroshot" else None,
+                  "weights": self.weights}
+        runtime = {"device": self.device, "data": str(Path(data).resolve()), "cwd": os.getcwd(),
+                   **self.loader}
+        return RunKey(options, inputs, runtime).to_dict()
 
 
 def _check_out(out: Path) -> None:
@@ -215,19 +238,22 @@ def scan_command(
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
     run.means_kind = means
-    report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     if method == "attribution":
-        _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
                             method="attribution", surrogate=surrogate, order=order, probes=probes,
                             verify_top=verify_top)
+    else:
+        config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k)
+    RunFolder.check(out, config)  # another run in --out is refused before anything is encoded
+    report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
+    if method == "attribution":
+        _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
         _attribution_scan(run, config, report, allow_same_split, op, alpha, top_k, verify_top, out,
                           surrogate=surrogate, order=order, probes=probes)
         return
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
-    folder = RunFolder(out, run.config("scan", model, data, search_split, report_data, report_split, op, alpha,
-                                       top_k=top_k), run.dist)
+    folder = RunFolder(out, config, run.dist)
     scan = scan_heads(evaluator, folder, checkpoint_every, top_k)
     result = report_heldout(scan_search_result(scan, evaluator, time.perf_counter() - started), report)
     write_result(result, folder)
@@ -349,6 +375,7 @@ def layers_command(
     selected caption and every candidate's logits (layers.json). With --generate, also a generated caption per group
     and its CLIP score next to the selected caption's (scored by the unmodified model)."""
     from clipheads.heads import parse_layer_ranges
+    from clipheads.runkey import FileKey
     from clipheads.search import RunFolder, scan_layers
 
     if generate and captioner is None:
@@ -364,13 +391,17 @@ def layers_command(
     run.means_kind = means
     if ranges:
         parse_layer_ranges(ranges, run.backend.n_layers)  # a bad range fails before the data is encoded
-    evaluator = run.evaluator(run.data, op, alpha)
     extra = {"ranges": ranges}
     if generate:
-        extra["generate"] = {"captioner": str(captioner), "beams": beams, "max_new_tokens": max_new_tokens,
+        extra["generate"] = {"captioner": str(captioner.resolve()), "beams": beams, "max_new_tokens": max_new_tokens,
                              "prefix_from_selection": prefix_from_selection, "prefix_words": prefix_words,
                              "limit": generate_limit}
-    folder = RunFolder(out, run.config("layers", model, data, split, None, None, op, alpha, **extra), run.dist)
+    config = run.config("layers", model, data, split, None, None, op, alpha, **extra)
+    if generate:
+        config["inputs"]["captioner"] = {"kind": "file", **FileKey.of(captioner).to_dict()}
+    RunFolder.check(out, config)  # another run in --out is refused before anything is encoded
+    evaluator = run.evaluator(run.data, op, alpha)
+    folder = RunFolder(out, config, run.dist)
     captioning = _layerwise_captioning(run, captioner, op, alpha, beams, max_new_tokens, prefix_from_selection,
                                        prefix_words, generate_limit, num_workers, skip_bad) if generate else None
     result = scan_layers(evaluator, ranges, run.data.details, folder, generate=captioning)
@@ -515,6 +546,9 @@ def search_command(
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates)
     run.means_kind = means
+    settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
+                          strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
+    RunFolder.check(out, settings)  # another run in --out is refused before anything is encoded
     if strategy == "bp":
         _require_pairs(run, "AAT-BP trains its gates")
     if seed_from == "attribution":
@@ -522,8 +556,6 @@ def search_command(
     report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
-    settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
-                          strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
     folder = RunFolder(out, settings, run.dist)
     scan = None
     if seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates)):

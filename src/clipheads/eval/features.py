@@ -36,6 +36,7 @@ from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.interventions import HeadMask, Operator, ablate
 from clipheads.interventions.operators import resolve_operator
 from clipheads.models import CLIPBackend, as_backend
+from clipheads.runkey import ImagesKey, WeightsKey
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +88,11 @@ def _weights_version(model: nn.Module) -> int:
     return sum(p._version for p in model.parameters())
 
 
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def model_fingerprint(backend: CLIPBackend) -> dict:
-    """Identity of a model for the disk cache: name, class, image size and a sha256 of every weight."""
-    version = _weights_version(backend.model)
-    known = _FINGERPRINTS.get(backend.model)
-    if known is not None and known[0] == version:
-        return known[1]
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backend.model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    fingerprint = {"name": backend.name, "class": type(backend.model).__name__, "image_size": backend.image_size,
-                   "weights_sha256": digest.hexdigest()}
-    _FINGERPRINTS[backend.model] = (version, fingerprint)
-    return fingerprint
+    """Identity of a model for the disk cache: name, class, image size and a sha256 of every weight (the
+    :class:`~clipheads.runkey.WeightsKey` of its weights, computed once per weight version)."""
+    return {"name": backend.name, "class": type(backend.model).__name__, "image_size": backend.image_size,
+            "weights_sha256": WeightsKey.of(backend.model).sha256}
 
 
 def _file_sha(path: Path) -> str:
@@ -294,7 +283,7 @@ def encode_images(model: CLIPBackend | nn.Module, paths: Sequence[str | Path], m
         raise DataError("no images to encode")
     active_mask, operator = _ablation(backend, mask, op, alpha)
     ablated = ablation_key(active_mask, operator)
-    paths_sha = _sha(*map(str, paths))
+    paths_sha = ImagesKey.of(paths, "/").digest  # absolute paths, sizes and mtimes: a changed file is a miss
     memory_key = f"image:{paths_sha}:{ablated}:{opts.precision}:{_weights_version(backend.model)}"
     disk_key = meta = None
     if cache.cache_dir is not None:

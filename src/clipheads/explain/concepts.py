@@ -6,14 +6,18 @@ say so (a tie counts as not consistent); ``CCS(h)`` is the number of consistent 
 groups: ``high`` (CCS = k), ``moderate`` (1 < CCS < k) and ``low`` (CCS <= 1).
 
 Progress is written to a checkpoint file after every head, so an interrupted run (an endpoint that went down)
-resumes where it stopped: finished heads with the same descriptions and judges are not asked again.
+resumes where it stopped: finished heads with the same descriptions are not asked again. The checkpoint records
+what the judging depends on (:func:`judges_key`: the judges, their thresholds, LLM endpoints, models and prompts,
+the weights of a CLIP judge's model); a checkpoint made otherwise is refused with one line naming the change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ from clipheads.errors import DataError
 from clipheads.explain.judges import Judge, JudgeError
 from clipheads.files import write_json_atomic
 from clipheads.heads import head_label, parse_head
+from clipheads.runkey import RunKey, WeightsKey, check_same_run
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +145,58 @@ class CCSResult:
         return cls.from_dict(data, source=str(path))
 
 
-def _load_checkpoint(path: Path | None, judges: list[str], labeler: str) -> dict[str, HeadConcept]:
+_JUDGE_OPTIONS = {"threshold": "--threshold", "base_url": "--llm-base-url", "model": "--llm-model",
+                  "temperature": "the temperature", "concepts": "the concept vocabulary"}
+_PROMPTS = ("SYSTEM_PROMPT", "LABEL_PROMPT", "JUDGE_PROMPT")
+
+
+def _simple(value) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_simple(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def judges_key(judges: Sequence[Judge], labeler: Judge) -> RunKey:
+    """What a CCS checkpoint depends on besides each head's descriptions (those are compared head by head): the
+    judges' names, the labelling judge, each judge's threshold, LLM base URL, model name, temperature and concept
+    vocabulary where it has them, the sha256 of the LLM prompts, and the weights of a CLIP judge's model."""
+    options: dict = {"judge": [j.name for j in judges], "the labelling judge": labeler.name}
+    inputs: dict = {}
+    for judge in dict.fromkeys([*judges, labeler]):
+        for attribute, flag in _JUDGE_OPTIONS.items():
+            value = getattr(judge, attribute, None)
+            if value is not None and _simple(value):
+                options[f"{flag} of the {judge.name} judge"] = list(value) if isinstance(value, tuple) else value
+        if getattr(judge, "base_url", None) is not None:  # an LLM judge: its prompts, from the judge's module
+            module = sys.modules.get(type(judge).__module__)
+            prompts = "\0".join(str(getattr(module, name, "")) for name in _PROMPTS)
+            options[f"the prompts of the {judge.name} judge"] = hashlib.sha256(prompts.encode()).hexdigest()[:16]
+        backend = getattr(judge, "model", None)
+        if isinstance(getattr(backend, "model", None), torch.nn.Module):  # a judge over a CLIP model's text tower
+            inputs["weights" if "weights" not in inputs else f"weights of {judge.name}"] = WeightsKey.of(backend.model)
+    return RunKey(options, inputs)
+
+
+def _load_checkpoint(path: Path | None, key: RunKey) -> dict[str, HeadConcept]:
     if path is None or not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text())
-        if data.get("judges") != judges or data.get("labeler") != labeler:
-            logger.info("checkpoint %s was made by other judges; starting over", path)
-            return {}
-        return {h["head"]: HeadConcept.from_dict(h) for h in data["heads"]}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        heads = {h["head"]: HeadConcept.from_dict(h) for h in data["heads"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
         raise DataError(f"checkpoint {str(path)!r} is not a clipheads CCS checkpoint; delete it to start over"
                         ) from None
+    check_same_run(data.get("run_key") or {}, key, f"checkpoint {path}", "delete it (or use another --out folder) "
+                   "to start over")
+    return heads
+
+
+def check_checkpoint(checkpoint: str | os.PathLike, judges: Judge | Sequence[Judge],
+                     labeler: Judge | None = None) -> None:
+    """Refuse (:class:`~clipheads.runkey.RunKeyError`, one line naming the change) a CCS checkpoint made with other
+    judges or judge settings, before any head is judged; nothing when there is no checkpoint yet."""
+    judges = [judges] if isinstance(judges, Judge) else list(judges)
+    _load_checkpoint(Path(checkpoint), judges_key(judges, labeler or judges[0]))
 
 
 def concept_consistency(descriptions: Mapping[str, Sequence[str]], judges: Judge | Sequence[Judge],
@@ -165,7 +210,9 @@ def concept_consistency(descriptions: Mapping[str, Sequence[str]], judges: Judge
         judges: one judge, or several whose answers are combined by majority vote.
         shape: ``(n_layers, n_heads)`` of the model.
         labeler: the judge that names each head's concept (default: the first judge).
-        checkpoint: JSON file updated after every head; heads already in it are not judged again.
+        checkpoint: JSON file updated after every head; heads already in it with the same descriptions are not
+            judged again. A checkpoint made with other judges or judge settings (see :func:`judges_key`) raises
+            :class:`~clipheads.runkey.RunKeyError` naming what changed.
         progress: called with ``(done, total)`` after each head.
     """
     judges = [judges] if isinstance(judges, Judge) else list(judges)
@@ -179,7 +226,8 @@ def concept_consistency(descriptions: Mapping[str, Sequence[str]], judges: Judge
     if len(ks) != 1:
         raise DataError(f"every head needs the same number of descriptions; got {sorted(ks)}")
     path = Path(checkpoint) if checkpoint is not None else None
-    done = _load_checkpoint(path, names, labeler.name)
+    key = judges_key(judges, labeler) if path is not None else None
+    done = _load_checkpoint(path, key)
     heads: list[HeadConcept] = []
     for i, (label_text, texts) in enumerate(descriptions.items()):
         layer, h = parse_head(label_text)
@@ -193,6 +241,7 @@ def concept_consistency(descriptions: Mapping[str, Sequence[str]], judges: Judge
             logger.debug("%s: %s, CCS %d", head_label(layer, h), label, heads[-1].ccs)
             if path is not None:
                 write_json_atomic(path, {"format": FORMAT + "-checkpoint", "judges": names, "labeler": labeler.name,
+                                         "run_key": key.to_dict(),
                                          "heads": [c.to_dict() for c in heads] + [
                                              c.to_dict() for key, c in done.items()
                                              if key not in {x.head_label for x in heads}]})

@@ -1,7 +1,8 @@
 """The output folder of one search: its configuration, checkpoints, history and results, all written atomically.
 
-Re-running the same command against the folder resumes from the last checkpoint; a different configuration is
-refused instead of mixing two runs in one folder.
+Re-running the same command against the folder resumes from the last checkpoint; a different configuration, or
+other inputs (dataset content, images, templates, model weights: see :mod:`clipheads.runkey`), is refused with one
+line naming what changed instead of mixing two runs in one folder.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from clipheads.errors import ClipHeadsError
 from clipheads.files import write_bytes_atomic, write_json_atomic
+from clipheads.runkey import RunKey, RunKeyError, check_same_run
 from clipheads.search.distributed import SINGLE, Distributed
 
 CONFIG = "config.json"
@@ -22,7 +23,7 @@ STATE = "state.json"
 HISTORY = "history.jsonl"
 
 
-class ConfigMismatchError(ClipHeadsError):
+class ConfigMismatchError(RunKeyError):
     """An output folder holds a run with another configuration."""
 
 
@@ -41,13 +42,18 @@ class RunFolder:
 
     Args:
         path: the folder (created if needed).
-        config: everything that defines the run (strategy, model, data, split, operator, hyper-parameters, seed).
+        config: everything that defines the run: a :class:`~clipheads.runkey.RunKey` (options, input fingerprints,
+            runtime) or its JSON form, or a plain dict of options.
         distributed: only the main rank writes.
+
+    Raises:
+        ConfigMismatchError: the folder holds another run (the message names each change), or files that are not a
+            clipheads search.
     """
 
-    def __init__(self, path: str | os.PathLike, config: dict, distributed: Distributed = SINGLE) -> None:
+    def __init__(self, path: str | os.PathLike, config: dict | RunKey, distributed: Distributed = SINGLE) -> None:
         self.path = Path(path)
-        self.config = _plain(config)
+        self.config = _plain(config.to_dict() if isinstance(config, RunKey) else config)
         self.distributed = distributed
         if distributed.is_main:
             self._claim()
@@ -55,28 +61,44 @@ class RunFolder:
         if not distributed.is_main:
             self._check(json.loads((self.path / CONFIG).read_text()))
 
-    def _claim(self) -> None:
+    @classmethod
+    def check(cls, path: str | os.PathLike, config: dict | RunKey) -> None:
+        """Refuse (:class:`ConfigMismatchError`) before any work when ``path`` holds another run or other files;
+        writes nothing (the folder is claimed when the run starts)."""
+        folder = cls.__new__(cls)
+        folder.path = Path(path)
+        folder.config = _plain(config.to_dict() if isinstance(config, RunKey) else config)
+        folder._verify()
+
+    def _verify(self) -> bool:
+        """Whether the folder already holds this run (refuses another run, or files that are not a search)."""
         config_path = self.path / CONFIG
         if config_path.exists():
             try:
                 existing = json.loads(config_path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ConfigMismatchError(f"{config_path} is not valid JSON; use another --out folder") from None
             self._check(existing)
-        else:
-            if self.path.exists() and any(self.path.iterdir()):
-                raise ConfigMismatchError(f"{self.path} is not empty and holds no clipheads search; use another "
-                                          "--out folder")
-            write_json_atomic(config_path, self.config)
+            return True
+        if self.path.exists() and any(self.path.iterdir()):
+            raise ConfigMismatchError(f"{self.path} is not empty and holds no clipheads search; use another "
+                                      "--out folder")
+        return False
+
+    def _claim(self) -> None:
+        if not self._verify():
+            write_json_atomic(self.path / CONFIG, self.config)
 
     def _check(self, existing: dict) -> None:
         if existing == self.config:
             return
-        keys = sorted(set(existing) | set(self.config))
-        changes = [f"{k}: {existing.get(k)!r} -> {self.config.get(k)!r}" for k in keys
-                   if existing.get(k) != self.config.get(k)]
-        raise ConfigMismatchError(f"{self.path} holds a search with another configuration ({'; '.join(changes)}); "
-                                  "re-run with the same options to resume it, or use another --out folder")
+        if not isinstance(existing, dict):
+            raise ConfigMismatchError(f"{self.path / CONFIG} is not a clipheads search configuration; use another "
+                                      "--out folder")
+        keyed = "run_key" in self.config
+        new = RunKey.from_dict(self.config) if keyed else RunKey(options=self.config)
+        old = existing if keyed else RunKey(options=existing).to_dict()
+        check_same_run(old, new, f"{self.path}", "use another --out folder", error=ConfigMismatchError)
 
     # --------------------------------------------------------------- checkpoints
     def load_state(self, name: str = STATE) -> dict | None:

@@ -113,3 +113,19 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
         return metric_value(zeroshot_metrics(image, classifier, labels, dataset.classnames).metrics, metric)
 
     return SearchData(label, pixels, Objective(zeroshot, metric), None, None, skipped, str(path))
+
+
+def dataset_key(task: str, path: str | os.PathLike, templates: str | os.PathLike | None = None):
+    """The :class:`~clipheads.runkey.DatasetKey` of a task's dataset file: its sha256 and every image it lists (all
+    splits; stats only, no image is read). Raises :class:`DataError` for files the task cannot read."""
+    from clipheads.runkey import DatasetKey
+
+    if task not in TASKS:
+        raise ClipHeadsError(f"the search supports the tasks {', '.join(TASKS)}; got {task!r}")
+    if task == "retrieval":
+        dataset = load_retrieval(path)
+    elif task == "selection":
+        dataset = load_caption_selection(path)
+    else:
+        dataset = load_classification(path, templates=templates)
+    return DatasetKey.of(path, dataset.image_paths)
