@@ -25,3 +25,7 @@ class OperatorError(ClipHeadsError):
 
 class DataError(ClipHeadsError):
     """A dataset file, image or split is missing, corrupt or inconsistent."""
+
+
+class DeviceError(ClipHeadsError):
+    """A device string cannot be parsed, or names a device this machine does not have."""

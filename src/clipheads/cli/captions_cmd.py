@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import MODELS, Device, ModelName
+from clipheads.cli.options import MODELS, Device, ModelName, finite
 from clipheads.errors import DataError
 
 console = Console()
@@ -96,11 +96,11 @@ def train(
     images_root: Path = typer.Option(None, help="Folder the image paths are relative to (default: the JSON's)."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-3, callback=finite(above=0), help="AdamW learning rate."),
     prefix_length: int = typer.Option(10, min=1, help="Decoder input embeddings made from the image embedding."),
     width: int = typer.Option(256, min=8, help="Decoder width (GPT-2 n_embd)."),
     layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     device: Device = "cpu",
 ) -> None:
     """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings."""

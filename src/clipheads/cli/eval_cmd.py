@@ -57,7 +57,7 @@ def eval_command(
     classnames: Path = typer.Option(None, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
     k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast."),

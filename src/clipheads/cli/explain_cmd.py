@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName, Precision
+from clipheads.cli.options import Device, ModelName, Precision, finite
 from clipheads.errors import ClipHeadsError, DataError
 
 console = Console()
@@ -22,12 +22,12 @@ TEXTS_HELP = "Text pool: 'default' (generated word lists shipped with clipheads)
 
 
 TextPool = Annotated[str, typer.Option(help=TEXTS_HELP)]
-TextsPerHead = Annotated[int, typer.Option("--k", help="Texts per head.")]
-Rank = Annotated[int, typer.Option(help="Principal directions of each head the texts are projected onto.")]
+TextsPerHead = Annotated[int, typer.Option("--k", min=1, help="Texts per head.")]
+Rank = Annotated[int, typer.Option(min=1, help="Principal directions of each head the texts are projected onto.")]
 ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON (default: all images).")]
-MaxImages = Annotated[int, typer.Option(help="Use a fixed random subset of at most this many images.")]
-ImageBatch = Annotated[int, typer.Option(help="Images per batch.")]
-SubsetSeed = Annotated[int, typer.Option(help="Seed of the image subset and the default pool.")]
+MaxImages = Annotated[int, typer.Option(min=2, help="Use a fixed random subset of at most this many images.")]
+ImageBatch = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+SubsetSeed = Annotated[int, typer.Option(min=0, help="Seed of the image subset and the default pool.")]
 
 
 def _load(model: str, device: str, precision: str):
@@ -145,9 +145,9 @@ def ccs(
                                                 "key is read from OPENAI_API_KEY."),
     llm_model: list[str] = typer.Option(None, help="Model name (env CLIPHEADS_LLM_MODEL); repeat for several "
                                                    "LLM judges."),
-    llm_timeout: float = typer.Option(60.0, help="Seconds per LLM request."),
+    llm_timeout: float = typer.Option(60.0, callback=finite(above=0), help="Seconds per LLM request."),
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
-                                               "calibrated on the tagged default pool)."),
+                                               "calibrated on the tagged default pool).", callback=finite()),
     rank: Rank = 80,
     split: ImageSplit = None,
     max_images: MaxImages = 2000,
@@ -253,18 +253,19 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
 def prune(
     ccs_file: Path = typer.Option(..., "--ccs", help="ccs.json from 'clipheads ccs'."),
     group: str = typer.Option(None, help="Prune a CCS group: high (CCS = k), moderate or low (CCS <= 1)."),
-    top: int = typer.Option(None, help="Prune the n heads with the highest CCS instead of a group."),
+    top: int = typer.Option(None, min=1, help="Prune the n heads with the highest CCS instead of a group."),
     model: ModelName = "bundled",
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
-    alpha: float = typer.Option(0.0, help="Factor of the scale operator (0 = remove the head's output)."),
+    alpha: float = typer.Option(0.0, callback=finite(),
+                                     help="Factor of the scale operator (0 = remove the head's output)."),
     means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
-    seeds: int = typer.Option(3, help="Random head sets of the same size to compare with (one per seed)."),
+    seeds: int = typer.Option(3, min=1, help="Random head sets of the same size to compare with (one per seed)."),
     retrieval: Path = typer.Option(None, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
     split: str = typer.Option(None, help="Split of the retrieval JSON."),
     zeroshot: Path = typer.Option(None, help="Zero-shot classification: ImageFolder or CSV image,label."),
     templates: Path = typer.Option(None, help="Prompt templates for zero-shot, one with {} per line."),
     bias: list[Path] = typer.Option(None, help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
-    skew_k: int = typer.Option(10, help="K of MaxSkew@K."),
+    skew_k: int = typer.Option(10, min=1, help="K of MaxSkew@K."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
     batch_size: ImageBatch = 32,
     device: Device = "cpu",

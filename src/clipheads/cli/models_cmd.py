@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, ModelName
+from clipheads.cli.options import Device, ModelName, finite
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -37,11 +37,12 @@ def mask(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the mask JSON."),
     heads: str = typer.Option("", help="Heads to ablate, e.g. 'L3.H7,L5.H1'."),
     layers: str = typer.Option("", help="Whole layers to ablate, e.g. '0-2,5' (ranges inclusive)."),
-    gate: float = typer.Option(0.0, help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
+    gate: float = typer.Option(0.0, callback=finite(0, 1),
+                                    help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
     means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
                                                 "mask (needed by --op mean)."),
     model: ModelName = "bundled",
-    batch_size: int = typer.Option(32, help="Images per batch for --means-from."),
+    batch_size: int = typer.Option(32, min=1, help="Images per batch for --means-from."),
     device: Device = "cpu",
 ) -> None:
     """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it."""
