@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName, Precision, finite
+from clipheads.cli.options import Device, ModelName, Precision, SkipBad, finite
 from clipheads.errors import ClipHeadsError, DataError
 
 console = Console()
@@ -54,15 +54,25 @@ def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> l
     return paths
 
 
-def _pixel_batches(backend, paths: list[Path], batch_size: int):
+def _pixel_batches(backend, paths: list[Path], batch_size: int, skip_bad: bool = False,
+                   skipped: list[str] | None = None, least: int = 2):
+    """Pixel batches of ``paths``; with ``skip_bad`` unreadable images are left out (their paths appended to
+    ``skipped``) and fewer than ``least`` readable images is a :class:`DataError`."""
     from clipheads.data import image_loader, iter_pixels
 
-    for batch in iter_pixels(image_loader(paths, backend.preprocess, batch_size), progress=True):
+    skipped = [] if skipped is None else skipped
+    n_read = 0
+    for batch in iter_pixels(image_loader(paths, backend.preprocess, batch_size), skip_bad=skip_bad,
+                             skipped=skipped, progress=True):
+        n_read += len(batch.indices)
         yield batch.pixels
+    if n_read < least:
+        raise DataError(f"only {n_read} of {len(paths)} images could be read (first skipped: {skipped[0]!r}); "
+                        f"at least {least} are needed")
 
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
-              max_images: int, batch_size: int, seed: int):
+              max_images: int, batch_size: int, seed: int, skip_bad: bool = False):
     from clipheads.eval.features import encode_text_batches
     from clipheads.explain.pipeline import describe_model
     from clipheads.explain.pool import get_pool, known_texts
@@ -74,9 +84,14 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     pool = known_texts(backend, get_pool(texts, seed=seed))
     console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
     features = encode_text_batches(backend, pool.texts)
-    result = describe_model(backend, _pixel_batches(backend, paths, batch_size), pool, k=k, layers=layers, rank=rank,
-                            pool_features=features)
+    skipped: list[str] = []
+    result = describe_model(backend, _pixel_batches(backend, paths, batch_size, skip_bad, skipped), pool, k=k,
+                            layers=layers, rank=rank, pool_features=features)
     result.meta["data"] = str(data)
+    if skip_bad:
+        result.meta["skipped_images"] = skipped
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} unreadable images skipped (first: {skipped[0]})[/]")
     return result, pool, features
 
 
@@ -104,10 +119,11 @@ def describe(
     device: Device = "cpu",
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
     backend = _load(model, device, precision)
-    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed, skip_bad)
     _print_descriptions(result)
     path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
@@ -156,6 +172,7 @@ def ccs(
     device: Device = "cpu",
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
@@ -169,7 +186,8 @@ def ccs(
     if descriptions is not None:
         result = TextSpanResult.load(descriptions)
     elif data is not None:
-        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
+                                           skip_bad)
         result.save(out / "descriptions.json")
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
@@ -270,6 +288,7 @@ def prune(
     batch_size: ImageBatch = 32,
     device: Device = "cpu",
     precision: Precision = "fp32",
+    skip_bad: SkipBad = False,
 ) -> None:
     """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
     import clipheads
@@ -286,7 +305,7 @@ def prune(
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
         paths = _image_paths(means_from, None, 2000, 0)
-        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size))
+        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad, least=1))
     tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
     name = f"CCS {group}" if group else f"CCS top {top}"
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
