@@ -106,7 +106,7 @@ def _print_descriptions(result) -> None:
 
 
 def describe(
-    data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
+    data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
     model: ModelName = "bundled",
     texts: TextPool = "default",
     k: TextsPerHead = 5,
@@ -147,8 +147,9 @@ def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models,
 
 
 def ccs(
-    data: Path = typer.Option(None, "--data", "-d", help=DATA_HELP + " Not needed with --descriptions."),
-    descriptions: Path = typer.Option(None, help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
+    data: Path = typer.Option(None, "--data", "-d", exists=True, help=DATA_HELP + " Not needed with --descriptions."),
+    descriptions: Path = typer.Option(None, exists=True,
+                                      help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
     model: ModelName = "bundled",
     texts: TextPool = "default",
     k: TextsPerHead = 5,
@@ -269,20 +270,21 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
 
 
 def prune(
-    ccs_file: Path = typer.Option(..., "--ccs", help="ccs.json from 'clipheads ccs'."),
+    ccs_file: Path = typer.Option(..., "--ccs", exists=True, help="ccs.json from 'clipheads ccs'."),
     group: str = typer.Option(None, help="Prune a CCS group: high (CCS = k), moderate or low (CCS <= 1)."),
     top: int = typer.Option(None, min=1, help="Prune the n heads with the highest CCS instead of a group."),
     model: ModelName = "bundled",
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
     alpha: float = typer.Option(0.0, callback=finite(),
                                      help="Factor of the scale operator (0 = remove the head's output)."),
-    means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
+    means_from: Path = typer.Option(None, exists=True, help="Folder of reference images for the mean operator."),
     seeds: int = typer.Option(3, min=1, help="Random head sets of the same size to compare with (one per seed)."),
-    retrieval: Path = typer.Option(None, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
+    retrieval: Path = typer.Option(None, exists=True, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
     split: str = typer.Option(None, help="Split of the retrieval JSON."),
-    zeroshot: Path = typer.Option(None, help="Zero-shot classification: ImageFolder or CSV image,label."),
-    templates: Path = typer.Option(None, help="Prompt templates for zero-shot, one with {} per line."),
-    bias: list[Path] = typer.Option(None, help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
+    zeroshot: Path = typer.Option(None, exists=True, help="Zero-shot classification: ImageFolder or CSV image,label."),
+    templates: Path = typer.Option(None, exists=True, help="Prompt templates for zero-shot, one with {} per line."),
+    bias: list[Path] = typer.Option(None, exists=True,
+                                    help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
     skew_k: int = typer.Option(10, min=1, help="K of MaxSkew@K."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
     batch_size: ImageBatch = 32,

@@ -32,7 +32,7 @@ def _print_table(result, title: str) -> None:
 
 def finetune_command(
     data: Path = typer.Option(..., "--data", "-d", help="Retrieval dataset with splits (Karpathy JSON, e.g. the "
-                                                        "retrieval.json of 'clipheads world make')."),
+                                                        "retrieval.json of 'clipheads world make').", exists=True),
     model: ModelName = "bundled",
     method: str = typer.Option("lora", help="What to train: lora (low-rank adapters on the image encoder's attention "
                                             "projections), ia3 (learned scaling vectors) or full (every weight of the "

@@ -40,7 +40,7 @@ def mask(
     gate: float = typer.Option(0.0, callback=finite(0, 1),
                                     help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
     means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
-                                                "mask (needed by --op mean)."),
+                                                "mask (needed by --op mean).", exists=True),
     model: ModelName = "bundled",
     batch_size: int = typer.Option(32, min=1, help="Images per batch for --means-from."),
     device: Device = "cpu",

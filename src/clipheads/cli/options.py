@@ -57,15 +57,15 @@ def check_device_option(value: str | None) -> str | None:
     return value
 
 
-DataPath = Annotated[Path, typer.Option("--data", "-d", help="Dataset file or folder.")]
+DataPath = Annotated[Path, typer.Option("--data", "-d", exists=True, help="Dataset file or folder.")]
 ModelName = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 TaskName = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
 ReportData = Annotated[Path | None, typer.Option(help="Held-out dataset file (default: --data; needed for tasks "
-                                                      "whose files have no splits).")]
+                                                      "whose files have no splits).", exists=True)]
 AllowSameSplit = Annotated[bool, typer.Option("--allow-same-split", help="Allow reporting on the searched split.")]
 OperatorName = Annotated[str, typer.Option(help=OP_HELP)]
 Alpha = Annotated[float | None, typer.Option(help="Factor of the scale operator.", callback=finite())]
-Templates = Annotated[Path | None, typer.Option(help="zeroshot: prompt templates file.")]
+Templates = Annotated[Path | None, typer.Option(exists=True, help="zeroshot: prompt templates file.")]
 NumWorkers = Annotated[int, typer.Option(min=0, help="DataLoader workers reading images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ... (checked before anything is loaded).",
                                      callback=check_device_option)]

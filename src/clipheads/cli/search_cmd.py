@@ -316,7 +316,7 @@ def layers_command(
     captioner: Path = typer.Option(None, "--captioner", "-c", help="With --generate: a folder written by 'clipheads "
                                    "captioner train' (reads this CLIP model's image embedding), or a Hugging Face "
                                    "VisionEncoderDecoderModel folder with a CLIP vision encoder (its own encoder's "
-                                   "layers are cancelled)."),
+                                   "layers are cancelled).", exists=True),
     beams: int = typer.Option(1, min=1, help="With --generate: beam width (1 = greedy)."),
     max_new_tokens: int = typer.Option(20, min=1, help="With --generate: most tokens generated after the prefix."),
     prefix_from_selection: bool = typer.Option(True, "--prefix-from-selection/--no-prefix-from-selection",

@@ -64,7 +64,8 @@ def _rel(path: Path | None, root: Path) -> str:
 
 @world_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", "-d", help="A world folder written by 'clipheads world make'."),
+    data: Path = typer.Option(..., "--data", "-d", exists=True,
+                              help="A world folder written by 'clipheads world make'."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (Hugging Face format; load it "
                                                      "with --model OUT)."),
     config: str = typer.Option("small", help="Model size: 'small' (the bundled model: 6 layers x 8 heads, ~1.7M "
