@@ -277,3 +277,27 @@ def test_the_device_examples(device, monkeypatch, capsys):
 def test_the_cpu_device_is_accepted(monkeypatch, capsys):
     code, out, _ = run(["info", "--device", "cpu"], monkeypatch, capsys)
     assert code == 0 and "heads per layer" in out
+
+
+def test_a_damaged_search_folder_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """A scan folder whose state.json was truncated by something else: one line naming it, on resume."""
+    import numpy as np
+    from PIL import Image
+
+    from clipheads.models.random_init import random_hf_clip, save_hf
+
+    save_hf(random_hf_clip("tiny", seed=3), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"filename": f"{i}.png", "split": "val", "sentences": [{"raw": f"picture {i}"}]})
+    (tmp_path / "data.json").write_text(json.dumps({"images": images}))
+    args = ["scan", "--model", tmp_path / "model", "--data", tmp_path / "data.json", "--report-split", "none",
+            "--out", tmp_path / "scan"]
+    code, out, err = run(args, monkeypatch, capsys)
+    assert code == 0, err
+    state = tmp_path / "scan" / "state.json"
+    state.write_text(state.read_text()[:20])
+    line = assert_error_line(*run(args, monkeypatch, capsys))
+    assert f"{state} is damaged (not valid JSON" in line and "delete it to restart" in line
