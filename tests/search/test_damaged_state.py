@@ -71,3 +71,15 @@ def test_a_sound_state_still_resumes(tmp_path):
     from clipheads.search.scan import ScanState
 
     assert folder.load_state(schema=ScanState) == {"scores": {"L0.H0": 0.25}}
+
+
+@pytest.mark.parametrize("checkpoint", [{"logits": torch.zeros(2, 2)}, "not a dict"])
+def test_a_bp_checkpoint_with_missing_fields_is_one_line(planted_setup, tmp_path, checkpoint):
+    from clipheads.search import BPConfig, bp_search
+
+    backend, pixels, captions, objective = planted_setup
+    evaluator = MaskEvaluator(backend, pixels, objective, batch_size=16, split="val")
+    folder = RunFolder(tmp_path / "out", {"strategy": "bp"})
+    folder.save_tensors(checkpoint, CHECKPOINT)
+    with pytest.raises(DamagedStateError, match=f"{CHECKPOINT} is damaged"):
+        bp_search(evaluator, captions, torch.arange(len(captions)), BPConfig(beta=0.1, epochs=1), folder)

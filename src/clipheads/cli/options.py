@@ -23,7 +23,6 @@ SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole
 OP_HELP = "Ablation operator: identity (default), cls, zero, mean (head means of the search images) or scale."
 
 
-
 def finite(min: float | None = None, max: float | None = None, above: float | None = None
            ) -> Callable[[float | None], float | None]:
     """A typer callback refusing a float that is nan or infinite, below ``min``, above ``max`` or not strictly
