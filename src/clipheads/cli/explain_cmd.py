@@ -276,7 +276,7 @@ def prune(
     model: ModelName = "bundled",
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
     alpha: float = typer.Option(0.0, callback=finite(),
-                                     help="Factor of the scale operator (0 = remove the head's output)."),
+                                help="Factor of the scale operator (0 = remove the head's output)."),
     means_from: Path = typer.Option(None, exists=True, help="Folder of reference images for the mean operator."),
     seeds: int = typer.Option(3, min=1, help="Random head sets of the same size to compare with (one per seed)."),
     retrieval: Path = typer.Option(None, exists=True, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),

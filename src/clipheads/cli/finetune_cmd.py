@@ -39,7 +39,7 @@ def finetune_command(
                                             "image encoder). Ignored with --compare (see --methods)."),
     rank: int = typer.Option(8, min=1, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
     epochs: int = typer.Option(3, min=1,
-                                  help="Passes over the training images (each with one of its captions at random)."),
+                               help="Passes over the training images (each with one of its captions at random)."),
     lr: float = typer.Option(None, help="Learning rate (AdamW, cosine decay); default 1e-3 for lora/ia3, 1e-5 for "
                                         "full.", callback=finite(above=0)),
     full_lr: float = typer.Option(None, help="--compare: learning rate of full fine-tuning (default: --lr if given, "
@@ -54,7 +54,7 @@ def finetune_command(
     methods: str = typer.Option("vanilla,aat-ga,aat-bp,lora-r2,lora-r8,full", help=METHODS_HELP),
     op: str = typer.Option("identity", help="--compare: ablation operator of the AAT masks."),
     ga_beta: float = typer.Option(0.01, callback=finite(),
-                                        help="aat-ga: fitness = mean-R - beta x fraction of heads ablated."),
+                                  help="aat-ga: fitness = mean-R - beta x fraction of heads ablated."),
     population: int = typer.Option(16, min=2, help="aat-ga: population size."),
     generations: int = typer.Option(8, min=1, help="aat-ga: generations."),
     bp_beta: float = typer.Option(0.1, callback=finite(), help="aat-bp: loss = contrastive + beta x mean(1 - gate)."),

@@ -38,7 +38,7 @@ def mask(
     heads: str = typer.Option("", help="Heads to ablate, e.g. 'L3.H7,L5.H1'."),
     layers: str = typer.Option("", help="Whole layers to ablate, e.g. '0-2,5' (ranges inclusive)."),
     gate: float = typer.Option(0.0, callback=finite(0, 1),
-                                    help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
+                               help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
     means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
                                                 "mask (needed by --op mean).", exists=True),
     model: ModelName = "bundled",

@@ -431,14 +431,14 @@ def search_command(
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
     templates: Templates = None,
     beta: float = typer.Option(0.01, callback=finite(),
-                                     help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
+                               help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
     beta_sweep: str = typer.Option(None, help="ga: comma-separated betas, one GA each (metric vs beta curve)."),
     population: int = typer.Option(32, min=2, help="ga: population size."),
     generations: int = typer.Option(20, min=1, help="ga: generations."),
     elitism: int = typer.Option(2, min=0, help="ga: best masks kept unchanged each generation."),
     crossover: float = typer.Option(0.8, callback=finite(0, 1), help="ga: crossover rate."),
     mutation: float = typer.Option(None, callback=finite(0, 1),
-                                         help="ga: per-head mutation rate (default 1 / number of heads)."),
+                                   help="ga: per-head mutation rate (default 1 / number of heads)."),
     seed_from: str = typer.Option("scan", help="Head ranking that seeds the search: scan (exact single-head scan, "
                                                "run or resumed in OUT/scan), attribution (second-order "
                                                "estimate from one forward pass, retrieval only) or none. ga: seeds "
