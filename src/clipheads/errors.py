@@ -38,3 +38,7 @@ class OutputError(ClipHeadsError):
         super().__init__(message)
         self.path = path
         self.payload = payload
+
+
+class DeviceError(ClipHeadsError):
+    """A device string cannot be parsed, or names a device this machine does not have."""

@@ -57,7 +57,15 @@ def generate_captions(captioner: Captioner, backend, pixels: torch.Tensor,
 
 
 def load_captioner(folder: str | Path, device: str | torch.device | None = None) -> Captioner:
-    """Load a prefix captioner (``captioner.json``) or a Hugging Face ``VisionEncoderDecoderModel`` folder."""
+    """Load a prefix captioner (``captioner.json``) or a Hugging Face ``VisionEncoderDecoderModel`` folder.
+
+    Raises:
+        DeviceError: ``device`` is not a device of this machine (checked before loading).
+        ModelLoadError: the folder holds neither kind of captioner.
+    """
+    from clipheads.models.device import check_device
+
+    check_device(device)
     folder = Path(folder)
     if (folder / CONFIG_FILE).is_file():
         return PrefixCaptioner.load(folder, device=device)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import MODELS, Device, ModelName
+from clipheads.cli.options import MODELS, Device, ModelName, finite
 from clipheads.errors import DataError
 
 console = Console()
@@ -89,18 +89,19 @@ def _pixel_batches(preprocess, files: list[Path], batch_size: int):
 
 @captioner_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", help="Karpathy split JSON of image-caption pairs."),
+    data: Path = typer.Option(..., "--data", exists=True, help="Karpathy split JSON of image-caption pairs."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the captioner to."),
     split: str = typer.Option("train", help="Split to train on ('train' also takes 'restval')."),
     model: ModelName = "bundled",
-    images_root: Path = typer.Option(None, help="Folder the image paths are relative to (default: the JSON's)."),
+    images_root: Path = typer.Option(None, exists=True,
+                                     help="Folder the image paths are relative to (default: the JSON's)."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(32, min=1),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-3, callback=finite(above=0), help="AdamW learning rate."),
     prefix_length: int = typer.Option(10, min=1, help="Decoder input embeddings made from the image embedding."),
     width: int = typer.Option(256, min=8, help="Decoder width (GPT-2 n_embd)."),
     layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     device: Device = "cpu",
 ) -> None:
     """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings."""
@@ -132,9 +133,11 @@ def train(
 
 @captioner_app.command("generate")
 def generate(
-    captioner_dir: Path = typer.Option(..., "--captioner", "-c", help="Folder of a trained captioner, or of a "
-                                                                        "Hugging Face VisionEncoderDecoderModel."),
-    images: list[Path] = typer.Option(..., "--images", "-i", help="Image file or folder; repeat for more."),
+    captioner_dir: Path = typer.Option(..., "--captioner", "-c", exists=True,
+                                       help="Folder of a trained captioner, or of a Hugging Face "
+                                            "VisionEncoderDecoderModel."),
+    images: list[Path] = typer.Option(..., "--images", "-i", exists=True,
+                                      help="Image file or folder; repeat for more."),
     prefix: str = typer.Option("", help="Text every caption starts with, e.g. 'a photo of a'."),
     beams: int = typer.Option(1, min=1, help="Beam width (1 = greedy)."),
     max_new_tokens: int = typer.Option(20, min=1),

@@ -17,7 +17,7 @@ def demo(
     quick: bool = typer.Option(False, help="A reduced run (fewer images, shorter searches), about 3 minutes."),
     model: str = typer.Option("bundled", "--model", "-m", help="The CLIP to analyse (default: the bundled one, "
                                                                  "trained on the same world)."),
-    seed: int = typer.Option(0, help="World and search seed."),
+    seed: int = typer.Option(0, min=0, help="World and search seed."),
 ) -> None:
     """Run everything on the bundled model: evaluation, head scan, AAT-GA/BP, cue analysis, layer scan, CCS.
 

@@ -43,21 +43,22 @@ def _load_data(task: str, data: Path, split: str | None, image_root: Path | None
 
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder (paths inside are relative to it)."),
+    data: Path = typer.Option(..., "--data", "-d", exists=True,
+                              help="Dataset file or folder (paths inside are relative to it)."),
     model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
-    image_root: Path = typer.Option(None, help="Folder the retrieval file's image paths are relative to."),
-    mask: Path = typer.Option(None, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
+    image_root: Path = typer.Option(None, exists=True, help="Folder the retrieval file's image paths are relative to."),
+    mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
     alpha: Alpha = None,
     templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line (default: the "
-                                              "set shipped with clipheads)."),
-    classnames: Path = typer.Option(None, help="zeroshot: class names, one per line in label order."),
+                                              "set shipped with clipheads).", exists=True),
+    classnames: Path = typer.Option(None, exists=True, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
     k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
-    batch_size: int = typer.Option(64, help="Images per batch."),
+    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast."),
@@ -77,9 +78,9 @@ def eval_command(
     if cache_dir is not None:
         check_output_dir(cache_dir)
     started = time.perf_counter()
+    head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a bad mask file fails before any work
     dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames)
     backend = clipheads.load(model, device=device)
-    head_mask = clipheads.HeadMask.load(mask) if mask is not None else None
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
     task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": k}}.get(task, {})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, MeansKind, ModelName, Precision
+from clipheads.cli.options import Device, MeansKind, ModelName, Precision, SkipBad, finite
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.files import check_output_dir
 
@@ -24,12 +23,12 @@ TEXTS_HELP = "Text pool: 'default' (generated word lists shipped with clipheads)
 
 
 TextPool = Annotated[str, typer.Option(help=TEXTS_HELP)]
-TextsPerHead = Annotated[int, typer.Option("--k", help="Texts per head.")]
-Rank = Annotated[int, typer.Option(help="Principal directions of each head the texts are projected onto.")]
+TextsPerHead = Annotated[int, typer.Option("--k", min=1, help="Texts per head.")]
+Rank = Annotated[int, typer.Option(min=1, help="Principal directions of each head the texts are projected onto.")]
 ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON (default: all images).")]
-MaxImages = Annotated[int, typer.Option(help="Use a fixed random subset of at most this many images.")]
-ImageBatch = Annotated[int, typer.Option(help="Images per batch.")]
-SubsetSeed = Annotated[int, typer.Option(help="Seed of the image subset and the default pool.")]
+MaxImages = Annotated[int, typer.Option(min=2, help="Use a fixed random subset of at most this many images.")]
+ImageBatch = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+SubsetSeed = Annotated[int, typer.Option(min=0, help="Seed of the image subset and the default pool.")]
 Convention = Annotated[str, typer.Option(help="Decomposition convention: textspan (as published: the final layer "
                                               "norm's mean and bias and out_proj biases shared out equally, terms "
                                               "divided by the embedding norm) or centred (each term centred on its "
@@ -60,15 +59,26 @@ def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> l
     return paths
 
 
-def _pixel_batches(backend, paths: list[Path], batch_size: int):
+def _pixel_batches(backend, paths: list[Path], batch_size: int, skip_bad: bool = False,
+                   skipped: list[str] | None = None, least: int = 2):
+    """Pixel batches of ``paths``; with ``skip_bad`` unreadable images are left out (their paths appended to
+    ``skipped``) and fewer than ``least`` readable images is a :class:`DataError`."""
     from clipheads.data import image_loader, iter_pixels
 
-    for batch in iter_pixels(image_loader(paths, backend.preprocess, batch_size), progress=True):
+    skipped = [] if skipped is None else skipped
+    n_read = 0
+    for batch in iter_pixels(image_loader(paths, backend.preprocess, batch_size), skip_bad=skip_bad,
+                             skipped=skipped, progress=True):
+        n_read += len(batch.indices)
         yield batch.pixels
+    if n_read < least:
+        raise DataError(f"only {n_read} of {len(paths)} images could be read (first skipped: {skipped[0]!r}); "
+                        f"at least {least} are needed")
 
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
-              max_images: int, batch_size: int, seed: int, convention: str = "textspan"):
+              max_images: int, batch_size: int, seed: int, convention: str = "textspan",
+              skip_bad: bool = False):
     from clipheads.eval.features import encode_text_batches
     from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import describe_model
@@ -82,9 +92,15 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     pool = known_texts(backend, get_pool(texts, seed=seed))
     console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
     features = encode_text_batches(backend, pool.texts)
-    result = describe_model(backend, _pixel_batches(backend, paths, batch_size), pool, k=k, layers=layers, rank=rank,
-                            pool_features=features, convention=convention)
+    skipped: list[str] = []
+    result = describe_model(backend, _pixel_batches(backend, paths, batch_size, skip_bad, skipped), pool, k=k,
+                            layers=layers, rank=rank, pool_features=features,
+                            convention=convention)
     result.meta["data"] = str(data)
+    if skip_bad:
+        result.meta["skipped_images"] = skipped
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} unreadable images skipped (first: {skipped[0]})[/]")
     return result, pool, features
 
 
@@ -99,7 +115,7 @@ def _print_descriptions(result) -> None:
 
 
 def describe(
-    data: Path = typer.Option(..., "--data", "-d", help=DATA_HELP),
+    data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
     model: ModelName = "bundled",
     texts: TextPool = "default",
     k: TextsPerHead = 5,
@@ -113,6 +129,7 @@ def describe(
     device: Device = "cpu",
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
     check_output_dir(out, {"descriptions.json": "json"})
@@ -121,17 +138,10 @@ def describe(
     check_convention(convention)
     backend = _load(model, device, precision)
     result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
-                             convention)
+                             convention, skip_bad)
     _print_descriptions(result)
     path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
-
-
-def _positive_seconds(value: float) -> float:
-    """Refuse a timeout that is not a positive, finite number of seconds, where the option is parsed."""
-    if not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"must be a positive number of seconds, not {value:g}")
-    return value
 
 
 def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models, llm_timeout, threshold):
@@ -152,8 +162,9 @@ def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models,
 
 
 def ccs(
-    data: Path = typer.Option(None, "--data", "-d", help=DATA_HELP + " Not needed with --descriptions."),
-    descriptions: Path = typer.Option(None, help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
+    data: Path = typer.Option(None, "--data", "-d", exists=True, help=DATA_HELP + " Not needed with --descriptions."),
+    descriptions: Path = typer.Option(None, exists=True,
+                                      help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
     model: ModelName = "bundled",
     texts: TextPool = "default",
     k: TextsPerHead = 5,
@@ -166,12 +177,12 @@ def ccs(
                                                 "key is read from OPENAI_API_KEY."),
     llm_model: list[str] = typer.Option(None, help="Model name (env CLIPHEADS_LLM_MODEL); repeat for several "
                                                    "LLM judges."),
-    llm_timeout: float = typer.Option(60.0, callback=_positive_seconds,
+    llm_timeout: float = typer.Option(60.0, callback=finite(above=0),
                                       help="Seconds per LLM request attempt, from connecting to the last byte "
                                            "(> 0); a failed attempt is retried up to 3 times, with backoff and "
                                            "jitter or the server's Retry-After."),
     threshold: float = typer.Option(None, help="Consistency threshold of the minilm/clip judge (default: "
-                                               "calibrated on the tagged default pool)."),
+                                               "calibrated on the tagged default pool).", callback=finite()),
     rank: Rank = 80,
     convention: Convention = "textspan",
     split: ImageSplit = None,
@@ -181,6 +192,7 @@ def ccs(
     device: Device = "cpu",
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
+    skip_bad: SkipBad = False,
 ) -> None:
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
@@ -200,7 +212,7 @@ def ccs(
         result = TextSpanResult.load(descriptions)
     elif data is not None:
         result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
-                                           convention)
+                                           convention, skip_bad)
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
     judges = _judges(judge, backend, pool, features, llm_base_url, llm_model, llm_timeout, threshold)
@@ -289,25 +301,28 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
 
 
 def prune(
-    ccs_file: Path = typer.Option(..., "--ccs", help="ccs.json from 'clipheads ccs'."),
+    ccs_file: Path = typer.Option(..., "--ccs", exists=True, help="ccs.json from 'clipheads ccs'."),
     group: str = typer.Option(None, help="Prune a CCS group: high (CCS = k), moderate or low (CCS <= 1)."),
-    top: int = typer.Option(None, help="Prune the n heads with the highest CCS instead of a group."),
+    top: int = typer.Option(None, min=1, help="Prune the n heads with the highest CCS instead of a group."),
     model: ModelName = "bundled",
     op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
-    alpha: float = typer.Option(0.0, help="Factor of the scale operator (0 = remove the head's output)."),
-    means_from: Path = typer.Option(None, help="Folder of reference images for the mean operator."),
+    alpha: float = typer.Option(0.0, callback=finite(),
+                                help="Factor of the scale operator (0 = remove the head's output)."),
+    means_from: Path = typer.Option(None, exists=True, help="Folder of reference images for the mean operator."),
     means_kind: MeansKind = "per-position",
-    seeds: int = typer.Option(3, help="Random head sets of the same size to compare with (one per seed)."),
-    retrieval: Path = typer.Option(None, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
+    seeds: int = typer.Option(3, min=1, help="Random head sets of the same size to compare with (one per seed)."),
+    retrieval: Path = typer.Option(None, exists=True, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
     split: str = typer.Option(None, help="Split of the retrieval JSON."),
-    zeroshot: Path = typer.Option(None, help="Zero-shot classification: ImageFolder or CSV image,label."),
-    templates: Path = typer.Option(None, help="Prompt templates for zero-shot, one with {} per line."),
-    bias: list[Path] = typer.Option(None, help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
-    skew_k: int = typer.Option(10, help="K of MaxSkew@K."),
+    zeroshot: Path = typer.Option(None, exists=True, help="Zero-shot classification: ImageFolder or CSV image,label."),
+    templates: Path = typer.Option(None, exists=True, help="Prompt templates for zero-shot, one with {} per line."),
+    bias: list[Path] = typer.Option(None, exists=True,
+                                    help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
+    skew_k: int = typer.Option(10, min=1, help="K of MaxSkew@K."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
     batch_size: ImageBatch = 32,
     device: Device = "cpu",
     precision: Precision = "fp32",
+    skip_bad: SkipBad = False,
 ) -> None:
     """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
     import clipheads
@@ -327,7 +342,8 @@ def prune(
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
         paths = _image_paths(means_from, None, 2000, 0)
-        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size), kind=means_kind)
+        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad, least=1),
+                                             kind=means_kind)
     tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
     name = f"CCS {group}" if group else f"CCS top {top}"
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad
+from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad, finite
 
 console = Console()
 
@@ -32,17 +32,18 @@ def _print_table(result, title: str) -> None:
 
 def finetune_command(
     data: Path = typer.Option(..., "--data", "-d", help="Retrieval dataset with splits (Karpathy JSON, e.g. the "
-                                                        "retrieval.json of 'clipheads world make')."),
+                                                        "retrieval.json of 'clipheads world make').", exists=True),
     model: ModelName = "bundled",
     method: str = typer.Option("lora", help="What to train: lora (low-rank adapters on the image encoder's attention "
                                             "projections), ia3 (learned scaling vectors) or full (every weight of the "
                                             "image encoder). Ignored with --compare (see --methods)."),
-    rank: int = typer.Option(8, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
-    epochs: int = typer.Option(3, help="Passes over the training images (each with one of its captions at random)."),
+    rank: int = typer.Option(8, min=1, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
+    epochs: int = typer.Option(3, min=1,
+                               help="Passes over the training images (each with one of its captions at random)."),
     lr: float = typer.Option(None, help="Learning rate (AdamW, cosine decay); default 1e-3 for lora/ia3, 1e-5 for "
-                                        "full."),
+                                        "full.", callback=finite(above=0)),
     full_lr: float = typer.Option(None, help="--compare: learning rate of full fine-tuning (default: --lr if given, "
-                                             "else 1e-5)."),
+                                             "else 1e-5).", callback=finite(above=0)),
     train_split: str = typer.Option("train", help="Split whose image-text pairs every method trains on."),
     val_split: str = typer.Option("val", help="Split scored after every epoch (the mean-R per epoch curves)."),
     report_split: str = typer.Option("test", help="Held-out split of the final result."),
@@ -52,17 +53,18 @@ def finetune_command(
                                                           "comparison.json, comparison.md and the plots."),
     methods: str = typer.Option("vanilla,aat-ga,aat-bp,lora-r2,lora-r8,full", help=METHODS_HELP),
     op: str = typer.Option("identity", help="--compare: ablation operator of the AAT masks."),
-    ga_beta: float = typer.Option(0.01, help="aat-ga: fitness = mean-R - beta x fraction of heads ablated."),
-    population: int = typer.Option(16, help="aat-ga: population size."),
-    generations: int = typer.Option(8, help="aat-ga: generations."),
-    bp_beta: float = typer.Option(0.1, help="aat-bp: loss = contrastive + beta x mean(1 - gate)."),
-    bp_epochs: int = typer.Option(None, help="aat-bp: epochs over the training pairs (default: --epochs)."),
-    bp_lr: float = typer.Option(0.2, help="aat-bp: learning rate of the gate logits (Adam)."),
-    seed: int = typer.Option(0, help="Random seed (batch order, GA population, BP batches)."),
+    ga_beta: float = typer.Option(0.01, callback=finite(),
+                                  help="aat-ga: fitness = mean-R - beta x fraction of heads ablated."),
+    population: int = typer.Option(16, min=2, help="aat-ga: population size."),
+    generations: int = typer.Option(8, min=1, help="aat-ga: generations."),
+    bp_beta: float = typer.Option(0.1, callback=finite(), help="aat-bp: loss = contrastive + beta x mean(1 - gate)."),
+    bp_epochs: int = typer.Option(None, min=0, help="aat-bp: epochs over the training pairs (default: --epochs)."),
+    bp_lr: float = typer.Option(0.2, callback=finite(above=0), help="aat-bp: learning rate of the gate logits (Adam)."),
+    seed: int = typer.Option(0, min=0, help="Random seed (batch order, GA population, BP batches)."),
     out: Path = typer.Option(Path("finetune-out"), "--out", "-o", help="Output folder: checkpoints (one folder per "
                                                                        "method), metrics.json or comparison.json."),
     batch_size: int = typer.Option(64, help="Image-text pairs per training step (contrastive batch); also images per "
-                                            "forward when scoring."),
+                                            "forward when scoring.", min=2),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     skip_bad: SkipBad = False,

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, MeansKind, ModelName
+from clipheads.cli.options import Device, MeansKind, ModelName, SkipBad, finite
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -37,13 +37,15 @@ def mask(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the mask JSON."),
     heads: str = typer.Option("", help="Heads to ablate, e.g. 'L3.H7,L5.H1'."),
     layers: str = typer.Option("", help="Whole layers to ablate, e.g. '0-2,5' (ranges inclusive)."),
-    gate: float = typer.Option(0.0, help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
+    gate: float = typer.Option(0.0, callback=finite(0, 1),
+                               help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
     means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
-                                                "mask (needed by --op mean)."),
+                                                "mask (needed by --op mean).", exists=True),
     means: MeansKind = "per-position",
     model: ModelName = "bundled",
-    batch_size: int = typer.Option(32, help="Images per batch for --means-from."),
+    batch_size: int = typer.Option(32, min=1, help="Images per batch for --means-from."),
     device: Device = "cpu",
+    skip_bad: SkipBad = False,
 ) -> None:
     """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it."""
     import clipheads
@@ -62,22 +64,34 @@ def mask(
     if layers:
         result.gates = torch.minimum(result.gates, clipheads.HeadMask.from_layers(layers, backend, value=gate).gates)
     if means_from is not None:
-        result.means = clipheads.compute_head_means(backend, _image_batches(backend, means_from, batch_size),
+        skipped: list[str] = []
+        result.means = clipheads.compute_head_means(backend, _image_batches(backend, means_from, batch_size, skip_bad,
+                                                                            skipped),
                                                     kind=means)
         result.meta["means_from"] = str(means_from)
+        if skipped:
+            result.meta["skipped_images"] = skipped
+            console.print(f"[yellow]{len(skipped)} unreadable images skipped (first: {skipped[0]})[/]")
     result.meta["model"] = backend.name
     result.save(out)
     console.print(f"{result!r} -> {out}")
 
 
-def _image_batches(backend, folder: Path, batch_size: int):
+def _image_batches(backend, folder: Path, batch_size: int, skip_bad: bool = False, skipped: list[str] | None = None):
     from clipheads.data import image_loader, iter_pixels
 
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images (.png/.jpg/...) found under {str(folder)!r}")
-    for batch in iter_pixels(image_loader(files, backend.preprocess, batch_size), progress=True):
+    skipped = [] if skipped is None else skipped
+    n_read = 0
+    for batch in iter_pixels(image_loader(files, backend.preprocess, batch_size), skip_bad=skip_bad, skipped=skipped,
+                             progress=True):
+        n_read += len(batch.indices)
         yield batch.pixels
+    if n_read == 0:
+        raise DataError(f"none of the {len(files)} images under {str(folder)!r} could be read (first: "
+                        f"{skipped[0]!r})")
 
 
 def register(app: typer.Typer) -> None:

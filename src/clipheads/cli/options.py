@@ -1,7 +1,15 @@
-"""Options that several commands share, written once (``Annotated`` types: ``device: Device = "cpu"``)."""
+"""Options that several commands share, written once (``Annotated`` types: ``device: Device = "cpu"``).
+
+Values are checked where they are parsed, before any model or image is loaded: integers with typer's own ``min=`` /
+``max=``; floats with :func:`finite` (typer's range check lets ``inf`` through an open side and reports ``nan`` as
+out of range); devices with :func:`check_device_option`. A bad value is click's usage error (exit code 2) naming the
+option.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,17 +22,52 @@ TASK_HELP = "retrieval (default metric mean_recall), selection (caption selectio
 SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole file."
 OP_HELP = "Ablation operator: identity (default), cls, zero, mean (head means of the search images) or scale."
 
-DataPath = Annotated[Path, typer.Option("--data", "-d", help="Dataset file or folder.")]
+
+def finite(min: float | None = None, max: float | None = None, above: float | None = None
+           ) -> Callable[[float | None], float | None]:
+    """A typer callback refusing a float that is nan or infinite, below ``min``, above ``max`` or not strictly
+    greater than ``above`` (``None`` passes: the option was not given)."""
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number")
+        if min is not None and value < min or max is not None and value > max:
+            bounds = f"between {min:g} and {max:g}" if min is not None and max is not None else (
+                f"at least {min:g}" if min is not None else f"at most {max:g}")
+            raise typer.BadParameter(f"{value:g} is out of range: it must be {bounds}")
+        if above is not None and value <= above:
+            raise typer.BadParameter(f"{value:g} is out of range: it must be greater than {above:g}")
+        return value
+
+    return check
+
+
+def check_device_option(value: str | None) -> str | None:
+    """Typer callback of ``--device``: the same check as ``clipheads.load(device=...)``
+    (:func:`clipheads.models.device.check_device`), as a usage error before anything is loaded."""
+    from clipheads.errors import DeviceError
+    from clipheads.models.device import check_device
+
+    try:
+        check_device(value)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+DataPath = Annotated[Path, typer.Option("--data", "-d", exists=True, help="Dataset file or folder.")]
 ModelName = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 TaskName = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
 ReportData = Annotated[Path | None, typer.Option(help="Held-out dataset file (default: --data; needed for tasks "
-                                                      "whose files have no splits).")]
+                                                      "whose files have no splits).", exists=True)]
 AllowSameSplit = Annotated[bool, typer.Option("--allow-same-split", help="Allow reporting on the searched split.")]
 OperatorName = Annotated[str, typer.Option(help=OP_HELP)]
-Alpha = Annotated[float | None, typer.Option(help="Factor of the scale operator.")]
-Templates = Annotated[Path | None, typer.Option(help="zeroshot: prompt templates file.")]
-NumWorkers = Annotated[int, typer.Option(help="DataLoader workers reading images.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")]
+Alpha = Annotated[float | None, typer.Option(help="Factor of the scale operator.", callback=finite())]
+Templates = Annotated[Path | None, typer.Option(exists=True, help="zeroshot: prompt templates file.")]
+NumWorkers = Annotated[int, typer.Option(min=0, help="DataLoader workers reading images.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ... (checked before anything is loaded).",
+                                     callback=check_device_option)]
 Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "

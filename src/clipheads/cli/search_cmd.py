@@ -30,6 +30,7 @@ from clipheads.cli.options import (
     SkipBad,
     TaskName,
     Templates,
+    finite,
 )
 
 console = Console()
@@ -197,10 +198,10 @@ def scan_command(
     means: MeansKind = "per-position",
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
     templates: Templates = None,
-    top_k: int = typer.Option(None, help="Evaluate the k most harmful heads together for k = 1..top-k."),
-    checkpoint_every: int = typer.Option(None, help="Checkpoint every N heads (default: one layer's worth)."),
+    top_k: int = typer.Option(None, min=1, help="Evaluate the k most harmful heads together for k = 1..top-k."),
+    checkpoint_every: int = typer.Option(None, min=1, help="Checkpoint every N heads (default: one layer's worth)."),
     out: Path = typer.Option(Path("scan-out"), "--out", "-o", help="Output folder (re-run to resume)."),
-    batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward."),
+    batch_size: int = typer.Option(64, min=1, help="Rows (images x stacked masks) per forward."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
@@ -208,7 +209,7 @@ def scan_command(
     method: str = typer.Option("exact", help="exact (one forward per head) or attribution (every head estimated "
                                              "from one forward pass and its backward passes; retrieval only)."),
     verify_top: int = typer.Option(None, help="attribution: ablate exactly the K heads estimated most harmful and the "
-                                              "K most beneficial, and compare estimate and exact change."),
+                                              "K most beneficial, and compare estimate and exact change.", min=1),
     surrogate: str = typer.Option("soft_recall", help="attribution: the smooth score differentiated: soft_recall "
                                                       "(mean recall with sigmoid ranks) or contrastive (CLIP loss)."),
     order: int = typer.Option(2, min=1, max=2, help="attribution: 1 = first-order estimate (one backward pass); 2 = "
@@ -347,7 +348,7 @@ def layers_command(
     metric: str = typer.Option(None, help="Metric to report (default per task)."),
     templates: Templates = None,
     out: Path = typer.Option(Path("layers-out"), "--out", "-o", help="Output folder."),
-    batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward."),
+    batch_size: int = typer.Option(64, min=1, help="Rows (images x stacked masks) per forward."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
@@ -359,7 +360,7 @@ def layers_command(
     captioner: Path = typer.Option(None, "--captioner", "-c", help="With --generate: a folder written by 'clipheads "
                                    "captioner train' (reads this CLIP model's image embedding), or a Hugging Face "
                                    "VisionEncoderDecoderModel folder with a CLIP vision encoder (its own encoder's "
-                                   "layers are cancelled)."),
+                                   "layers are cancelled).", exists=True),
     beams: int = typer.Option(1, min=1, help="With --generate: beam width (1 = greedy)."),
     max_new_tokens: int = typer.Option(20, min=1, help="With --generate: most tokens generated after the prefix."),
     prefix_from_selection: bool = typer.Option(True, "--prefix-from-selection/--no-prefix-from-selection",
@@ -484,27 +485,29 @@ def search_command(
     means: MeansKind = "per-position",
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
     templates: Templates = None,
-    beta: float = typer.Option(0.01, help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
+    beta: float = typer.Option(0.01, callback=finite(),
+                               help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
     beta_sweep: str = typer.Option(None, help="ga: comma-separated betas, one GA each (metric vs beta curve)."),
-    population: int = typer.Option(32, help="ga: population size."),
-    generations: int = typer.Option(20, help="ga: generations."),
-    elitism: int = typer.Option(2, help="ga: best masks kept unchanged each generation."),
-    crossover: float = typer.Option(0.8, help="ga: crossover rate."),
-    mutation: float = typer.Option(None, help="ga: per-head mutation rate (default 1 / number of heads)."),
+    population: int = typer.Option(32, min=2, help="ga: population size."),
+    generations: int = typer.Option(20, min=1, help="ga: generations."),
+    elitism: int = typer.Option(2, min=0, help="ga: best masks kept unchanged each generation."),
+    crossover: float = typer.Option(0.8, callback=finite(0, 1), help="ga: crossover rate."),
+    mutation: float = typer.Option(None, callback=finite(0, 1),
+                                   help="ga: per-head mutation rate (default 1 / number of heads)."),
     seed_from: str = typer.Option("scan", help="Head ranking that seeds the search: scan (exact single-head scan, "
                                                "run or resumed in OUT/scan), attribution (second-order "
                                                "estimate from one forward pass, retrieval only) or none. ga: seeds "
                                                "the population with the top-k harmful heads; greedy: --candidates "
                                                "come from it; bp (with attribution only): heads ranked harmful start "
                                                "with their gate at 0.5."),
-    epochs: int = typer.Option(10, help="bp: epochs over the search split's image-text pairs."),
-    lr: float = typer.Option(0.1, help="bp: learning rate of the gate logits (Adam)."),
-    threshold: float = typer.Option(0.5, help="bp: heads with gate below this are ablated."),
-    max_heads: int = typer.Option(None, help="greedy: stop after this many heads."),
-    candidates: int = typer.Option(None, help="greedy: only try the N most harmful heads of a scan."),
-    seed: int = typer.Option(0, help="Random seed (GA population, BP batches)."),
+    epochs: int = typer.Option(10, min=0, help="bp: epochs over the search split's image-text pairs."),
+    lr: float = typer.Option(0.1, callback=finite(above=0), help="bp: learning rate of the gate logits (Adam)."),
+    threshold: float = typer.Option(0.5, callback=finite(0, 1), help="bp: heads with gate below this are ablated."),
+    max_heads: int = typer.Option(None, min=1, help="greedy: stop after this many heads."),
+    candidates: int = typer.Option(None, min=1, help="greedy: only try the N most harmful heads of a scan."),
+    seed: int = typer.Option(0, min=0, help="Random seed (GA population, BP batches)."),
     out: Path = typer.Option(Path("search-out"), "--out", "-o", help="Output folder (re-run to resume)."),
-    batch_size: int = typer.Option(64, help="Rows (images x stacked masks) per forward; BP: pairs per step."),
+    batch_size: int = typer.Option(64, min=1, help="Rows (images x stacked masks) per forward; BP: pairs per step."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device
+from clipheads.cli.options import Device, finite
 
 console = Console()
 
@@ -27,7 +27,7 @@ def make(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created; an earlier world "
                                                       "there is replaced: only the files its world.json lists; a "
                                                       "folder with anything else is refused)."),
-    seed: int = typer.Option(0, help="World seed: the same seed writes byte-identical files."),
+    seed: int = typer.Option(0, min=0, help="World seed: the same seed writes byte-identical files."),
     n_train: int = typer.Option(20000, min=0, help="Training images (0: held-out data only, e.g. for evaluation)."),
     n_val: int = typer.Option(1000, min=0, help="Images of the validation split val_ood (marker random: search "
                                                 "heads here)."),
@@ -65,18 +65,19 @@ def _rel(path: Path | None, root: Path) -> str:
 
 @world_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", "-d", help="A world folder written by 'clipheads world make'."),
+    data: Path = typer.Option(..., "--data", "-d", exists=True,
+                              help="A world folder written by 'clipheads world make'."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (Hugging Face format; load it "
                                                      "with --model OUT)."),
     config: str = typer.Option("small", help="Model size: 'small' (the bundled model: 6 layers x 8 heads, ~1.7M "
                                              "parameters, CPU) or 'gpu' (12 layers x 12 heads, ViT-B/16-like)."),
-    steps: int = typer.Option(1200, help="Optimiser steps (the bundled model: 1200 steps of 128)."),
-    batch_size: int = typer.Option(128, help="Image-caption pairs per step (contrastive batch)."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    seed: int = typer.Option(0, help="Seed of the initialisation and of the batch order."),
+    steps: int = typer.Option(1200, min=1, help="Optimiser steps (the bundled model: 1200 steps of 128)."),
+    batch_size: int = typer.Option(128, min=2, help="Image-caption pairs per step (contrastive batch)."),
+    lr: float = typer.Option(1e-3, callback=finite(above=0), help="Peak learning rate (AdamW, warm-up then cosine)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the initialisation and of the batch order."),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on GPUs; slower on some CPUs)."),
     device: Device = "cpu",
-    eval_images: int = typer.Option(1000, help="Images per held-out split for the model card's metrics."),
+    eval_images: int = typer.Option(1000, min=1, help="Images per held-out split for the model card's metrics."),
 ) -> None:
     """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
     (data, config, seed, time, held-out metrics, the command to reproduce) and checksums."""

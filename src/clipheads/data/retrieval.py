@@ -91,16 +91,35 @@ def read_coco_captions(path: Path, split: str | None = None, root: Path | None =
     if split is not None:
         logger.info("%s: a COCO captions file holds one split; ignoring split=%r", path, split)
     root = root or _coco_image_root(path)
-    images = require(data.get("images", []), "'images' entries", path)
-    index = {image["id"]: i for i, image in enumerate(images)}
+    if not isinstance(data, dict):
+        raise DataError(f"{str(path)!r} is not a COCO captions JSON (a {type(data).__name__}, not an object)")
+    for key, what in (("images", "images"), ("annotations", "captions")):
+        if not isinstance(data.get(key), list):
+            found = "missing" if key not in data else f"a {type(data[key]).__name__}"
+            raise DataError(f"{str(path)!r}: COCO '{key}' must be a list of {what}; it is {found}")
+    images = require(data["images"], "'images' entries", path)
+    index: dict[int | str, int] = {}
+    for n, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("id"), int | str) or "file_name" not in image:
+            raise DataError(f"{str(path)!r}: COCO image entry {n} needs an 'id' (number or string) and a "
+                            "'file_name'")
+        if image["id"] in index:
+            first = index[image["id"]]
+            raise DataError(f"{str(path)!r}: image id {image['id']!r} is given twice in 'images' (entries {first} "
+                            f"and {n}: {images[first]['file_name']!r} and {image['file_name']!r}); ids must be unique")
+        index[image["id"]] = n
     captions: list[list[str]] = [[] for _ in images]
-    for annotation in data.get("annotations", []):
-        if annotation.get("image_id") not in index:
-            raise DataError(f"{str(path)!r}: caption {annotation.get('id')} belongs to image_id "
-                            f"{annotation.get('image_id')}, which is not in 'images'")
-        captions[index[annotation["image_id"]]].append(annotation.get("caption", ""))
+    for n, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
+            raise DataError(f"{str(path)!r}: COCO annotation {n} is not an object with a 'caption' text")
+        image_id = annotation.get("image_id")
+        if not isinstance(image_id, int | str) or image_id not in index:
+            raise DataError(f"{str(path)!r}: caption {annotation.get('id')} belongs to image_id {image_id!r}, which "
+                            "is not in 'images'")
+        captions[index[image_id]].append(annotation["caption"])
     paths = [resolve(root, image["file_name"]) for image in images]
-    return RetrievalDataset(paths, captions, data.get("info", {}).get("description", path.stem), None, str(path),
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    return RetrievalDataset(paths, captions, str(info.get("description") or path.stem), None, str(path),
                             "coco")
 
 
@@ -138,7 +157,7 @@ def detect_retrieval_format(path: Path) -> str:
     if path.suffix.lower() in (".csv", ".tsv", ".tab"):
         return "csv"
     data = read_json(path)
-    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+    if isinstance(data, dict) and "annotations" in data:  # a malformed COCO file is reported as one
         return "coco"
     if isinstance(data, dict) and isinstance(data.get("images"), list):
         return "karpathy"

@@ -7,8 +7,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError
 
 from clipheads.errors import MaskError
 from clipheads.files import write_json_atomic
@@ -18,6 +20,39 @@ from clipheads.models.base import Architecture, CLIPBackend
 FORMAT = "clipheads.HeadMask/1"
 
 ShapeLike = CLIPBackend | Architecture | tuple[int, int]
+
+FiniteFloat = Annotated[float, AllowInfNan(False)]
+Gate = Annotated[float, AllowInfNan(False), Field(ge=0, le=1)]
+
+
+class MaskArchitecture(BaseModel):
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    width: int = Field(ge=1)
+    name: str = ""
+
+
+class MaskFile(BaseModel):
+    """The fields of a mask JSON file (``format`` ``clipheads.HeadMask/1``), as :meth:`HeadMask.from_dict` reads
+    them: gates in [0, 1], finite means, an architecture object; other keys (``ablated`` next to ``gates``) are
+    allowed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str | None = None
+    n_layers: int | None = Field(default=None, ge=1)
+    n_heads: int | None = Field(default=None, ge=1)
+    architecture: MaskArchitecture | None = None
+    gates: list[list[Gate]] | None = None
+    ablated: list[str] | None = None
+    means: dict[str, list[FiniteFloat] | list[list[FiniteFloat]]] | None = None  # pooled | per-position
+    meta: dict = Field(default_factory=dict)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _shape_of(target: ShapeLike) -> tuple[tuple[int, int], Architecture | None]:
@@ -81,7 +116,13 @@ class HeadMask:
 
     @classmethod
     def from_tensor(cls, gates: torch.Tensor, target: ShapeLike | None = None) -> HeadMask:
-        """Wrap a ``[n_layers, n_heads]`` tensor (kept as is: a ``requires_grad`` tensor stays differentiable)."""
+        """Wrap a ``[n_layers, n_heads]`` tensor (kept as is: a ``requires_grad`` tensor stays differentiable).
+
+        Raises:
+            MaskError: a gate is nan or infinite, or the shape does not fit ``target``.
+        """
+        if isinstance(gates, torch.Tensor) and not bool(torch.isfinite(gates.detach()).all()):
+            raise MaskError("gates must be finite; got nan or inf in the gate tensor")
         arch = None
         if target is not None:
             shape, arch = _shape_of(target)
@@ -164,34 +205,52 @@ class HeadMask:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "mask") -> HeadMask:
+        """Build a mask from its JSON form (:meth:`to_dict`); every field is checked against :class:`MaskFile`.
+
+        Raises:
+            MaskError: one line naming ``source`` and the first field that is missing, of the wrong type, outside
+                [0, 1] (gates) or not finite (gates, means).
+        """
         if not isinstance(data, dict) or ("gates" not in data and "ablated" not in data):
             raise MaskError(f"{source}: not a clipheads head mask (expected 'gates' or 'ablated')")
-        arch = Architecture.from_dict(data["architecture"]) if data.get("architecture") else None
         try:
-            if "gates" in data:
-                gates = torch.tensor(data["gates"], dtype=torch.float32)
+            fields = MaskFile.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "mask"
+            raise MaskError(f"{source}: malformed {where!r} ({error['msg']}, got {_short(error.get('input'))})"
+                            ) from None
+        arch = Architecture(**fields.architecture.model_dump()) if fields.architecture is not None else None
+        try:
+            if fields.gates is not None:
+                gates = torch.tensor(fields.gates, dtype=torch.float32)
             else:
-                gates = torch.ones(int(data["n_layers"]), int(data["n_heads"]))
-                for layer, head in parse_heads(data["ablated"]):
+                if fields.n_layers is None or fields.n_heads is None:
+                    raise ValueError("'ablated' needs 'n_layers' and 'n_heads'")
+                gates = torch.ones(fields.n_layers, fields.n_heads)
+                for layer, head in parse_heads(fields.ablated):
                     gates[layer, head] = 0.0
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise MaskError(f"{source}: malformed gates ({exc})") from None
         if gates.dim() != 2 or not torch.isfinite(gates).all():
             raise MaskError(f"{source}: gates must be a finite [n_layers][n_heads] table")
         means = None
-        if data.get("means"):
+        if fields.means:
             try:
-                values = {parse_head(label): torch.tensor(v, dtype=torch.float32) for label, v in data["means"].items()}
+                values = {parse_head(label): torch.tensor(v, dtype=torch.float32) for label, v in fields.means.items()}
             except (TypeError, ValueError) as exc:
                 raise MaskError(f"{source}: malformed head means ({exc})") from None
             shape = next(iter(values.values())).shape
             kind = data.get("means_kind", "pooled")  # files before per-position means held pooled ones
             if len(shape) != (2 if kind == "per-position" else 1) or any(v.shape != shape for v in values.values()):
-                raise MaskError(f"{source}: head means do not match their kind {kind!r}")
+                raise MaskError(f"{source}: head means do not match their kind {kind!r} (or differ in shape)")
             means = torch.zeros(*gates.shape, *shape)
-            for head, value in values.items():
-                means[head] = value
-        return cls(gates, arch, means=means, meta=data.get("meta", {}))
+            for (layer, head), value in values.items():
+                if not (0 <= layer < gates.shape[0] and 0 <= head < gates.shape[1]):
+                    raise MaskError(f"{source}: means of L{layer}.H{head}, which is not a head of this "
+                                    f"{gates.shape[0]} x {gates.shape[1]} mask")
+                means[layer, head] = value
+        return cls(gates, arch, means=means, meta=fields.meta)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the mask as JSON, atomically (a crash never leaves a half-written file)."""

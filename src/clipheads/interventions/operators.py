@@ -52,7 +52,8 @@ class Operator:
             raise OperatorError(f"unknown operator {self.name!r}; choose one of {', '.join(OPERATORS)}")
         if self.name == "mean" and self.means is None:
             raise OperatorError("operator 'mean' needs head means: compute them with clipheads.compute_head_means "
-                                "(CLI: clipheads means) and pass means= or store them in the mask")
+                                "and pass means= or store them in the mask (CLI: write the mask with 'clipheads "
+                                "mask --means-from FOLDER')")
         if self.means is not None:
             means_kind(self.means)
 

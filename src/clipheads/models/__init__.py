@@ -9,6 +9,7 @@ from torch import nn
 
 from clipheads.errors import ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
+from clipheads.models.device import check_device
 from clipheads.models.hf import HFBackend, load_hf
 from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
 from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
@@ -43,8 +44,13 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             ``"open_clip:hf-hub:org/repo"``; or an already built library model, which is wrapped as is.
         device: where to put the model (default: where it is, CPU for new loads).
         dtype: ``torch.dtype`` or ``"fp32"``/``"fp16"``/``"bf16"``.
+
+    Raises:
+        DeviceError: ``device`` is not a torch device or this machine does not have it (checked before loading).
+        ModelLoadError: the model cannot be found or loaded.
     """
     dtype = parse_dtype(dtype)
+    check_device(device)
     if isinstance(name_or_path, CLIPBackend):
         return name_or_path.to(device, dtype)
     if isinstance(name_or_path, nn.Module):
@@ -77,4 +83,4 @@ def as_backend(model: nn.Module | CLIPBackend, name: str | None = None) -> CLIPB
 
 
 __all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "as_backend",
-           "bundled_model_path", "load", "parse_dtype"]
+           "bundled_model_path", "check_device", "load", "parse_dtype"]

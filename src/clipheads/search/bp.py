@@ -129,6 +129,10 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
     start_epoch, seconds = 0, 0.0
     saved = out.load_tensors(CHECKPOINT) if out else None
     if saved is not None:
+        missing = sorted({"logits", "optimizer", "epoch", "history", "seconds"} - set(saved))
+        if missing or not isinstance(saved["logits"], torch.Tensor) or saved["logits"].shape != logits.shape:
+            raise out.damaged(CHECKPOINT, f"missing {', '.join(missing)}" if missing else
+                              f"gate logits that are not a {tuple(logits.shape)} tensor")
         with torch.no_grad():
             logits.copy_(saved["logits"])
         optimizer.load_state_dict(saved["optimizer"])

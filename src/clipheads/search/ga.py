@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from typing_extensions import TypedDict
 
 from clipheads.errors import require
 from clipheads.heads import parse_head
@@ -23,6 +24,23 @@ from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
 from clipheads.search.scan import ScanResult
 from clipheads.search.state import RunFolder
+
+
+class _Best(TypedDict):
+    genome: list[int]
+    fitness: float
+    metric: float
+
+
+class GAState(TypedDict):
+    """``state.json`` of AAT-GA: the next generation, every genome scored so far and the best one."""
+
+    generation: int
+    population: list[list[int]]
+    evaluated: list[tuple[list[int], float]]
+    best: _Best | None
+    history: list[dict]
+    seconds: float
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +131,11 @@ def ga_search(evaluator: MaskEvaluator, config: GAConfig, out: RunFolder | None 
     started = time.perf_counter()
     shape = (evaluator.n_layers, evaluator.n_heads)
     n_genes = shape[0] * shape[1]
-    state = out.load_state() if out else None
+    state = out.load_state(schema=GAState) if out else None
+    if state is not None:
+        genes = [g for genome in state["population"] + [e[0] for e in state["evaluated"]] for g in genome]
+        if any(not 0 <= g < n_genes for g in genes):
+            raise out.damaged("state.json", f"a genome names a head outside 0..{n_genes - 1}")
     if state is None:
         seeded = []
         if scan is not None and config.seed_from_scan:

@@ -10,6 +10,8 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from typing_extensions import TypedDict
+
 from clipheads.errors import require
 from clipheads.heads import head_label
 from clipheads.interventions import HeadMask
@@ -17,6 +19,16 @@ from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
 from clipheads.search.scan import ScanResult
 from clipheads.search.state import RunFolder
+
+
+class GreedyState(TypedDict):
+    """``state.json`` of greedy forward selection: the heads chosen so far and whether it has stopped."""
+
+    chosen: list[str]
+    metric: float
+    fitness: float
+    history: list[dict]
+    done: bool
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +62,7 @@ def greedy_search(evaluator: MaskEvaluator, config: GreedyConfig, out: RunFolder
     pool = [head_label(l_, h) for l_ in range(shape[0]) for h in range(shape[1])]
     if scan is not None and config.candidates is not None:
         pool = scan.ranking()[: config.candidates]
-    state = (out.load_state() if out else None) or {"chosen": [], "metric": evaluator.baseline,
+    state = (out.load_state(schema=GreedyState) if out else None) or {"chosen": [], "metric": evaluator.baseline,
                                                     "fitness": evaluator.baseline, "history": [], "done": False}
     chosen: list[str] = state["chosen"]
     limit = config.max_heads if config.max_heads is not None else len(pool)

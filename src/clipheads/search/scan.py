@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from typing_extensions import TypedDict
 
 from clipheads.heads import head_label, layer_group_label, parse_head, parse_layer_ranges, parse_layers
 from clipheads.interventions import HeadMask
@@ -16,6 +17,12 @@ from clipheads.search import plots
 from clipheads.search.engine import MaskEvaluator
 from clipheads.search.results import SearchResult
 from clipheads.search.state import RunFolder
+
+
+class ScanState(TypedDict):
+    """``state.json`` of a scan: the metric of every head scored so far."""
+
+    scores: dict[str, float]
 
 if TYPE_CHECKING:
     from clipheads.captions.layerwise import GroupCaptions, LayerwiseCaptioning
@@ -90,8 +97,10 @@ def scan_heads(evaluator: MaskEvaluator, out: RunFolder | None = None, checkpoin
     """
     started = time.perf_counter()
     masks = single_head_masks(evaluator)
-    state = (out.load_state() if out else None) or {"scores": {}}
+    state = (out.load_state(schema=ScanState) if out else None) or {"scores": {}}
     done: dict[str, float] = state["scores"]
+    if set(done) - set(masks):
+        raise out.damaged("state.json", f"scores of {sorted(set(done) - set(masks))[0]}, not a head of this model")
     for label, score in done.items():
         evaluator.remember(masks[label], score)
     step = checkpoint_every or evaluator.n_heads

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from clipheads.errors import ClipHeadsError
 from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.runkey import RunKey, RunKeyError, check_same_run
 from clipheads.search.distributed import SINGLE, Distributed
@@ -25,6 +26,10 @@ HISTORY = "history.jsonl"
 
 class ConfigMismatchError(RunKeyError):
     """An output folder holds a run with another configuration."""
+
+
+class DamagedStateError(ClipHeadsError):
+    """A checkpoint of an output folder cannot be read back (truncated, edited, written by something else)."""
 
 
 def _plain(value):
@@ -101,9 +106,37 @@ class RunFolder:
         check_same_run(old, new, f"{self.path}", "use another --out folder", error=ConfigMismatchError)
 
     # --------------------------------------------------------------- checkpoints
-    def load_state(self, name: str = STATE) -> dict | None:
+    def damaged(self, name: str, reason: str) -> DamagedStateError:
+        """The one-line error for a checkpoint ``name`` of this folder that cannot be used."""
+        return DamagedStateError(f"{self.path / name} is damaged ({reason}); delete it to restart this run from "
+                                 "the beginning, or use another --out folder")
+
+    def load_state(self, name: str = STATE, schema=None) -> dict | None:
+        """The checkpoint ``name`` (``None`` if there is none), validated against ``schema`` (a ``TypedDict`` or
+        any type pydantic's ``TypeAdapter`` takes) when given.
+
+        Raises:
+            DamagedStateError: the file is not JSON or does not have the fields and types of ``schema``.
+        """
         path = self.path / name
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self.damaged(name, f"not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise self.damaged(name, f"cannot be read: {exc.strerror or exc}") from None
+        if schema is None:
+            return state
+        from pydantic import TypeAdapter, ValidationError
+
+        try:
+            return TypeAdapter(schema).validate_python(state)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "the top level"
+            raise self.damaged(name, f"{where}: {error['msg']}") from None
 
     def save_state(self, state: dict, name: str = STATE) -> None:
         if self.distributed.is_main:
@@ -111,7 +144,15 @@ class RunFolder:
 
     def load_tensors(self, name: str) -> dict | None:
         path = self.path / name
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... on a damaged file
+            raise self.damaged(name, f"not a readable torch checkpoint: {type(exc).__name__}") from None
+        if not isinstance(data, dict):
+            raise self.damaged(name, f"holds a {type(data).__name__}, not a checkpoint dictionary")
+        return data
 
     def save_tensors(self, data: dict, name: str) -> None:
         if self.distributed.is_main:

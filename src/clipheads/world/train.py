@@ -213,6 +213,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
     """
     from tqdm.auto import tqdm
 
+    from clipheads.models.device import check_device
     from clipheads.models.random_init import save_hf
 
     config = config or TrainConfig()
@@ -220,6 +221,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
         raise ClipHeadsError(f"need steps >= 1 and batch size >= 2 (got {config.steps}, {config.batch_size})")
     if config.precision not in ("bf16", "fp32"):
         raise ClipHeadsError(f"unknown precision {config.precision!r}; use bf16 or fp32")
+    check_device(config.device)
     backend = build_world_clip(config.preset, config.seed)
     images, captions, world_seed = load_train_split(data_dir, backend.image_size)
     device = torch.device(config.device)
