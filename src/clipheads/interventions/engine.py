@@ -97,8 +97,10 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
          means: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
     """Fold a ``zero``/``mean``/``scale`` ablation into the output projections; returns a plain library model.
 
-    The result is a ``transformers``/``open_clip`` model with no hooks and zero overhead, saveable with the
-    library's own functions. ``identity`` and ``cls`` depend on each token's values and cannot be folded.
+    The result is a ``transformers``/``open_clip`` model with no hooks and zero overhead. It keeps the tokenizer,
+    image processor and open_clip config of ``model``: ``clipheads.save(baked, folder)`` writes all of them, and
+    ``clipheads.load(folder)`` reads it back. ``identity`` and ``cls`` depend on each token's values and cannot be
+    folded.
     """
     backend = as_backend(model)
     mask.check(backend)
