@@ -44,7 +44,8 @@ def bake_command(
         raise clipheads.MaskError(f"{mask} ablates no head: baking it would save the model unchanged")
     baked = clipheads.bake(backend, head_mask, op=op, alpha=alpha)
     folder = clipheads.save(baked, out, overwrite=overwrite)
-    console.print(f"{backend.name}: {head_mask.n_ablated} head(s) baked with {op}: {', '.join(head_mask.ablated)}")
+    console.print(f"{backend.name}: {head_mask.n_ablated} head(s) baked with {op}: {', '.join(head_mask.ablated)}",
+                  soft_wrap=True)
     console.print(f"saved to {folder} (load it with --model {folder})", soft_wrap=True)
 
 
