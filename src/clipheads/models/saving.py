@@ -105,7 +105,7 @@ def _save_open_clip(backend, folder: Path) -> None:
         raise ClipHeadsError(f"{backend.name}: its open_clip model config is unknown (the model was not built by "
                              "clipheads.load); wrap it with OpenCLIPBackend(model, name, "
                              "model_cfg=open_clip.get_model_config(ARCH))")
-    state = {k: v.contiguous() for k, v in backend.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in backend.model.state_dict().items()}
     safetensors.torch.save_file(state, folder / OPEN_CLIP_WEIGHTS)
     save_config_for_hf(backend.model, folder / OPEN_CLIP_CONFIG, model_config=backend.model_cfg)
     tokenizer = backend._tokenizer
