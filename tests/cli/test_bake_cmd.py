@@ -62,8 +62,13 @@ def test_bake_refuses_a_full_folder_and_a_mask_of_another_model(model_dir, mask_
     full.mkdir()
     (full / "notes.txt").write_text("mine")
     failed = CliRunner().invoke(app, ["bake", "--model", str(model_dir), "--mask", str(mask_file), "--out", str(full)])
-    assert isinstance(failed.exception, ClipHeadsError) and "--overwrite" in str(failed.exception)
+    assert isinstance(failed.exception, ClipHeadsError) and "holds other files" in str(failed.exception)
     assert (full / "notes.txt").read_text() == "mine"
+    args = ["bake", "--model", str(model_dir), "--mask", str(mask_file), "--out", str(tmp_path / "again")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    failed = CliRunner().invoke(app, args)
+    assert isinstance(failed.exception, ClipHeadsError) and "--overwrite" in str(failed.exception)
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
     failed = CliRunner().invoke(app, ["bake", "--mask", str(mask_file), "--out", str(tmp_path / "b")])  # bundled
     assert isinstance(failed.exception, clipheads.MaskError) and "6 layers x 8 heads" in str(failed.exception)
     assert not (tmp_path / "b").exists()

@@ -100,8 +100,9 @@ def test_save_refuses_what_it_cannot_write_completely(tmp_path):
     backend = tiny_model("hf")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(ClipHeadsError, match="not empty"):
-        clipheads.save(backend, tmp_path / "full")
+    for overwrite in (False, True):  # a folder of other files is never replaced
+        with pytest.raises(ClipHeadsError, match="holds other files"):
+            clipheads.save(backend, tmp_path / "full", overwrite=overwrite)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
     with pytest.raises(ClipHeadsError, match="is a file"):
@@ -112,7 +113,12 @@ def test_save_refuses_what_it_cannot_write_completely(tmp_path):
     with pytest.raises(ClipHeadsError, match="no tokenizer"):
         clipheads.save(HFBackend(backend.model.__class__(backend.model.config), "bare"), tmp_path / "bare")
     assert not (tmp_path / "ablated").exists() and not (tmp_path / "bare").exists()
-    # overwrite replaces the folder's files
-    clipheads.save(backend, tmp_path / "full", overwrite=True)
-    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "config.json").is_file()
+    # a model saved before is replaced only with overwrite
+    clipheads.save(tiny_model("hf", seed=9), tmp_path / "model")
+    with pytest.raises(ClipHeadsError, match="holds a saved model"):
+        clipheads.save(backend, tmp_path / "model")
+    clipheads.save(backend, tmp_path / "model", overwrite=True)
+    with torch.inference_mode():
+        assert torch.equal(clipheads.load(tmp_path / "model").encode_text(["a red square"]),
+                           backend.encode_text(["a red square"]))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

@@ -14,12 +14,13 @@ console = Console()
 
 def bake_command(
     mask: Path = typer.Option(..., "--mask", help="Head mask JSON (clipheads mask / search / scan)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the baked model to (must be new or empty)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the baked model to (new or empty)."),
     op: str = typer.Option("zero", help="Operator folded into the output projections: zero (default), mean (head "
                                          "means stored in the mask: clipheads mask --means-from) or scale."),
     alpha: Alpha = None,
     model: ModelName = "bundled",
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the files of a non-empty --out folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model that an earlier bake wrote to --out "
+                                                              "(a folder of other files is never replaced)."),
     device: Device = "cpu",
 ) -> None:
     """Fold a zero/mean/scale ablation into the model's weights and save it with its tokenizer, image processor and

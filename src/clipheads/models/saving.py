@@ -32,13 +32,17 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
 def check_output_folder(directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse (one line) an output folder that is a file, or that already holds files unless ``overwrite``."""
+    """Refuse (one line) an output folder that is a file, or that already holds files, unless it is a model saved
+    here before and ``overwrite`` is set (a folder of other files is never replaced: they would be lost)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ClipHeadsError(f"output {str(directory)!r} is a file, not a folder")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise ClipHeadsError(f"output folder {str(directory)!r} is not empty; choose a new folder or overwrite it "
-                             "(overwrite=True, CLI: --overwrite)")
+    if directory.is_dir() and any(directory.iterdir()):
+        if not (directory / SIDECAR).is_file():
+            raise ClipHeadsError(f"output folder {str(directory)!r} holds other files; choose a new or empty folder")
+        if not overwrite:
+            raise ClipHeadsError(f"output folder {str(directory)!r} holds a saved model; choose a new folder or "
+                                 "replace it (overwrite=True, CLI: --overwrite)")
     return directory
 
 
@@ -50,14 +54,15 @@ def save(model: CLIPBackend | nn.Module, directory: str | os.PathLike, *, overwr
             the tokenizer, image processor and open_clip config of the model it was baked from.
         directory: the output folder; written atomically (a temporary sibling folder renamed into place), so an
             interrupted save leaves nothing half-written.
-        overwrite: replace a folder that already holds files.
+        overwrite: replace a model saved there before (a folder with other files is always refused).
 
     Returns:
         The folder.
 
     Raises:
-        ClipHeadsError: the folder is a file or not empty; the model has an ablation applied (hooks are not
-            weights: bake it first); the model's tokenizer (transformers) or model config (open_clip) is unknown.
+        ClipHeadsError: the folder is a file, holds other files, or holds a saved model and not ``overwrite``; the
+            model has an ablation applied (hooks are not weights: bake it first); the model's tokenizer
+            (transformers) or model config (open_clip) is unknown.
     """
     from clipheads import __version__
     from clipheads.models import as_backend
