@@ -51,6 +51,8 @@ def test_baked_model_round_trips_exactly(kind, tmp_path):
     assert not torch.equal(_encode(backend, _images(), CAPTIONS)[0], after_images)
     sidecar = json.loads((folder / "clipheads.json").read_text())
     assert sidecar["backend"] == backend.kind and sidecar["architecture"]["n_heads"] == 4
+    assert sidecar["baked"] == [{"model": backend.name, "operator": {"name": "scale", "alpha": 0.25},
+                                 "ablated": ["L0.H1", "L1.H3"]}]
 
 
 def test_library_loaders_read_the_saved_folders(tmp_path):

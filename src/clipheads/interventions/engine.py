@@ -19,6 +19,7 @@ from clipheads.errors import ClipHeadsError, OperatorError
 from clipheads.interventions.mask import HeadMask
 from clipheads.interventions.operators import BAKEABLE, Operator, resolve_operator
 from clipheads.models import CLIPBackend, as_backend
+from clipheads.models.base import recall_input, remember_inputs
 
 ModelLike = CLIPBackend | nn.Module
 
@@ -112,6 +113,9 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
     baked = as_backend(target)
     baked.clear_head_hooks()
     baked.intervention = None
+    previous = recall_input(backend.model, "baked") or []  # a model baked before keeps that history
+    remember_inputs(target, baked=[*previous, {"model": backend.name, "operator": operator.to_dict(),
+                                               "ablated": mask.ablated}])
     d = baked.head_dim
     gates = mask.gates.detach()
     with torch.no_grad():

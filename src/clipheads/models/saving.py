@@ -10,7 +10,8 @@ A folder written here loads with ``clipheads.load(folder)`` and with the library
   ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads it (clipheads: ``open_clip:local-dir:FOLDER``
   or just the folder).
 
-Besides, ``clipheads.json`` records where the model came from and the clipheads version.
+Besides, ``clipheads.json`` records the model's architecture, every bake folded into it (source model, operator,
+ablated heads) and the clipheads version.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from clipheads.errors import ClipHeadsError
 from clipheads.files import write_json_atomic
-from clipheads.models.base import CLIPBackend
+from clipheads.models.base import CLIPBackend, recall_input
 
 SIDECAR = "clipheads.json"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -78,8 +79,9 @@ def save(model: CLIPBackend | nn.Module, directory: str | os.PathLike, *, overwr
     try:
         writer(backend, tmp)
         write_json_atomic(tmp / SIDECAR, {"format": "clipheads.saved/1", "backend": backend.kind,
-                                          "class": type(backend.model).__name__, "source": backend.name,
+                                          "class": type(backend.model).__name__,
                                           "architecture": backend.architecture.to_dict(),
+                                          "baked": recall_input(backend.model, "baked") or [],
                                           "load": f"clipheads.load({str(directory)!r})",
                                           "clipheads_version": __version__})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved model is meant to be shared like any folder
