@@ -1,10 +1,11 @@
 """clipheads: find the attention heads of CLIP's image encoder that hurt, ablate them, explain them.
 
     import clipheads
-    model = clipheads.load("openai/clip-vit-base-patch32")      # or "open_clip:ViT-B-32/openai", "bundled"
-    mask = clipheads.HeadMask.from_heads("L3.H7,L9.H1", model)
+    model = clipheads.load("bundled")      # or "openai/clip-vit-base-patch32", "open_clip:ViT-B-32/openai"
+    mask = clipheads.HeadMask.from_heads("L3.H7,L5.H1", model)
     with clipheads.ablate(model, mask, op="identity"):
-        features = model.encode_image(pixels)
+        features = model.encode_image(images)   # PIL images, or pixels [B, 3, H, W]
+    clipheads.save(clipheads.bake(model, mask, op="zero"), "baked")  # clipheads.load("baked") reads it back
 """
 
 from clipheads.errors import ClipHeadsError, DataError, MaskError, ModelLoadError, OperatorError
@@ -19,10 +20,10 @@ from clipheads.interventions import (
     compute_head_means,
     remove,
 )
-from clipheads.models import Architecture, CLIPBackend, as_backend, load
+from clipheads.models import Architecture, CLIPBackend, as_backend, load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["OPERATORS", "Architecture", "CLIPBackend", "ClipHeadsError", "DataError", "HeadMask", "MaskError",
            "ModelLoadError", "Operator", "OperatorError", "ablate", "apply", "as_backend", "bake",
-           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "remove"]
+           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "remove", "save"]

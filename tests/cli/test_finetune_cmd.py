@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,20 @@ def test_finetune_help_explains_methods():
     result = CliRunner().invoke(app, ["finetune", "--help"])
     assert result.exit_code == 0
     assert "--compare" in result.output and "lora" in result.output and "held-out" in result.output.lower()
+
+
+def test_finetune_without_peft_is_one_line_before_any_work(model_dir: Path, data: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed: `import peft` raises ImportError
+    failed = CliRunner().invoke(app, _args(model_dir, data, tmp_path / "out"))
+    assert isinstance(failed.exception, ClipHeadsError), failed.output
+    assert "pip install peft" in str(failed.exception) and "\n" not in str(failed.exception)
+    assert not (tmp_path / "out").exists()
+    ok = CliRunner().invoke(app, [*_args(model_dir, data, tmp_path / "full"), "--method", "full", "--epochs", "1"])
+    assert ok.exit_code == 0, ok.output  # full fine-tuning does not need peft
+
+
+def test_peft_is_a_base_dependency():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("peft") for dep in project["dependencies"])
+    assert project["optional-dependencies"]["peft"]  # the old extra still installs

@@ -83,3 +83,12 @@ def test_operator_errors(tiny_hf):
     with pytest.raises(clipheads.OperatorError, match="do not fit"):
         clipheads.apply(tiny_hf, mask, op="mean", means=torch.zeros(2, 4, 3))
     assert tiny_hf.intervention is None and tiny_hf.hooked_layers == []
+
+
+def test_load_with_the_model_checks_the_architecture(tiny_hf, tmp_path):
+    path = HeadMask.from_heads("L1.H2", tiny_hf).save(tmp_path / "mask.json")
+    assert HeadMask.load(path, tiny_hf).ablated == ["L1.H2"]
+    assert HeadMask.load(path, tiny_hf.architecture) == HeadMask.load(path)
+    bundled = clipheads.load("bundled")
+    with pytest.raises(clipheads.MaskError, match="mask.json: mask of shape 2 layers x 4 heads .* 6 layers x 8 heads"):
+        HeadMask.load(path, bundled)

@@ -74,6 +74,19 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def require_peft(methods) -> None:
+    """Refuse (one line, before any work) when one of ``methods`` (lora, lora-rN, ia3) needs ``peft`` and it cannot
+    be imported (a dependency of clipheads, but an environment can lack it)."""
+    needing = [m for m in methods if m.startswith("lora") or m == "ia3"]
+    if not needing:
+        return
+    try:
+        import peft  # noqa: F401
+    except ImportError as exc:
+        raise ClipHeadsError(f"{', '.join(needing)} need(s) the peft library, which cannot be imported "
+                             f"({type(exc).__name__}); install it: pip install peft") from None
+
+
 def _peft_targets(backend: CLIPBackend, method: str) -> tuple[str, str | None]:
     """Regexes for peft's ``target_modules`` (and IA3's ``feedforward_modules``) restricted to the image tower."""
     if backend.kind == "hf":
@@ -103,6 +116,7 @@ def prepare_model(backend: CLIPBackend, config: FinetuneConfig) -> tuple[nn.Modu
             model.visual_projection.weight.requires_grad_(True)
         trained = model
     else:
+        require_peft([config.method])
         from peft import IA3Config, LoraConfig, get_peft_model
 
         targets, feedforward = _peft_targets(backend, config.method)

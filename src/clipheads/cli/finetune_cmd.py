@@ -76,6 +76,7 @@ def finetune_command(
     per head) and training time."""
     import clipheads
     from clipheads.baselines import CompareConfig, compare_baselines, parse_methods
+    from clipheads.baselines.finetune import require_peft
     from clipheads.baselines.plots import plot_comparison, plot_epoch_curves
     from clipheads.cli.eval_cmd import package_versions
     from clipheads.errors import ClipHeadsError
@@ -88,6 +89,7 @@ def finetune_command(
         raise ClipHeadsError(f"--rank must be at least 1 (got {rank})")
     name = f"lora-r{rank}" if method == "lora" else method
     chosen = parse_methods(methods) if compare else ["vanilla", name]
+    require_peft(chosen)
     if not allow_same_split and train_split in (val_split, report_split):  # refuse before loading anything
         raise ClipHeadsError(f"the training split {train_split!r} is also the validation or held-out split; use "
                              "other splits (--val-split, --report-split) or pass --allow-same-split")

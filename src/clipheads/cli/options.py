@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 MODELS = ("'bundled' (shipped with clipheads), a Hugging Face id or folder, open_clip:ARCH (random init), "
-          "open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt.")
+          "open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt, or a folder written by 'clipheads bake'.")
 MODEL_HELP = "Model (default: bundled): " + MODELS
 TASK_HELP = "retrieval (default metric mean_recall), selection (caption selection, acc) or zeroshot (acc1)."
 SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole file."

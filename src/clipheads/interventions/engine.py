@@ -19,6 +19,7 @@ from clipheads.errors import ClipHeadsError, OperatorError
 from clipheads.interventions.mask import HeadMask
 from clipheads.interventions.operators import BAKEABLE, MEAN_KINDS, Operator, resolve_operator
 from clipheads.models import CLIPBackend, as_backend
+from clipheads.models.base import recall_input, remember_inputs
 
 ModelLike = CLIPBackend | nn.Module
 
@@ -99,9 +100,11 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
          means: torch.Tensor | None = None, inplace: bool = False) -> nn.Module:
     """Fold a ``zero``/``mean``/``scale`` ablation into the output projections; returns a plain library model.
 
-    The result is a ``transformers``/``open_clip`` model with no hooks and zero overhead, saveable with the
-    library's own functions. ``identity`` and ``cls`` depend on each token's values and cannot be folded; nor can
-    ``mean`` with per-position means (``out_proj``'s bias is the same at every position): use pooled means.
+    The result is a ``transformers``/``open_clip`` model with no hooks and zero overhead. It keeps the tokenizer,
+    image processor and open_clip config of ``model``: ``clipheads.save(baked, folder)`` writes all of them, and
+    ``clipheads.load(folder)`` reads it back. ``identity`` and ``cls`` depend on each token's values and cannot be
+    folded; nor can ``mean`` with per-position means (``out_proj``'s bias is the same at every position): use
+    pooled means.
     """
     backend = as_backend(model)
     mask.check(backend)
@@ -117,6 +120,9 @@ def bake(model: ModelLike, mask: HeadMask, op: str | Operator = "zero", *, alpha
     baked = as_backend(target)
     baked.clear_head_hooks()
     baked.intervention = None
+    previous = recall_input(backend.model, "baked") or []  # a model baked before keeps that history
+    remember_inputs(target, baked=[*previous, {"model": backend.name, "operator": operator.to_dict(),
+                                               "ablated": mask.ablated}])
     d = baked.head_dim
     gates = mask.gates.detach()
     with torch.no_grad():

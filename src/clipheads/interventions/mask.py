@@ -259,7 +259,16 @@ class HeadMask:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> HeadMask:
+    def load(cls, path: str | os.PathLike, model: CLIPBackend | Architecture | None = None) -> HeadMask:
+        """Read a mask written by :meth:`save` (or ``clipheads mask``/``search``).
+
+        Args:
+            path: the JSON file.
+            model: if given (a backend or an :class:`Architecture`), the mask is checked against it.
+
+        Raises:
+            MaskError: the file is missing or not a mask, or the mask does not fit ``model``.
+        """
         path = Path(path)
         if not path.is_file():
             raise MaskError(f"mask file {str(path)!r} does not exist")
@@ -268,4 +277,10 @@ class HeadMask:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MaskError(f"mask file {str(path)!r} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
                             ) from None
-        return cls.from_dict(data, source=str(path))
+        mask = cls.from_dict(data, source=str(path))
+        if model is not None:
+            try:
+                mask.check(model)
+            except MaskError as exc:
+                raise MaskError(f"{path}: {exc}") from None
+        return mask

@@ -13,6 +13,7 @@ from clipheads.models.device import check_device
 from clipheads.models.hf import HFBackend, load_hf
 from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
 from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
+from clipheads.models.saving import OPEN_CLIP_CONFIG, save
 
 BUNDLED = "bundled"
 
@@ -39,7 +40,8 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
 
     Args:
         name_or_path: ``"bundled"`` (default, the model shipped with clipheads); a Hugging Face hub id or local
-            folder (``CLIPModel``/``ChineseCLIPModel``); ``"open_clip:ARCH"`` (random init),
+            folder (``CLIPModel``/``ChineseCLIPModel``; a folder written by :func:`clipheads.save`, either backend);
+            ``"open_clip:ARCH"`` (random init),
             ``"open_clip:ARCH/TAG"`` (pretrained tag), ``"open_clip:ARCH/path/to/ckpt.pt"``,
             ``"open_clip:hf-hub:org/repo"``; or an already built library model, which is wrapped as is.
         device: where to put the model (default: where it is, CPU for new loads).
@@ -66,6 +68,8 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
         return backend
     if name.startswith(OPEN_CLIP_PREFIX):
         return load_open_clip(name, device=device, dtype=dtype)
+    if (Path(name) / OPEN_CLIP_CONFIG).is_file() and not (Path(name) / "config.json").is_file():
+        return load_open_clip(f"{OPEN_CLIP_PREFIX}local-dir:{name}", device=device, dtype=dtype)  # clipheads.save
     return load_hf(name, device=device, dtype=dtype)
 
 
@@ -83,4 +87,4 @@ def as_backend(model: nn.Module | CLIPBackend, name: str | None = None) -> CLIPB
 
 
 __all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "as_backend",
-           "bundled_model_path", "check_device", "load", "parse_dtype"]
+           "bundled_model_path", "check_device", "load", "parse_dtype", "save"]

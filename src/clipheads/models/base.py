@@ -26,6 +26,26 @@ from clipheads.errors import ClipHeadsError
 # hook(z, v) -> z', all [batch, pos, head, d_head]
 HeadHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# what encode_image accepts (see CLIPBackend.as_pixels)
+ImageInput = torch.Tensor | Image.Image | Sequence[Image.Image]
+_EXPECTED_IMAGES = ("expected a PIL image, a list of PIL images, a uint8 tensor [B, 3, H, W] of raw pixels or a float "
+                    "tensor [B, 3, H, W] already preprocessed (model.preprocess)")
+
+# what a backend knows besides the weights (tokenizer, image processor, open_clip config), kept on the library model
+# so that every wrapper of it, and a copy made by clipheads.bake, finds it again
+_INPUTS_KEY = "_clipheads_inputs"
+
+
+def remember_inputs(model: nn.Module, **inputs) -> None:
+    """Keep the input side of a model (tokenizer, processor, config; ``None`` values are skipped) on the model."""
+    store = model.__dict__.setdefault(_INPUTS_KEY, {})
+    store.update({k: v for k, v in inputs.items() if v is not None})
+
+
+def recall_input(model: nn.Module, name: str):
+    """What :func:`remember_inputs` kept under ``name`` (``None`` if nothing)."""
+    return model.__dict__.get(_INPUTS_KEY, {}).get(name)
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -116,8 +136,44 @@ class CLIPBackend(ABC):
     @abstractmethod
     def logit_scale(self) -> float: ...
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """``[B, 3, H, W]`` -> ``[B, D]`` through the library's own image encoder (with any active ablation)."""
+    def as_pixels(self, images: ImageInput) -> torch.Tensor:
+        """Images as users hold them -> preprocessed pixels ``[B, 3, H, W]`` (float, the model's input).
+
+        Accepts one PIL image, a list/tuple of PIL images, a float tensor ``[B, 3, H, W]`` or ``[3, H, W]`` that is
+        already preprocessed (used as is), or a ``uint8`` tensor ``[B, 3, H, W]``/``[3, H, W]`` of raw 0-255 pixels
+        (e.g. from ``torchvision.io.read_image``), which goes through :meth:`preprocess` like a PIL image.
+
+        Raises:
+            ClipHeadsError: anything else (one line saying what is expected).
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        if isinstance(images, list | tuple):
+            if images and all(isinstance(im, Image.Image) for im in images):
+                return torch.stack([self.preprocess(im) for im in images])
+            kinds = sorted({type(im).__name__ for im in images}) or ["nothing"]
+            raise ClipHeadsError(f"encode_image got a list of {', '.join(kinds)}; {_EXPECTED_IMAGES}")
+        if isinstance(images, torch.Tensor) and images.dim() in (3, 4) and images.shape[-3] == 3:
+            batch = images if images.dim() == 4 else images.unsqueeze(0)
+            if batch.dtype == torch.uint8:
+                from torchvision.transforms.functional import to_pil_image
+
+                return torch.stack([self.preprocess(to_pil_image(im)) for im in batch.cpu()])
+            if batch.is_floating_point():
+                return batch
+        what = (f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+                else f"a {type(images).__name__}")
+        raise ClipHeadsError(f"encode_image got {what}; {_EXPECTED_IMAGES}")
+
+    def encode_image(self, pixels: ImageInput, normalize: bool = False) -> torch.Tensor:
+        """Images -> ``[B, D]`` through the library's own image encoder (with any active ablation).
+
+        ``pixels``: preprocessed ``[B, 3, H, W]`` float pixels, or images as :meth:`as_pixels` accepts them (PIL
+        images, a list of them, raw ``uint8`` tensors), preprocessed with the model's own :meth:`preprocess`.
+        """
+        if not (isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and pixels.shape[1] == 3
+                and pixels.is_floating_point()):
+            pixels = self.as_pixels(pixels)
         intervention = self.intervention
         calls = getattr(intervention, "calls", 0)
         features = self._encode_image(pixels.to(self.device, self.dtype))

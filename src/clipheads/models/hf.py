@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from clipheads.errors import ModelLoadError
-from clipheads.models.base import Architecture, CLIPBackend, HeadHook
+from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
 
 ATTENTION_NAME = "clipheads"
 
@@ -56,8 +56,9 @@ class HFBackend(CLIPBackend):
         super().__init__(model, name)
         if not hasattr(model, "vision_model") or not hasattr(model, "visual_projection"):
             raise ModelLoadError(f"{name}: {type(model).__name__} is not a CLIP model with a vision tower")
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        remember_inputs(model, tokenizer=tokenizer, image_processor=image_processor)
+        self.tokenizer = recall_input(model, "tokenizer")
+        self.image_processor = recall_input(model, "image_processor")
         self._vision = model.vision_model
         self._layers = self._vision.encoder.layers
         params = inspect.signature(self._layers[0].forward).parameters
@@ -90,7 +91,8 @@ class HFBackend(CLIPBackend):
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self.tokenizer is None:
             raise ModelLoadError(f"{self.name}: no tokenizer was found with this model; load it from a folder "
-                                 "that has tokenizer files or pass tokenizer= to HFBackend")
+                                 "that has tokenizer files (clipheads.save writes them) or pass tokenizer= to "
+                                 "HFBackend")
         max_len = getattr(self.model.config.text_config, "max_position_embeddings", 77)
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         return dict(tokens)
@@ -205,15 +207,40 @@ def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
     tokenizer = image_processor = None
     with offline_if_unreachable():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            # a folder without tokenizer files (e.g. a bare save_pretrained) gets an empty 2-token tokenizer from
+            # transformers 5 that maps every word to <unk>: better none, and a clear error if text is encoded
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path) if _may_have_tokenizer(name_or_path) else None
         except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
             tokenizer = None
         try:
             image_processor = AutoImageProcessor.from_pretrained(name_or_path)
         except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
             image_processor = None
+    _own_storage(model)
     model.eval().to(device=device, dtype=dtype)
     return HFBackend(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def _own_storage(model: nn.Module) -> None:
+    """Copy parameters that ``from_pretrained`` left as views into the memory-mapped file into tensors of their own.
+
+    A view at an unaligned offset of the file makes the CPU matrix kernels take another path, so the loaded model
+    differed from the model that was saved in the last bits (3.6e-7 on a tiny CLIP); with its own tensors it
+    computes bit for bit what the saved model computed.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.device.type == "cpu" and param.data_ptr() % 64:
+                param.data = param.data.clone()
+
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _may_have_tokenizer(name_or_path: str) -> bool:
+    folder = Path(name_or_path)
+    return not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from clipheads.errors import ModelLoadError
-from clipheads.models.base import Architecture, CLIPBackend, HeadHook
+from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
 from clipheads.models.hf import offline_if_unreachable
 
 PREFIX = "open_clip:"
@@ -45,7 +45,8 @@ class OpenCLIPBackend(CLIPBackend):
 
     kind = "open_clip"
 
-    def __init__(self, model: nn.Module, name: str, preprocess=None, tokenizer=None) -> None:
+    def __init__(self, model: nn.Module, name: str, preprocess=None, tokenizer=None,
+                 model_cfg: dict | None = None) -> None:
         super().__init__(model, name)
         visual = getattr(model, "visual", None)
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
@@ -57,8 +58,14 @@ class OpenCLIPBackend(CLIPBackend):
                                  "(custom attention blocks are not supported yet)")
         self._visual = visual
         self._blocks = blocks
-        self._preprocess = preprocess
-        self._tokenizer = tokenizer
+        remember_inputs(model, preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
+        self._preprocess = recall_input(model, "preprocess")
+        self._tokenizer = recall_input(model, "tokenizer")
+
+    @property
+    def model_cfg(self) -> dict | None:
+        """open_clip's model config of this model (``open_clip.get_model_config``), needed to save it."""
+        return recall_input(self.model, "model_cfg")
 
     @property
     def architecture(self) -> Architecture:
@@ -192,6 +199,7 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
         with offline_if_unreachable():
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
             tokenizer = open_clip.get_tokenizer(arch)
+            model_cfg = open_clip.get_model_config(arch)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
         raise ModelLoadError(
@@ -200,4 +208,4 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             "Hugging Face cache and set HF_HUB_OFFLINE=1") from None
     model.eval().to(device=device, dtype=dtype)
     return OpenCLIPBackend(model, name if name.startswith(PREFIX) else PREFIX + name,
-                           preprocess=preprocess, tokenizer=tokenizer)
+                           preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)

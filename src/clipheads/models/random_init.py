@@ -97,7 +97,7 @@ def random_open_clip(arch: str = "ViT-B-32", seed: int = 0) -> OpenCLIPBackend:
     torch.manual_seed(seed)
     model = open_clip.create_model(arch, pretrained=None)
     return OpenCLIPBackend(model.eval(), f"open_clip:{arch}",
-                           tokenizer=open_clip.get_tokenizer(arch))
+                           tokenizer=open_clip.get_tokenizer(arch), model_cfg=open_clip.get_model_config(arch))
 
 
 def tiny_open_clip(seed: int = 0) -> OpenCLIPBackend:
