@@ -81,7 +81,11 @@ def head_effects_figure(delta: torch.Tensor, title: str = "Single-head ablation"
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(n_layers))
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=label)
+    bar = fig.colorbar(image, ax=ax, label=label)
+    if not gates:  # each sign gets half of the bar, as in the cells (ticks stay in data units)
+        bar.ax.set_yscale("function", functions=(norm, norm.inverse))
+        bar.set_ticks([norm.vmin, norm.vmin / 2, 0.0, norm.vmax / 2, norm.vmax])
+        bar.ax.yaxis.set_major_formatter(f"{{x:+.{_decimals(torch.tensor([norm.vmax, norm.vmin]))}f}}")
     groups = dict(marked) if isinstance(marked, Mapping) else {"": list(marked or [])}
     if len(groups) > len(MARK_STYLES):
         raise ValueError(f"at most {len(MARK_STYLES)} marked masks per heat map (got {len(groups)})")
