@@ -124,3 +124,14 @@ def test_bp_uses_the_library_defaults_and_says_why_nothing_was_ablated(world, tm
     assert "lowest gate 0.82 (L0.H0) >= threshold 0.5" in line and "--init-logit 1.5" in line
     summary = json.loads((tmp_path / "none" / "summary.json").read_text())
     assert summary["nothing_ablated"].startswith("nothing ablated: lowest gate 0.82")
+
+
+def test_search_help_states_bpconfig_defaults():
+    from clipheads.search import BPConfig
+
+    result = CliRunner().invoke(app, ["search", "--help"], terminal_width=200)
+    text = " ".join(result.output.replace("│", " ").split())
+    defaults = BPConfig()
+    for phrase in (f"default {defaults.epochs})", f"default {defaults.lr:g})", f"default {defaults.init_logit:g},",
+                   f"default {defaults.threshold:g})", f"bp {defaults.beta:g} (BPConfig)"):
+        assert phrase in text, phrase
