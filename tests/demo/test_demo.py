@@ -23,6 +23,10 @@ def test_quick_demo_writes_report_and_summary(tmp_path):
     assert len(summary["layer_scan"]) == 1 + 6 + 3  # none, each layer, each range
     html = (tmp_path / "report.html").read_text()
     assert "data:image/png;base64," in html and "Single-head scan" in html
+    pngs = sorted(path.name for path in tmp_path.glob("fig_*.png"))  # every figure also beside the report
+    assert "fig_head_effects.png" in pngs and len(pngs) == html.count("<figure>") == html.count("<figcaption>")
+    assert html.count("<img alt=\"") == len(pngs) and 'alt=""' not in html
+    assert 0 < summary["selection_chance"] < 100
     for name in ("greedy", "aat_ga", "aat_bp"):
         assert json.loads((tmp_path / f"mask_{name}.json").read_text())["format"] == "clipheads.HeadMask/1"
 

@@ -104,3 +104,34 @@ def test_layer_scan_with_caption_selection(world, tmp_path):
     details = layers["groups"][0]["details"]
     assert len(details["logits"]) == 6 and len(details["logits"][0]) == 3
     assert details["selected"][0] in ["a red cat", "a green cat", "a blue cat"]
+
+
+def test_bp_uses_the_library_defaults_and_says_why_nothing_was_ablated(world, tmp_path):
+    from clipheads.search import BPConfig
+
+    common = ["--model", world / "model", "--data", world / "karpathy.json", "--batch-size", 16, "--strategy", "bp"]
+    result = invoke("search", *common, "--epochs", 1, "--init-logit", 2, "--out", tmp_path / "bp")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "bp" / "summary.json").read_text())["config"]
+    defaults = BPConfig()
+    assert (config["lr"], config["beta"], config["threshold"]) == (defaults.lr, defaults.beta, defaults.threshold)
+    assert config["init_logit"] == 2.0 and config["epochs"] == 1
+
+    # no training: every gate stays at sigmoid(1.5) = 0.82, above the threshold -> one line saying so
+    result = invoke("search", *common, "--epochs", 0, "--out", tmp_path / "none")
+    assert result.exit_code == 0, result.output
+    line = next(row for row in result.output.splitlines() if row.startswith("nothing ablated"))
+    assert "lowest gate 0.82 (L0.H0) >= threshold 0.5" in line and "--init-logit 1.5" in line
+    summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert summary["nothing_ablated"].startswith("nothing ablated: lowest gate 0.82")
+
+
+def test_search_help_states_bpconfig_defaults():
+    from clipheads.search import BPConfig
+
+    result = CliRunner().invoke(app, ["search", "--help"], terminal_width=200)
+    text = " ".join(result.output.replace("│", " ").split())
+    defaults = BPConfig()
+    for phrase in (f"default {defaults.epochs})", f"default {defaults.lr:g})", f"default {defaults.init_logit:g},",
+                   f"default {defaults.threshold:g})", f"bp {defaults.beta:g} (BPConfig)"):
+        assert phrase in text, phrase

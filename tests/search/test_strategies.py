@@ -67,7 +67,7 @@ def test_ga_finds_the_planted_head_and_writes_outputs(evaluator, tmp_path):
 
 def test_bp_finds_the_planted_head(planted_setup, evaluator, tmp_path):
     _, _, captions, _ = planted_setup
-    config = BPConfig(beta=0.5, epochs=30, batch_size=4, lr=0.3)
+    config = BPConfig(beta=0.5, epochs=30, batch_size=4, lr=0.3, init_logit=3.0)
     result = bp_search(evaluator, captions, torch.arange(len(captions)), config, RunFolder(tmp_path, {"bp": 1}))
     assert result.mask.ablated == [PLANTED]
     assert result.gates[1, 2] < 0.5 and (result.gates.flatten()[torch.arange(8) != 6] > 0.9).all()
@@ -193,3 +193,16 @@ def test_layer_scan_and_beta_sweep(evaluator, tmp_path):
 def test_configs_refuse_values_that_cannot_run(make, message):
     with pytest.raises(clipheads.ClipHeadsError, match=message):
         make()
+
+
+def test_a_search_that_ablates_nothing_says_why(planted_setup, evaluator):
+    _, _, captions, _ = planted_setup
+    bp = bp_search(evaluator, captions, torch.arange(len(captions)), BPConfig(epochs=0))
+    gate = float(torch.sigmoid(torch.tensor(BPConfig().init_logit)))
+    assert bp.mask.n_ablated == 0
+    assert bp.why_nothing_ablated().startswith(f"nothing ablated: lowest gate {gate:.2f} (L0.H0) >= threshold 0.5")
+    assert bp.to_dict()["nothing_ablated"] == bp.why_nothing_ablated()
+    greedy = greedy_search(evaluator, GreedyConfig(beta=1000.0))  # every head costs more than it can gain
+    assert greedy.mask.n_ablated == 0
+    assert "no single head added to the mask beat the unablated model on val" in greedy.why_nothing_ablated()
+    assert greedy_search(evaluator, GreedyConfig(beta=4.0)).why_nothing_ablated() is None

@@ -181,6 +181,8 @@ def _print_result(result, out: Path) -> None:
     console.print(table)
     heads = ", ".join(result.mask.ablated[:24]) + (" ..." if result.mask.n_ablated > 24 else "")
     console.print(f"ablated: {heads or 'none'}")
+    if result.mask.n_ablated == 0:
+        console.print(result.why_nothing_ablated(), style="yellow", soft_wrap=True, markup=False)
     console.print(f"{result.evaluations} masks evaluated, {result.wall_seconds:.1f} s -> {out}/mask.json, "
                   f"{out}/summary.json")
 
@@ -485,8 +487,9 @@ def search_command(
     means: MeansKind = "per-position",
     metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
     templates: Templates = None,
-    beta: float = typer.Option(0.01, callback=finite(),
-                               help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate))."),
+    beta: float = typer.Option(None, callback=finite(),
+                               help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate)). "
+                                    "Default: ga 0.01, greedy 0.01, bp 0.1 (BPConfig)."),
     beta_sweep: str = typer.Option(None, help="ga: comma-separated betas, one GA each (metric vs beta curve)."),
     population: int = typer.Option(32, min=2, help="ga: population size."),
     generations: int = typer.Option(20, min=1, help="ga: generations."),
@@ -500,9 +503,15 @@ def search_command(
                                                "the population with the top-k harmful heads; greedy: --candidates "
                                                "come from it; bp (with attribution only): heads ranked harmful start "
                                                "with their gate at 0.5."),
-    epochs: int = typer.Option(10, min=0, help="bp: epochs over the search split's image-text pairs."),
-    lr: float = typer.Option(0.1, callback=finite(above=0), help="bp: learning rate of the gate logits (Adam)."),
-    threshold: float = typer.Option(0.5, callback=finite(0, 1), help="bp: heads with gate below this are ablated."),
+    epochs: int = typer.Option(None, min=0, help="bp: epochs over the search split's image-text pairs (default 10)."),
+    lr: float = typer.Option(None, callback=finite(above=0),
+                             help="bp: learning rate of the gate logits (Adam; default 0.2). Adam moves a logit "
+                                  "by about lr per step: from --init-logit to 0 (gate 0.5) takes at least "
+                                  "init-logit / lr steps."),
+    init_logit: float = typer.Option(None, callback=finite(),
+                                     help="bp: initial gate logit of every head (default 1.5, gate 0.82)."),
+    threshold: float = typer.Option(None, callback=finite(0, 1),
+                                    help="bp: heads with gate below this are ablated (default 0.5)."),
     max_heads: int = typer.Option(None, min=1, help="greedy: stop after this many heads."),
     candidates: int = typer.Option(None, min=1, help="greedy: only try the N most harmful heads of a scan."),
     seed: int = typer.Option(0, min=0, help="Random seed (GA population, BP batches)."),
@@ -535,11 +544,14 @@ def search_command(
     betas = _parse_betas(beta_sweep) if beta_sweep else None
     if betas is not None and strategy != "ga":
         raise ClipHeadsError("--beta-sweep runs AAT-GA once per beta; use it with --strategy ga")
+    beta = beta if beta is not None else BPConfig.beta if strategy == "bp" else 0.01
     if strategy == "ga":  # configs check their values before the model and data are loaded
         config = GAConfig(beta, population, generations, elitism, crossover, mutation, seed=seed,
                           seed_from_scan=seed_from != "none")
     elif strategy == "bp":
-        config = BPConfig(beta, epochs, batch_size, lr, threshold=threshold, seed=seed)
+        given = {"epochs": epochs, "lr": lr, "init_logit": init_logit, "threshold": threshold}
+        config = BPConfig(beta=beta, batch_size=batch_size, seed=seed,  # the rest: BPConfig's defaults
+                          **{key: value for key, value in given.items() if value is not None})
     else:
         config = GreedyConfig(beta, max_heads, candidates)
     _check_out(out)

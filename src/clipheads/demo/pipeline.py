@@ -62,13 +62,13 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         self.ga = self.ga or GAConfig(population=24, generations=12, seed=self.seed)
-        self.bp = self.bp or BPConfig(epochs=10, batch_size=64, init_logit=1.5, lr=0.2, seed=self.seed)
+        self.bp = self.bp or BPConfig(seed=self.seed)  # the library's defaults (10 epochs of 64 pairs)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         return cls(n_eval=150, n_selection=60, n_counterfactual=8, n_describe=150,
                    ga=GAConfig(population=10, generations=4),
-                   bp=BPConfig(epochs=10, batch_size=50, init_logit=1.5, lr=0.2), **overrides)
+                   bp=BPConfig(batch_size=50), **overrides)
 
 
 @dataclass
@@ -211,7 +211,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bo
         "greedy_history": greedy.history, "ga_history": ga.history, "ga_fitness": ga.fitness,
         "bp_gates": bp.gates.tolist(), "bp_history": bp.history,
         "cue_share": share.tolist(), "cue_share_all_heads": share_all_heads,
-        "layer_scan": layer_rows, "ccs": ccs.to_dict(), "descriptions": descriptions.to_dict(),
+        "layer_scan": layer_rows,
+        "selection_chance": 100 * sum(1 / len(item["candidates"]) for item in selection.items) / len(selection.items),
+        "ccs": ccs.to_dict(), "descriptions": descriptions.to_dict(),
     }
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "summary.json", summary)

@@ -8,30 +8,47 @@ from pathlib import Path
 
 import torch
 
-from clipheads.report.figures import pyplot, save_figure
+from clipheads.report.figures import new_figure, save_figure
 
 
-def plot_ccs_heatmap(scores: torch.Tensor, path: str | os.PathLike, k: int, title: str = "Concept Consistency Score"
-                     ) -> Path:
-    """Save a layers x heads heat map of ``scores`` (``[n_layers, n_heads]``, NaN = not described) as PNG."""
-    plt = pyplot()
+def ccs_figure(scores: torch.Tensor, k: int, title: str = "Concept Consistency Score",
+               marked: Sequence[str] = ()):
+    """Layers x heads heat map of CCS ``scores`` (``[n_layers, n_heads]``, NaN = not described, drawn grey) on the
+    fixed range 0..``k``, each described head's score written in its cell; ``marked`` heads (``L{l}.H{h}``) are
+    outlined. Returns a ``matplotlib.figure.Figure`` (value texts have gid ``"value:<head>"``)."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Rectangle
+
+    from clipheads.heads import head_label, parse_head
+
     n_layers, n_heads = scores.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 1.5), max(2.5, 0.4 * n_layers + 1.2)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
-    image = ax.imshow(scores.numpy(), cmap=cmap, vmin=0, vmax=k, aspect="auto")
+    fig = new_figure((max(4.0, 0.5 * n_heads + 1.8), max(2.5, 0.42 * n_layers + 1.2)))
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(scores.float().numpy(), cmap=cmap, vmin=0, vmax=k, aspect="auto")
     for layer in range(n_layers):
         for head in range(n_heads):
             value = float(scores[layer, head])
             if value == value:  # not NaN
                 ax.text(head, layer, f"{value:g}", ha="center", va="center", fontsize=7,
-                        color="white" if value < 0.6 * k else "black")
+                        color="white" if value < 0.6 * k else "black", gid=f"value:{head_label(layer, head)}")
+    for label in marked:
+        layer, head = parse_head(label)
+        ax.add_patch(Rectangle((head - 0.47, layer - 0.47), 0.94, 0.94, fill=False, edgecolor="#c0392b",
+                               linewidth=1.6, gid=f"marked:{head_label(layer, head)}"))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(n_layers))
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=f"CCS (0..{k})")
-    return save_figure(fig, path)
+    fig.colorbar(image, ax=ax, label=f"CCS (0..{k}; grey: not described)", ticks=range(k + 1))
+    return fig
+
+
+def plot_ccs_heatmap(scores: torch.Tensor, path: str | os.PathLike, k: int, title: str = "Concept Consistency Score"
+                     ) -> Path:
+    """Save :func:`ccs_figure` of ``scores`` (``[n_layers, n_heads]``, NaN = not described) as PNG at ``path``."""
+    return save_figure(ccs_figure(scores, k, title), path)
 
 
 def plot_metric_changes(changes: Mapping[str, Mapping[str, tuple[float, float]]], path: str | os.PathLike,
@@ -41,9 +58,9 @@ def plot_metric_changes(changes: Mapping[str, Mapping[str, tuple[float, float]]]
     Args:
         changes: head set name -> metric -> ``(mean change, std over seeds)`` (std 0 for a single run).
     """
-    plt = pyplot()
     names = list(changes)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(metrics) * len(names) / 2 + 2), 3.6))
+    fig = new_figure((max(5.0, 1.2 * len(metrics) * len(names) / 2 + 2), 3.6))
+    ax = fig.add_subplot()
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         means = [changes[name].get(m, (float("nan"), 0.0))[0] for m in metrics]

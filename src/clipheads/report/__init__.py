@@ -59,18 +59,24 @@ class Report:
         self.parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         return self
 
-    def figure(self, source, caption: str = "") -> Report:
-        """Inline a matplotlib figure or a PNG file."""
+    def figure(self, source, caption: str = "", alt: str | None = None, png: str | Path | None = None) -> Report:
+        """Inline a matplotlib figure or a PNG file, with alt text (default: the caption) and a caption.
+
+        Args:
+            png: also write the figure as a PNG file there (atomically), e.g. beside the report.
+        """
         if isinstance(source, str | Path):
-            png = Path(source).read_bytes()
+            data = Path(source).read_bytes()
         else:
             buffer = io.BytesIO()
             source.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-            png = buffer.getvalue()
-        data = base64.b64encode(png).decode("ascii")
+            data = buffer.getvalue()
+        if png is not None:
+            write_bytes_atomic(png, data)
+        encoded = base64.b64encode(data).decode("ascii")
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">{cap}'
-                          "</figure>")
+        self.parts.append(f'<figure><img alt="{html.escape(alt if alt is not None else caption)}" '
+                          f'src="data:image/png;base64,{encoded}">{cap}</figure>')
         return self
 
     def render(self) -> str:

@@ -19,10 +19,18 @@ def pyplot():
     return plt
 
 
+def new_figure(figsize: tuple[float, float]):
+    """A ``matplotlib.figure.Figure`` outside pyplot's global state (nothing to close, safe in threads)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG atomically and close it."""
+    """Write ``fig`` as PNG atomically; a pyplot figure is closed (one from :func:`new_figure` needs no closing)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    pyplot().close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:
+        pyplot().close(fig)
     write_bytes_atomic(path, buffer.getvalue())
     return Path(path)

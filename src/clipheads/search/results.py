@@ -73,7 +73,35 @@ class SearchResult:
         if self.gates is not None:
             out["gates"] = self.gates.detach().cpu().tolist()
         out.update(self.extra)
+        if self.mask.n_ablated == 0:
+            out["nothing_ablated"] = self.why_nothing_ablated()
         return out
+
+    def why_nothing_ablated(self) -> str | None:
+        """One line on why the search ended with no head ablated, and what to try; ``None`` when heads are ablated.
+
+        AAT-BP: the lowest learned gate against the threshold (e.g. ``lowest gate 0.55 (L1.H1) > threshold 0.5``);
+        the other strategies: no head set beat the unablated model on the search split."""
+        if self.mask.n_ablated:
+            return None
+        split = self.search_split or "the search split"
+        if self.gates is not None:
+            gates = self.gates.detach().float().cpu()
+            config = self.extra.get("config", {})
+            threshold = config.get("threshold", 0.5)
+            lowest = int(gates.argmin())
+            head = f"L{lowest // gates.shape[1]}.H{lowest % gates.shape[1]}"
+            settings = ", ".join(f"--{key.replace('_', '-')} {config[key]:g}" for key in ("init_logit", "lr", "epochs")
+                                 if key in config)
+            epochs = len(self.history)
+            return (f"nothing ablated: lowest gate {float(gates.min()):.2f} ({head}) >= threshold {threshold:g} after "
+                    f"{epochs} epoch{'' if epochs == 1 else 's'} on {split} ({settings}); try a lower --init-logit, "
+                    "a higher --lr or more --epochs")
+        what = {"ga": "no mask of the population", "greedy": "no single head added to the mask"}.get(
+            self.strategy, "no top-k set of the heads ranked most harmful")
+        return (f"nothing ablated: {what} beat the unablated model on {split} ({self.metric} "
+                f"{self.search_baseline:.4f}, beta {self.beta:g}); try a smaller --beta, another --op, or a larger "
+                "search split (a scan's head_effects.png shows whether any head helps alone)")
 
 
 def report_heldout(result: SearchResult, report: MaskEvaluator | None) -> SearchResult:
@@ -101,6 +129,8 @@ def write_result(result: SearchResult, folder: RunFolder | None) -> None:
                            title=f"{result.strategy} (beta={result.beta:g})")
     if result.gates is not None:
         plots.plot_head_effects(result.gates.detach().cpu(), folder.file("gates.png"), title="AAT-BP learned gates",
-                                label="gate (1 keep, 0 ablate)", gates=True)
+                                label="gate (1 keep, 0 ablate)", gates=True, marked=mask.ablated)
     log.info("%s: %d heads ablated, %s %.4f -> %.4f on %s", result.strategy, mask.n_ablated, result.metric,
              result.search_baseline, result.search_metric, result.search_split or "the search split")
+    if mask.n_ablated == 0:
+        log.warning("%s: %s", result.strategy, result.why_nothing_ablated())

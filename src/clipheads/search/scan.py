@@ -122,9 +122,12 @@ def scan_heads(evaluator: MaskEvaluator, out: RunFolder | None = None, checkpoin
     evaluate_top_k(result, evaluator, max_top_k)
     if out is not None and out.distributed.is_main:
         out.write_json("scan.json", {**result.to_dict(), "wall_seconds": time.perf_counter() - started})
+        best = result.best_top_k()
+        chosen = best["heads"] if best is not None and best["metric"] > result.baseline else []
         plots.plot_head_effects(result.delta, out.file("head_effects.png"),
                                 title=f"Single-head ablation ({result.operator}) on {result.split or 'search split'}",
-                                label=f"change of {result.metric} when ablated")
+                                label=f"change of {result.metric} when ablated",
+                                marked={f"best top-{len(chosen)}": chosen} if chosen else None)
     return result
 
 
