@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName, Precision
+from clipheads.cli.options import Device, ModelName, Precision, Threads
 from clipheads.errors import ClipHeadsError, DataError
+from clipheads.runtime import run_meta
 
 console = Console()
 
@@ -104,11 +105,13 @@ def describe(
     device: Device = "cpu",
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
+    threads: Threads = None,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
     backend = _load(model, device, precision)
     result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
     _print_descriptions(result)
+    result.meta["run"] = run_meta()
     path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
 
@@ -156,6 +159,7 @@ def ccs(
     device: Device = "cpu",
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
+    threads: Threads = None,
 ) -> None:
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
@@ -170,6 +174,7 @@ def ccs(
         result = TextSpanResult.load(descriptions)
     elif data is not None:
         result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed)
+        result.meta["run"] = run_meta()
         result.save(out / "descriptions.json")
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
@@ -178,6 +183,7 @@ def ccs(
         scored = score_heads(result, judges, (backend.n_layers, backend.n_heads), checkpoint=out / "ccs_progress.json",
                              progress=lambda done, total: bar.update(done - bar.n))
     _print_ccs(scored)
+    scored.meta["run"] = run_meta()
     path = scored.save(out / "ccs.json")
     plot_ccs_heatmap(scored.scores(), out / "ccs_heatmap.png", scored.k, title=f"CCS of {backend.name}")
     for name, calibration in scored.meta.get("calibration", {}).items():
@@ -269,6 +275,7 @@ def prune(
     batch_size: ImageBatch = 32,
     device: Device = "cpu",
     precision: Precision = "fp32",
+    threads: Threads = None,
 ) -> None:
     """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
     import clipheads
@@ -314,6 +321,7 @@ def prune(
             table.add_row(attribute, f"{row['before']:.3f}", f"{row['after']:.3f}",
                           f"{row['random_after_mean']:.3f} +- {row['random_after_std']:.3f}")
         console.print(table)
+    report.meta["run"] = run_meta()
     write_json_atomic(out / "prune.json", report.to_dict())
     plot_metric_changes(report.changes(), out / "prune.png", list(report.baseline), title=f"Soft pruning: {name}")
     console.print(f"-> {out / 'prune.json'}, {out / 'prune.png'}")

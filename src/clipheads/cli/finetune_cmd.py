@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad
+from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad, Threads
 
 console = Console()
 
@@ -66,6 +66,7 @@ def finetune_command(
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     skip_bad: SkipBad = False,
+    threads: Threads = None,
 ) -> None:
     """Fine-tune the image encoder (LoRA, IA3 or full) on a split's image-text pairs with the CLIP contrastive loss
     (text tower frozen), as a baseline for AAT: mean-R on --val-split after every epoch, on --report-split at the end.
@@ -78,6 +79,7 @@ def finetune_command(
     from clipheads.cli.eval_cmd import package_versions
     from clipheads.errors import ClipHeadsError
     from clipheads.files import write_json_atomic
+    from clipheads.runtime import run_meta
     from clipheads.search import BPConfig, GAConfig, load_search_data
 
     if method not in ("lora", "ia3", "full"):
@@ -104,7 +106,7 @@ def finetune_command(
                                checkpoint_dir=out / "checkpoints" if compare else out,
                                allow_same_split=allow_same_split)
     about = {"command": "finetune --compare" if compare else "finetune", "model": model, "data": str(data),
-             "wall_time_s": time.perf_counter() - started, "versions": package_versions()}
+             "wall_time_s": time.perf_counter() - started, "versions": package_versions(), "run": run_meta()}
     if compare:
         write_json_atomic(out / "comparison.json", {**about, **result.to_dict()})
         (out / "comparison.md").write_text(result.markdown())

@@ -127,7 +127,8 @@ def ga_search(evaluator: MaskEvaluator, config: GAConfig, out: RunFolder | None 
     population = [tuple(g) for g in state["population"]]
     best = state["best"]
     for generation in range(state["generation"], config.generations):
-        metrics = evaluator.evaluate_many([genome_mask(g, shape) for g in population])
+        metrics = evaluator.evaluate_many([genome_mask(g, shape) for g in population],
+                                          desc=f"AAT-GA generation {generation + 1}/{config.generations}")
         scores = [fitness(m, len(g), n_genes, config.beta) for g, m in zip(population, metrics, strict=True)]
         evaluated.update(zip(population, metrics, strict=True))
         top = max(range(len(population)), key=lambda i: (scores[i], -i))
