@@ -114,17 +114,19 @@ def caption_selection(backend, data: SelectionSet, mask=None, op: str = "identit
 
 
 def stage_plan(config: DemoConfig) -> dict[str, float]:
-    """The demo's stages in order -> expected relative cost, for the estimate of the time left.
+    """The demo's stages in order -> expected seconds, for the estimate of the time left (only ratios matter).
 
-    Seconds per unit of work measured on the quick demo (bundled model, 1 thread, 2026-11-29), times each stage's
-    amount of work in ``config`` (images, masks, generations, epochs).
+    Seconds per unit of work measured on one quick demo (bundled model, 1 thread, 2 shared cores, 2026-11-29; the
+    search stages about 0.015 s per mask and image), times each stage's amount of work in ``config``: images, masks
+    (the scan: 2 splits x 64 masks, greedy: 6 steps x 12 candidates), GA population x generations, BP epochs.
     """
-    n = config.n_eval
-    return {"world and data": 0.0 * 4 * n, "vanilla evaluation": 0.0 * 4 * n, "single-head scan": 0.0 * 2 * n,
-            "greedy": 0.0 * n, "AAT-GA": 0.0 * config.ga.population * config.ga.generations * n,
-            "AAT-BP": 0.0 * config.bp.epochs * n, "held-out evaluation": 0.0 * 4 * n,
-            "cue analysis": 0.0 * config.n_counterfactual, "layer scan": 0.0 * config.n_selection,
-            "describe (TextSpan)": 0.0 * config.n_describe, "CCS": 0.0, "report": 0.0}
+    n, per_mask_image = config.n_eval, 0.015
+    return {"world and data": 0.077 * 4 * n, "vanilla evaluation": 0.067 * 4 * n,
+            "single-head scan": per_mask_image * 2 * 64 * n, "greedy": per_mask_image * 6 * 12 * n,
+            "AAT-GA": per_mask_image * config.ga.population * config.ga.generations * n,
+            "AAT-BP": 0.10 * config.bp.epochs * n, "held-out evaluation": 0.20 * n,
+            "cue analysis": 0.38 * config.n_counterfactual, "layer scan": 0.43 * config.n_selection,
+            "describe (TextSpan)": 0.10 * config.n_describe, "CCS": 11.0, "report": 12.0}
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bool = True,
