@@ -16,7 +16,10 @@ def test_quick_demo_writes_report_and_summary(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     # one line per finished stage with its time, and an estimate of the rest until the last one
-    stages = re.findall(r"^\[(\d+)/(\d+)\] (.+) done in (\d+\.\d) s(; about .+ left)?$", result.output, re.M)
+    # (progress bars share the captured output: a line may start with a bar's leftovers)
+    found = [re.search(r"\[(\d+)/(\d+)\] (.+?) done in (\d+\.\d) s(; about .+ left)?$", line)
+             for line in result.output.splitlines()]
+    stages = [m.groups(default="") for m in found if m]
     assert [name for *_, name, _, _ in stages] == list(stage_plan(DemoConfig.quick()))
     assert [int(i) for i, *_ in stages] == list(range(1, 13)) and {total for _, total, *_ in stages} == {"12"}
     assert all(left for *_, left in stages[:-1]) and not stages[-1][-1]
