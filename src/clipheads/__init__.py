@@ -21,9 +21,11 @@ from clipheads.interventions import (
     remove,
 )
 from clipheads.models import Architecture, CLIPBackend, as_backend, load, save
+from clipheads.runtime import set_threads
 
 __version__ = "0.1.0"
 
 __all__ = ["OPERATORS", "Architecture", "CLIPBackend", "ClipHeadsError", "DataError", "HeadMask", "MaskError",
            "ModelLoadError", "Operator", "OperatorError", "ablate", "apply", "as_backend", "bake",
-           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "remove", "save"]
+           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "remove", "save",
+           "set_threads"]

@@ -72,3 +72,13 @@ def test_corrupt_local_folder_fails_clearly(tmp_path):
 def test_bad_dtype_is_refused():
     with pytest.raises(clipheads.ModelLoadError, match="unknown dtype"):
         clipheads.load("bundled", dtype="fp8")
+
+
+def test_bundled_load_prints_no_transformers_progress_bar(capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    clipheads.load("bundled")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting is restored

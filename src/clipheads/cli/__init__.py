@@ -25,6 +25,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from clipheads import __version__
+
+        typer.echo(f"clipheads {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Options of ``clipheads`` itself (before the command)."""
+
+
 def _register_all() -> None:
     from clipheads.cli import captions_cmd, demo_cmd, eval_cmd, explain_cmd, models_cmd, search_cmd, world_cmd  # noqa: I001,E501
     from clipheads.cli import bake_cmd, finetune_cmd

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import MODELS, Device, ModelName, finite
+from clipheads.cli.options import MODELS, Device, ModelName, Threads, finite
 from clipheads.errors import DataError
 
 console = Console()
@@ -103,12 +103,14 @@ def train(
     layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
     seed: int = typer.Option(0, min=0),
     device: Device = "cpu",
+    threads: Threads = None,
 ) -> None:
     """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings."""
     import clipheads
     from clipheads.captions import CaptionTrainConfig, build_captioner, encode_images, train_captioner
     from clipheads.captions.prefix import CONFIG_FILE, DECODER_DIR
     from clipheads.files import check_output_dir, write_json_atomic
+    from clipheads.runtime import run_meta
 
     check_output_dir(out, {CONFIG_FILE: "json", "train.json": "json", DECODER_DIR: "dir"}, marker=CONFIG_FILE)
     files, captions, index = read_karpathy_pairs(data, split, images_root)
@@ -121,7 +123,7 @@ def train(
     result = train_captioner(captioner, features, captions, image_index=index, config=config)
     captioner.save(out)
     write_json_atomic(out / "train.json", {"data": str(data), "split": split, "model": backend.name,
-                                           **result.to_dict()})
+                                           **result.to_dict(), "run": run_meta()})
     table = Table(title=f"captioner on {len(files)} images, {len(captions)} captions ({result.seconds:.0f} s)")
     table.add_column("epoch", justify="right")
     table.add_column("loss", justify="right")
@@ -146,11 +148,13 @@ def generate(
     batch_size: int = typer.Option(32, min=1),
     out: Path = typer.Option(None, "--out", "-o", help="Write the captions to this JSON file."),
     device: Device = "cpu",
+    threads: Threads = None,
 ) -> None:
     """Caption images (greedy or beam search), optionally continuing a text prefix."""
     import clipheads
     from clipheads.captions import PrefixCaptioner, generate_captions, load_captioner
     from clipheads.files import check_output_file, write_json_atomic
+    from clipheads.runtime import run_meta
 
     if out is not None:
         check_output_file(out, "json")
@@ -174,7 +178,7 @@ def generate(
     console.print(table)
     if out is not None:
         write_json_atomic(out, {"captioner": str(captioner_dir), "model": backend.name, "prefix": prefix,
-                                "num_beams": beams, "max_new_tokens": max_new_tokens,
+                                "num_beams": beams, "max_new_tokens": max_new_tokens, "run": run_meta(),
                                 "captions": [{"image": str(p), "caption": c} for p, c in zip(files, captions,
                                                                                             strict=True)]})
 

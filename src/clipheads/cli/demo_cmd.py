@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from clipheads.cli.options import Threads
+
 console = Console()
 
 
@@ -18,18 +20,22 @@ def demo(
     model: str = typer.Option("bundled", "--model", "-m", help="The CLIP to analyse (default: the bundled one, "
                                                                  "trained on the same world)."),
     seed: int = typer.Option(0, min=0, help="World and search seed."),
+    threads: Threads = None,
 ) -> None:
     """Run everything on the bundled model: evaluation, head scan, AAT-GA/BP, cue analysis, layer scan, CCS.
 
     Writes one self-contained HTML report (open it in a browser) and JSON results.
     """
     import torch
+    from tqdm.auto import tqdm
 
     from clipheads.demo import DemoConfig, run_demo
 
     torch.manual_seed(seed)
     config = DemoConfig.quick(model=model, seed=seed) if quick else DemoConfig(model=model, seed=seed)
-    summary = run_demo(out, config)
+    n = torch.get_num_threads()
+    console.print(f"clipheads demo{' --quick' if quick else ''}: {n} torch thread{'s' * (n != 1)} (--threads)")
+    summary = run_demo(out, config, on_stage=lambda event: tqdm.write(str(event)))
     table = Table(title="held-out mean-R (masks searched on val_ood)")
     splits = ("val_ood", "test_ood", "test_iid", "test_anti")
     for col in ("mask", *splits, "ablated heads"):

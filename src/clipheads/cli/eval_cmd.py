@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Alpha, Device, ModelName, NumWorkers
+from clipheads.cli.options import Alpha, Device, ModelName, NumWorkers, Threads
 
 console = Console()
 
@@ -66,11 +66,13 @@ def eval_command(
                                                             "stopping."),
     cache_dir: Path = typer.Option(None, help="Keep features on disk here (safetensors + JSON), keyed by content."),
     out: Path = typer.Option(None, "--out", "-o", help="Result JSON (default: eval-<task>.json)."),
+    threads: Threads = None,
 ) -> None:
     """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON."""
     import clipheads
     from clipheads.eval import EVALUATORS, EncodeOptions, FeatureCache
     from clipheads.files import check_output_dir, check_output_file, write_json_atomic
+    from clipheads.runtime import run_meta
 
     if task not in EVALUATORS:
         raise clipheads.ClipHeadsError(f"unknown --task {task!r}; choose one of {', '.join(EVALUATORS)}")
@@ -98,7 +100,7 @@ def eval_command(
         "details": {k: v for k, v in result.to_dict().items() if k not in ("metrics", "skipped_images")},
         "skipped_images": result.skipped_images, "n_skipped": len(result.skipped_images),
         "options": {"batch_size": batch_size, "num_workers": num_workers, "device": device, "precision": precision},
-        "wall_time_s": wall, "versions": package_versions(),
+        "wall_time_s": wall, "versions": package_versions(), "run": run_meta(),
     }
     write_json_atomic(out, report)
     _print(report)

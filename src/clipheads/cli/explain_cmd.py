@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, MeansKind, ModelName, Precision, SkipBad, finite
+from clipheads.cli.options import Device, MeansKind, ModelName, Precision, SkipBad, Threads, finite
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.files import check_output_dir
+from clipheads.runtime import run_meta
 
 console = Console()
 
@@ -130,6 +131,7 @@ def describe(
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
     skip_bad: SkipBad = False,
+    threads: Threads = None,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
     check_output_dir(out, {"descriptions.json": "json"})
@@ -140,6 +142,7 @@ def describe(
     result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
                              convention, skip_bad)
     _print_descriptions(result)
+    result.meta["run"] = run_meta()
     path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
 
@@ -193,6 +196,7 @@ def ccs(
     precision: Precision = "fp32",
     seed: SubsetSeed = 0,
     skip_bad: SkipBad = False,
+    threads: Threads = None,
 ) -> None:
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
     from tqdm import tqdm
@@ -213,6 +217,7 @@ def ccs(
     elif data is not None:
         result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
                                            convention, skip_bad)
+        result.meta["run"] = run_meta()
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
     judges = _judges(judge, backend, pool, features, llm_base_url, llm_model, llm_timeout, threshold)
@@ -228,6 +233,7 @@ def ccs(
         for closing in judges:  # the LLM judges' connections
             getattr(closing, "close", lambda: None)()
     _print_ccs(scored)
+    scored.meta["run"] = run_meta()
     path = scored.save(out / "ccs.json")
     plot_ccs_heatmap(scored.scores(), out / "ccs_heatmap.png", scored.k, title=f"CCS of {backend.name}")
     for name, calibration in scored.meta.get("calibration", {}).items():
@@ -323,6 +329,7 @@ def prune(
     device: Device = "cpu",
     precision: Precision = "fp32",
     skip_bad: SkipBad = False,
+    threads: Threads = None,
 ) -> None:
     """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
     import clipheads
@@ -372,6 +379,7 @@ def prune(
             table.add_row(attribute, f"{row['before']:.3f}", f"{row['after']:.3f}",
                           f"{row['random_after_mean']:.3f} +- {row['random_after_std']:.3f}")
         console.print(table)
+    report.meta["run"] = run_meta()
     write_json_atomic(out / "prune.json", report.to_dict())
     plot_metric_changes(report.changes(), out / "prune.png", list(report.baseline), title=f"Soft pruning: {name}")
     console.print(f"-> {out / 'prune.json'}, {out / 'prune.png'}")

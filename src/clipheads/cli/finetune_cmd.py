@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad, finite
+from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad, Threads, finite
 
 console = Console()
 
@@ -68,6 +68,7 @@ def finetune_command(
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     skip_bad: SkipBad = False,
+    threads: Threads = None,
 ) -> None:
     """Fine-tune the image encoder (LoRA, IA3 or full) on a split's image-text pairs with the CLIP contrastive loss
     (text tower frozen), as a baseline for AAT: mean-R on --val-split after every epoch, on --report-split at the end.
@@ -81,6 +82,7 @@ def finetune_command(
     from clipheads.cli.eval_cmd import package_versions
     from clipheads.errors import ClipHeadsError
     from clipheads.files import check_output_dir, write_bytes_atomic, write_json_atomic
+    from clipheads.runtime import run_meta
     from clipheads.search import BPConfig, GAConfig, load_search_data
 
     if method not in ("lora", "ia3", "full"):
@@ -110,7 +112,7 @@ def finetune_command(
                                checkpoint_dir=out / "checkpoints" if compare else out,
                                allow_same_split=allow_same_split)
     about = {"command": "finetune --compare" if compare else "finetune", "model": model, "data": str(data),
-             "wall_time_s": time.perf_counter() - started, "versions": package_versions()}
+             "wall_time_s": time.perf_counter() - started, "versions": package_versions(), "run": run_meta()}
     if compare:
         write_json_atomic(out / "comparison.json", {**about, **result.to_dict()})
         write_bytes_atomic(out / "comparison.md", result.markdown().encode())

@@ -73,3 +73,18 @@ SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corru
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
               "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")
 MeansKind = Annotated[str, typer.Option("--means", help=MEANS_HELP)]
+
+
+def _apply_threads(threads: int | None) -> int | None:
+    """Option callback: click runs it while parsing (also when --threads is not given), before the command."""
+    from clipheads.runtime import set_threads
+
+    set_threads(threads)
+    return threads
+
+
+THREADS_HELP = ("torch CPU threads (default 1, or $CLIPHEADS_THREADS / $OMP_NUM_THREADS when set; 0 = every core "
+                "this process may use). More threads than free cores cost CPU time on a shared machine: see README.")
+# Applied by its callback while the command line is parsed: a command only declares ``threads: Threads = None``.
+Threads = Annotated[int | None, typer.Option("--threads", min=0, callback=_apply_threads, show_default=False,
+                                             help=THREADS_HELP)]

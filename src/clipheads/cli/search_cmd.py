@@ -30,6 +30,7 @@ from clipheads.cli.options import (
     SkipBad,
     TaskName,
     Templates,
+    Threads,
     finite,
 )
 
@@ -220,6 +221,7 @@ def scan_command(
     probes: int = typer.Option(None, min=1, help="attribution, order 2: random probe pairs for the curvature term, two "
                                                  "backward passes each (default: 1 from 512 images, up to 4 for "
                                                  "fewer; more = less noise)."),
+    threads: Threads = None,
 ) -> None:
     """Ablate every head alone: per-head change of the metric (heat map), and the top-k most harmful heads."""
     from clipheads.errors import ClipHeadsError
@@ -373,6 +375,7 @@ def layers_command(
     generate_limit: int = typer.Option(None, min=1, help="With --generate: caption only the first N images "
                                                          "(default: all)."),
     examples: int = typer.Option(2, min=0, help="With --generate: images whose captions are printed."),
+    threads: Threads = None,
 ) -> None:
     """Cancel every head of each layer (or layer range): the metric per group; for caption selection also the
     selected caption and every candidate's logits (layers.json). With --generate, also a generated caption per group
@@ -521,6 +524,7 @@ def search_command(
     device: Device = "cpu",
     precision: Precision = "fp32",
     skip_bad: SkipBad = False,
+    threads: Threads = None,
 ) -> None:
     """Search a head mask (AAT-GA, AAT-BP or greedy) on one split and report it on a held-out split."""
     from clipheads.errors import ClipHeadsError

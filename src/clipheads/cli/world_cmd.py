@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, finite
+from clipheads.cli.options import Device, Threads, finite
 
 console = Console()
 
@@ -35,6 +35,7 @@ def make(
                                                  "(training correlation), test_anti (marker never matches)."),
     n_pairs: int = typer.Option(200, min=0, help="Image pairs with swapped colour bindings (compositional task)."),
     n_groups: int = typer.Option(100, min=0, help="Counterfactual groups per attribute (marker colour; first colour)."),
+    threads: Threads = None,
 ) -> None:
     """Render a world and write it in the standard formats (retrieval JSON, ImageFolder, caption selection,
     compositional pairs, counterfactual groups)."""
@@ -78,6 +79,7 @@ def train(
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on GPUs; slower on some CPUs)."),
     device: Device = "cpu",
     eval_images: int = typer.Option(1000, min=1, help="Images per held-out split for the model card's metrics."),
+    threads: Threads = None,
 ) -> None:
     """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
     (data, config, seed, time, held-out metrics, the command to reproduce) and checksums."""

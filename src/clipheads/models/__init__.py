@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,7 +65,8 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
         if not (path / "config.json").exists():
             raise ModelLoadError(f"the bundled model is missing from {path}; reinstall clipheads or run "
                                  "`clipheads world train` to rebuild it")
-        backend = load_hf(str(path), device=device, dtype=dtype)
+        with _no_transformers_progress_bar():  # a 6 MB local model: a "Loading weights" bar is only noise
+            backend = load_hf(str(path), device=device, dtype=dtype)
         backend.name = BUNDLED
         return backend
     if name.startswith(OPEN_CLIP_PREFIX):
@@ -71,6 +74,20 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
     if (Path(name) / OPEN_CLIP_CONFIG).is_file() and not (Path(name) / "config.json").is_file():
         return load_open_clip(f"{OPEN_CLIP_PREFIX}local-dir:{name}", device=device, dtype=dtype)  # clipheads.save
     return load_hf(name, device=device, dtype=dtype)
+
+
+@contextmanager
+def _no_transformers_progress_bar() -> Iterator[None]:
+    """Hide transformers' tqdm bars while inside; the previous setting is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def as_backend(model: nn.Module | CLIPBackend, name: str | None = None) -> CLIPBackend:

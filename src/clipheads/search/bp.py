@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from clipheads.errors import require
 from clipheads.heads import parse_head
@@ -147,7 +148,9 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
         log.info("AAT-BP: resuming at epoch %d", start_epoch)
 
     with frozen_parameters(backend.model):
-        for epoch in range(start_epoch, config.epochs):
+        epochs = tqdm(range(start_epoch, config.epochs), desc="AAT-BP epoch", unit="epoch", initial=start_epoch,
+                      total=config.epochs, disable=not (evaluator.progress and distributed.is_main), leave=False)
+        for epoch in epochs:
             losses, contrastive = [], []
             for images, captions in _epoch_batches(captions_of, config.batch_size, config.seed, epoch):
                 gates = torch.sigmoid(logits)
@@ -166,7 +169,7 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
                 contrastive.append(task.item())
             gates = torch.sigmoid(logits.detach())
             mask = threshold_mask(gates, config.threshold, backend)
-            metric = evaluator.evaluate(mask)
+            metric = evaluator.evaluate(mask, desc=f"AAT-BP epoch {epoch + 1}/{config.epochs}")
             history.append({"epoch": epoch, "loss": sum(losses) / len(losses),
                             "contrastive": sum(contrastive) / len(contrastive), "mean_gate": float(gates.mean()),
                             "n_ablated": mask.n_ablated, "metric": metric})

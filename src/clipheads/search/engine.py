@@ -148,11 +148,14 @@ class MaskEvaluator:
         return len(self._memo)
 
     # -------------------------------------------------------------- evaluation
-    def evaluate(self, mask: HeadMask) -> float:
-        return self.evaluate_many([mask])[0]
+    def evaluate(self, mask: HeadMask, desc: str = "masks") -> float:
+        return self.evaluate_many([mask], desc=desc)[0]
 
-    def evaluate_many(self, masks: Sequence[HeadMask]) -> list[float]:
-        """Scores of ``masks``, in order. New masks are batched, sharded over ranks and memoised."""
+    def evaluate_many(self, masks: Sequence[HeadMask], desc: str = "masks") -> list[float]:
+        """Scores of ``masks``, in order. New masks are batched, sharded over ranks and memoised.
+
+        ``desc`` names the progress bar (the stage: ``"AAT-GA generation 3/12"``), shown with ``progress=True``.
+        """
         pending: dict[bytes, HeadMask] = {}
         for mask in masks:
             mask.check(self.backend)
@@ -163,7 +166,7 @@ class MaskEvaluator:
             groups = self._groups(list(pending.items()))
             mine = self.distributed.shard(list(enumerate(groups)))
             local: dict[bytes, float] = {}
-            bar = tqdm(mine, desc="masks", unit="group", disable=not (self.progress and self.distributed.is_main),
+            bar = tqdm(mine, desc=desc, unit="group", disable=not (self.progress and self.distributed.is_main),
                        leave=False)
             for _, group in bar:
                 for (key, _), features in zip(group, self._features([m for _, m in group]), strict=True):

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 from typing_extensions import TypedDict
 
 from clipheads.errors import require
@@ -148,8 +149,12 @@ def ga_search(evaluator: MaskEvaluator, config: GAConfig, out: RunFolder | None 
     evaluated = {tuple(g): s for g, s in state["evaluated"]}
     population = [tuple(g) for g in state["population"]]
     best = state["best"]
-    for generation in range(state["generation"], config.generations):
-        metrics = evaluator.evaluate_many([genome_mask(g, shape) for g in population])
+    generations = tqdm(range(state["generation"], config.generations), desc="AAT-GA", unit="generation",
+                       initial=state["generation"], total=config.generations, leave=False,
+                       disable=not (evaluator.progress and evaluator.distributed.is_main))
+    for generation in generations:  # the bar's rate gives the time left; each generation's masks get their own bar
+        metrics = evaluator.evaluate_many([genome_mask(g, shape) for g in population],
+                                          desc=f"AAT-GA generation {generation + 1}/{config.generations}")
         scores = [fitness(m, len(g), n_genes, config.beta) for g, m in zip(population, metrics, strict=True)]
         evaluated.update(zip(population, metrics, strict=True))
         top = max(range(len(population)), key=lambda i: (scores[i], -i))

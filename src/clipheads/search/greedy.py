@@ -70,7 +70,8 @@ def greedy_search(evaluator: MaskEvaluator, config: GreedyConfig, out: RunFolder
         candidates = [label for label in pool if label not in chosen]
         if not candidates:
             break
-        metrics = evaluator.evaluate_many([HeadMask.from_heads(chosen + [c], shape) for c in candidates])
+        metrics = evaluator.evaluate_many([HeadMask.from_heads(chosen + [c], shape) for c in candidates],
+                                          desc=f"greedy step {len(chosen) + 1}/{limit}")
         scores = [fitness(m, len(chosen) + 1, n_total, config.beta) for m in metrics]
         best = max(range(len(candidates)), key=lambda i: (scores[i], -i))
         if scores[best] <= state["fitness"] + config.min_gain:

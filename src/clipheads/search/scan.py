@@ -109,7 +109,8 @@ def scan_heads(evaluator: MaskEvaluator, out: RunFolder | None = None, checkpoin
         chunk = [label for label in labels[i:i + step] if label not in done]
         if not chunk:
             continue
-        done.update(zip(chunk, evaluator.evaluate_many([masks[label] for label in chunk]), strict=True))
+        chunk_scores = evaluator.evaluate_many([masks[label] for label in chunk], desc="single-head scan")
+        done.update(zip(chunk, chunk_scores, strict=True))
         if out is not None:
             out.save_state({"scores": done})
             out.write_history([{"head": label, "metric": done[label], "delta": done[label] - evaluator.baseline}
@@ -140,7 +141,7 @@ def evaluate_top_k(scan: ScanResult, evaluator: MaskEvaluator, max_top_k: int | 
     n_top = max_top_k if max_top_k is not None else min(len(scan.harmful()), 2 * evaluator.n_heads)
     top_masks = [scan.top_k_mask(k) for k in range(1, n_top + 1)]
     scan.top_k = [{"k": k, "heads": scan.ranking()[:k], "metric": metric}
-                  for k, metric in enumerate(evaluator.evaluate_many(top_masks), start=1)]
+                  for k, metric in enumerate(evaluator.evaluate_many(top_masks, desc="scan top-k"), start=1)]
     return scan.top_k
 
 
@@ -219,7 +220,7 @@ def scan_layers(evaluator: MaskEvaluator, ranges: str | Sequence[Sequence[int]] 
         groups = [parse_layers(g, evaluator.n_layers) for g in ranges]
     shape = (evaluator.n_layers, evaluator.n_heads)
     masks = [HeadMask.from_layers(group, shape) for group in groups]
-    scores = evaluator.evaluate_many(masks)
+    scores = evaluator.evaluate_many(masks, desc="layer scan")
     group_details = baseline_details = None
     if details is not None:
         group_details = [details(features) for features in evaluator.features_many(masks)]

@@ -17,6 +17,7 @@ import torch
 from clipheads.errors import ClipHeadsError
 from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.runkey import RunKey, RunKeyError, check_same_run
+from clipheads.runtime import run_meta
 from clipheads.search.distributed import SINGLE, Distributed
 
 CONFIG = "config.json"
@@ -168,7 +169,10 @@ class RunFolder:
             write_bytes_atomic(self.path / HISTORY, lines.encode())
 
     def write_json(self, name: str, data) -> None:
+        """Write a results file; a dict gets ``"run"``: versions, threads, host (:func:`clipheads.runtime.run_meta`)."""
         if self.distributed.is_main:
+            if isinstance(data, dict) and "run" not in data:
+                data = {**data, "run": run_meta()}
             write_json_atomic(self.path / name, data)
 
     def file(self, name: str) -> Path:

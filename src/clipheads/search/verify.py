@@ -86,7 +86,7 @@ def verify_attribution(evaluator: MaskEvaluator, estimated_delta: torch.Tensor, 
     harmful = ranking[:k]
     beneficial = [label for label in reversed(ranking) if label not in harmful][:k]
     heads = harmful + beneficial
-    exact = evaluator.evaluate_many([HeadMask.from_heads([label], shape) for label in heads])
+    exact = evaluator.evaluate_many([HeadMask.from_heads([label], shape) for label in heads], desc="verify")
     return Verification(heads, ["harmful"] * len(harmful) + ["beneficial"] * len(beneficial),
                         [float(estimated_delta[parse_head(label)]) for label in heads],
                         [score - evaluator.baseline for score in exact], evaluator.baseline,

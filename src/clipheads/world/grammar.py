@@ -34,6 +34,8 @@ def world_tokenizer(model_max_length: int = 32):
 
 
 def object_phrase(obj: WorldObject, size: bool = True, colour: bool = True) -> str:
+    # "a orange circle" (no size) stays ungrammatical on purpose: the bundled model's word-level tokenizer has no
+    # "an" (it would read <unk>), and it was trained on these captions; see the README ("Small things").
     words = ["a"] + ([obj.size] if size else []) + ([obj.colour] if colour else []) + [obj.shape]
     return " ".join(words)
 
