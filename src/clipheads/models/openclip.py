@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils import parametrize
 
-from clipheads.errors import ModelLoadError
+from clipheads.errors import ClipHeadsError, ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
 from clipheads.models.hf import offline_if_unreachable
 
@@ -27,17 +28,74 @@ PREFIX = "open_clip:"
 
 def _hooked_mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
                         attn_mask=None, average_attn_weights=True, is_causal=False):
-    """``nn.MultiheadAttention.forward`` for self-attention, with the per-head hook before ``out_proj``."""
-    if key is not query or value is not query or key_padding_mask is not None:
-        raise NotImplementedError("clipheads hooks support self-attention without key padding masks only")
-    x = query if self.batch_first else query.transpose(0, 1)
+    """``nn.MultiheadAttention.forward`` for self-attention, with the per-head hook before ``out_proj``.
+
+    Same arguments and masks as the module it replaces (boolean or additive ``attn_mask`` of shape ``[T, T]`` or
+    ``[B*H, T, T]``, ``key_padding_mask [B, T]``, ``is_causal``, batched or unbatched input, dropout in training);
+    it reads the weights as the module does (``in_proj_weight``, ``out_proj.weight``), so adapters that merge or
+    parametrize them (peft's LoRA) keep their effect. Attention weights are never materialised: ``need_weights=True``
+    and cross-attention are refused in one line (open_clip's blocks call it with ``need_weights=False``).
+    """
+    if key is not query or value is not query:
+        raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention supports self-attention only (query, key and "
+                             "value the same tensor)")
+    if need_weights:
+        raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention returns no attention weights; call it with "
+                             "need_weights=False (as open_clip's blocks do)")
+    unbatched = query.dim() == 2
+    x = query.unsqueeze(0) if unbatched else (query if self.batch_first else query.transpose(0, 1))
+    if unbatched and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.unsqueeze(0)
     batch, tokens, width = x.shape
+    # masks exactly as torch.nn.functional.multi_head_attention_forward reads them (bool: True = not allowed)
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=x.dtype)
+    if is_causal and attn_mask is None:
+        raise ClipHeadsError("is_causal=True needs attn_mask (the causal mask), as nn.MultiheadAttention does")
+    use_causal = is_causal and key_padding_mask is None  # torch then drops attn_mask for the is_causal hint
+    mask = None
+    if not use_causal:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=x.dtype, check_other=False)
+        if attn_mask is not None:
+            mask = attn_mask.view(batch, self.num_heads, tokens, tokens) if attn_mask.dim() == 3 else attn_mask
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(batch, 1, 1, tokens)
+            mask = padding if mask is None else mask + padding
     qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
     q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, d]
-    z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=use_causal,
+                                       dropout_p=self.dropout if self.training else 0.0)
     z = self._clipheads_hook(z.transpose(1, 2), v.transpose(1, 2))  # [B, T, H, d]
-    out = self.out_proj(z.reshape(batch, tokens, width))
+    out = F.linear(z.reshape(batch, tokens, width), self.out_proj.weight, self.out_proj.bias)
+    if unbatched:
+        return out.squeeze(0), None
     return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+# peft wrappers around nn.MultiheadAttention whose forward calls the wrapped module with the adapted weights merged
+# (lora.MultiheadAttention) or parametrized (lora.ParamWrapper, ``target_parameters``): a hook on the wrapped module
+# runs inside them and keeps the adapter's effect
+_PEFT_MHA_WRAPPERS = ("MultiheadAttention", "ParamWrapper")
+
+
+def base_attention(attn: nn.Module, where: str = "") -> nn.MultiheadAttention:
+    """The ``nn.MultiheadAttention`` of a ViT block, inside any peft LoRA wrappers (which keep their effect when the
+    hook sits on the wrapped module); any other wrapper or attention class raises :class:`ModelLoadError`."""
+    module = attn
+    while not isinstance(module, nn.MultiheadAttention):
+        base = getattr(module, "base_layer", None)
+        if not (type(module).__module__.startswith("peft.tuners.lora") and type(module).__name__ in _PEFT_MHA_WRAPPERS
+                and isinstance(base, nn.Module)):
+            kind = f"{type(module).__module__}.{type(module).__name__}"
+            raise ModelLoadError(f"{where}attention is {kind}, not nn.MultiheadAttention or peft's LoRA on it "
+                                 "(lora.MultiheadAttention, target_parameters); clipheads cannot hook it exactly")
+        module = base
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ModelLoadError(f"{where}nn.MultiheadAttention with separate key/value sizes, bias_k/bias_v or "
+                             "add_zero_attn is not supported")
+    return module
 
 
 class OpenCLIPBackend(CLIPBackend):
@@ -52,9 +110,8 @@ class OpenCLIPBackend(CLIPBackend):
         if blocks is None or not hasattr(visual, "_embeds"):
             raise ModelLoadError(f"{name}: the image tower is {type(visual).__name__}, not an open_clip "
                                  "VisionTransformer (open_clip >= 3.0); clipheads needs a ViT image tower")
-        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
-            raise ModelLoadError(f"{name}: its ViT blocks do not use nn.MultiheadAttention "
-                                 "(custom attention blocks are not supported yet)")
+        for i, block in enumerate(blocks):
+            base_attention(getattr(block, "attn", None), f"{name}: block {i}'s ")
         self._visual = visual
         self._blocks = blocks
         self._preprocess = preprocess
@@ -62,7 +119,7 @@ class OpenCLIPBackend(CLIPBackend):
 
     @property
     def architecture(self) -> Architecture:
-        attn = self._blocks[0].attn
+        attn = self.attention_module(0)
         return Architecture(len(self._blocks), attn.num_heads, attn.head_dim, attn.embed_dim,
                             name="open_clip:VisionTransformer")
 
@@ -119,8 +176,10 @@ class OpenCLIPBackend(CLIPBackend):
     def supports_layer_split(self) -> bool:
         from open_clip.transformer import ResidualAttentionBlock
 
-        return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn._qkv_same_embed_dim
-                   for b in self._blocks)
+        # adapters (peft wrappers, parametrized weights) run only inside the library's forward: no split then
+        return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                   and isinstance(b.attn, nn.MultiheadAttention) and b.attn._qkv_same_embed_dim
+                   and not _adapted(b.attn) for b in self._blocks)
 
     @property
     def readout_tokens(self) -> int | None:
@@ -147,8 +206,9 @@ class OpenCLIPBackend(CLIPBackend):
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     # ----------------------------------------------------- attention sites
-    def attention_module(self, layer: int) -> nn.Module:
-        return self._blocks[layer].attn
+    def attention_module(self, layer: int) -> nn.MultiheadAttention:
+        """Layer ``layer``'s ``nn.MultiheadAttention`` (inside peft's LoRA wrappers, if any)."""
+        return base_attention(self._blocks[layer].attn, f"{self.name}: block {layer}'s ")
 
     def _install(self, layer: int, hook: HeadHook) -> None:
         attn = self.attention_module(layer)
@@ -160,6 +220,11 @@ class OpenCLIPBackend(CLIPBackend):
         for name in ("forward", "_clipheads_hook"):
             if name in attn.__dict__:
                 delattr(attn, name)
+
+
+def _adapted(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its sub-modules has parametrized weights (an adapter applied on access)."""
+    return any(parametrize.is_parametrized(m) for m in module.modules())
 
 
 def parse_open_clip_name(name: str) -> tuple[str, str | None]:
