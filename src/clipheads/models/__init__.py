@@ -33,7 +33,7 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> CLIPBackend:
+         dtype: str | torch.dtype | None = None, *, tokenizer=None, preprocess=None) -> CLIPBackend:
     """Load a CLIP model and return its backend.
 
     Args:
@@ -43,12 +43,16 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             ``"open_clip:hf-hub:org/repo"``; or an already built library model, which is wrapped as is.
         device: where to put the model (default: where it is, CPU for new loads).
         dtype: ``torch.dtype`` or ``"fp32"``/``"fp16"``/``"bf16"``.
+        tokenizer, preprocess: for an already built model, its text tokenizer and image transform (transformers: a
+            tokenizer and an image processor; open_clip: ``open_clip.get_tokenizer(config)`` and the transform of
+            ``create_model_and_transforms``). Without them an open_clip model uses its own preprocessing config
+            and CLIP's BPE only if its text tower has CLIP's vocabulary, else refuses in one line when used.
     """
     dtype = parse_dtype(dtype)
     if isinstance(name_or_path, CLIPBackend):
         return name_or_path.to(device, dtype)
     if isinstance(name_or_path, nn.Module):
-        return as_backend(name_or_path).to(device, dtype)
+        return as_backend(name_or_path, tokenizer=tokenizer, preprocess=preprocess).to(device, dtype)
     name = str(name_or_path)
     if name == BUNDLED:
         path = bundled_model_path()
@@ -63,14 +67,18 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
     return load_hf(name, device=device, dtype=dtype)
 
 
-def as_backend(model: nn.Module | CLIPBackend, name: str | None = None) -> CLIPBackend:
-    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend."""
+def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, tokenizer=None, preprocess=None
+               ) -> CLIPBackend:
+    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend (with its
+    ``tokenizer`` and image ``preprocess``, see :func:`load`)."""
     if isinstance(model, CLIPBackend):
         return model
     if hasattr(model, "vision_model"):
-        backend: CLIPBackend = HFBackend(model, name or type(model).__name__)
+        backend: CLIPBackend = HFBackend(model, name or type(model).__name__, tokenizer=tokenizer,
+                                         image_processor=preprocess)
     elif hasattr(model, "visual"):
-        backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__)
+        backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__, preprocess=preprocess,
+                                  tokenizer=tokenizer)
     else:
         raise ModelLoadError(f"{type(model).__name__} is neither a transformers CLIP model nor an open_clip model")
     return backend

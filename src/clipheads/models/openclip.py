@@ -131,17 +131,12 @@ class OpenCLIPBackend(CLIPBackend):
     # ------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         if self._preprocess is None:
-            import open_clip
-
-            self._preprocess = open_clip.image_transform(self._visual.image_size, is_train=False)
+            self._preprocess = model_preprocess(self.model, self.name)
         return self._preprocess(image.convert("RGB"))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self._tokenizer is None:
-            import open_clip
-
-            # CLIP's BPE vocabulary ships inside open_clip
-            self._tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=self.model.context_length)
+            self._tokenizer = model_tokenizer(self.model, self.name)
         return {"text": self._tokenizer(list(texts))}
 
     # ----------------------------------------------------- library paths
@@ -220,6 +215,38 @@ class OpenCLIPBackend(CLIPBackend):
         for name in ("forward", "_clipheads_hook"):
             if name in attn.__dict__:
                 delattr(attn, name)
+
+
+CLIP_BPE_VOCAB = 49408  # open_clip's SimpleTokenizer (CLIP's BPE): every built-in text tower without an HF tokenizer
+
+
+def model_preprocess(model: nn.Module, name: str):
+    """The image transform of a built open_clip model from its own preprocessing config (``preprocess_cfg``, set by
+    ``open_clip.create_model``: size, mean/std, resize mode, interpolation), as ``create_model_and_transforms`` builds
+    it; :class:`ModelLoadError` when the model carries none (built by hand): pass ``preprocess=`` then."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    if "mean" not in cfg or "std" not in cfg:
+        raise ModelLoadError(f"{name}: the model carries no preprocessing config (mean/std); pass its transform: "
+                             "clipheads.load(model, preprocess=...) (from open_clip.create_model_and_transforms)")
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+def model_tokenizer(model: nn.Module, name: str):
+    """CLIP's BPE at the model's context length when its text tower is open_clip's own ``TextTransformer`` with CLIP's
+    49408-word vocabulary (``open_clip.get_model_tokenize_cfg``); any other text tower raises
+    :class:`ModelLoadError` asking for ``tokenizer=open_clip.get_tokenizer(<its config>)``."""
+    import open_clip
+
+    cfg = open_clip.get_model_tokenize_cfg(model)
+    text = getattr(model, "text", model)
+    if cfg.get("vocab_size") == CLIP_BPE_VOCAB and hasattr(text, "token_embedding") and "context_length" in cfg:
+        return open_clip.SimpleTokenizer(context_length=cfg["context_length"])
+    raise ModelLoadError(f"{name}: its text tower ({type(text).__name__}, vocabulary {cfg.get('vocab_size', '?')}) "
+                         "is not tokenised with CLIP's BPE; pass its tokenizer: clipheads.load(model, "
+                         "tokenizer=open_clip.get_tokenizer('<its model config>'))")
 
 
 def _adapted(module: nn.Module) -> bool:
