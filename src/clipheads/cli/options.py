@@ -26,4 +26,6 @@ Templates = Annotated[Path | None, typer.Option(help="zeroshot: prompt templates
 NumWorkers = Annotated[int, typer.Option(help="DataLoader workers reading images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")]
 Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
+Pretrained = Annotated[str | None, typer.Option(help="open_clip pretrained tag or checkpoint file for --model ARCH "
+                                                   "(as clip_benchmark's --model ViT-B-32 --pretrained TAG).")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]

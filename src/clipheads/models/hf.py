@@ -13,7 +13,6 @@ import inspect
 import os
 import socket
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -184,36 +183,74 @@ class HFBackend(CLIPBackend):
 
 
 def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
-    """Load a ``CLIPModel``/``ChineseCLIPModel`` (hub id or local folder) with its tokenizer and processor."""
+    """Load a ``CLIPModel``/``ChineseCLIPModel`` (hub id or local folder) with its tokenizer and processor.
+
+    Files come from the local folder or cache first (``local_files_only=True``), then from the Hub when it can be
+    reached; the process-wide ``huggingface_hub`` settings are never changed. Raises :class:`ModelLoadError` (one
+    line) for an unknown or vision-only model and for an image processor whose output size is not the model's."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel
 
     try:
-        with offline_if_unreachable():
-            config = AutoConfig.from_pretrained(name_or_path)
+        config = from_cache_or_hub(AutoConfig.from_pretrained, name_or_path)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
     classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel}
     model_cls = classes.get(config.model_type)
+    if config.model_type in VISION_ONLY:
+        raise ModelLoadError(f"{name_or_path}: a {config.model_type} checkpoint is an image tower alone (no text "
+                             "tower, no projection); pass the whole dual encoder instead (the CLIPModel folder or "
+                             "hub id it was taken from, e.g. openai/clip-vit-base-patch32)")
     if model_cls is None:
         raise ModelLoadError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
                              f"(supported: {', '.join(classes)}; open_clip models: prefix the name with open_clip:)")
     try:
-        with offline_if_unreachable():
-            model = model_cls.from_pretrained(name_or_path)
+        model = from_cache_or_hub(model_cls.from_pretrained, name_or_path)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
-    tokenizer = image_processor = None
-    with offline_if_unreachable():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
-            tokenizer = None
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-        except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
-            image_processor = None
+    try:
+        tokenizer = from_cache_or_hub(AutoTokenizer.from_pretrained, name_or_path)
+    except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
+        tokenizer = None
+    try:
+        image_processor = from_cache_or_hub(AutoImageProcessor.from_pretrained, name_or_path)
+    except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
+        image_processor = None
+    size = int(model.config.vision_config.image_size)
+    produced = processor_output_size(image_processor)
+    if produced is not None and produced != (size, size):
+        raise ModelLoadError(f"{name_or_path}: its image processor makes {produced[0]}x{produced[1]} images but the "
+                             f"model takes {size}x{size}; fix crop_size/size in preprocessor_config.json")
     model.eval().to(device=device, dtype=dtype)
     return HFBackend(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+
+
+VISION_ONLY = ("clip_vision_model", "chinese_clip_vision_model")
+
+
+def processor_output_size(processor) -> tuple[int, int] | None:
+    """``(height, width)`` of the images an HF image processor makes (its crop when it crops, else its fixed
+    ``size``); ``None`` when it cannot tell (no processor, or a resize by the shortest edge without a crop)."""
+    if processor is None:
+        return None
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or getattr(processor, "size", None)
+    if size is None:
+        return None
+    size = dict(size) if not isinstance(size, int) else {"height": size, "width": size}
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    return None
+
+
+def from_cache_or_hub(load, name_or_path: str, **kwargs):
+    """``load(name_or_path, local_files_only=True)`` (a local folder or the cache), then from the Hub if that
+    fails and the Hub can be reached; the cache miss is raised when it cannot (no waiting through retries)."""
+    try:
+        return load(name_or_path, local_files_only=True, **kwargs)
+    except Exception:
+        if Path(name_or_path).exists() or not _hub_reachable():
+            raise
+    return load(name_or_path, **kwargs)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -223,20 +260,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
-
-
-@contextmanager
-def offline_if_unreachable():
-    """Use only the local cache when the Hub cannot be reached, instead of waiting through the client's retries."""
-    from huggingface_hub import constants
-
-    previous = constants.HF_HUB_OFFLINE
-    if not previous and not _hub_reachable():
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def _not_found_message(name: str, exc: Exception) -> str:

@@ -9,6 +9,7 @@ the hook deletes the instance attribute, restoring the class's own forward.
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,6 @@ from torch.nn.utils import parametrize
 
 from clipheads.errors import ClipHeadsError, ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
-from clipheads.models.hf import offline_if_unreachable
 
 PREFIX = "open_clip:"
 
@@ -264,6 +264,43 @@ def parse_open_clip_name(name: str) -> tuple[str, str | None]:
     return arch, (pretrained or None)
 
 
+def _local_first(arch: str, pretrained: str | None) -> tuple[str, str | None, dict]:
+    """``(model name, pretrained, extra create_model arguments)`` that read the Hugging Face cache when it holds the
+    files (an ``hf-hub:`` repo as a ``local-dir:`` snapshot; a tag's weights as a file, with the tag's preprocessing
+    config), else the names as given, which open_clip downloads; a cache miss raises at once when the Hub cannot be
+    reached. ``huggingface_hub``'s process-wide settings are never changed."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from open_clip.pretrained import get_pretrained_cfg
+    from open_clip.transform import merge_preprocess_dict
+
+    from clipheads.models.hf import _hub_reachable
+
+    if arch.startswith("hf-hub:"):
+        try:
+            folder = Path(snapshot_download(arch[len("hf-hub:"):], local_files_only=True))
+        except Exception:
+            if not _hub_reachable():
+                raise
+        else:
+            if (folder / "open_clip_config.json").exists():
+                return f"local-dir:{folder}", pretrained, {}
+        return arch, pretrained, {}
+    cfg = get_pretrained_cfg(arch, pretrained) if pretrained and not Path(pretrained).exists() else {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # as open_clip's download_pretrained splits it
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for filename in names:
+            try:
+                path = hf_hub_download(repo, filename, local_files_only=True)
+            except Exception:  # noqa: BLE001 - not in the cache under this name
+                continue
+            return arch, path, {"force_preprocess_cfg": merge_preprocess_dict({}, cfg)}
+        if not _hub_reachable():
+            raise ModelLoadError(f"the weights of tag {pretrained!r} ({repo}) are not in the Hugging Face cache and "
+                                 "the Hub cannot be reached")
+    return arch, pretrained, {}
+
+
 def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
     import open_clip
 
@@ -281,15 +318,15 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             raise ModelLoadError(f"{name}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                                  f"{arch} (tags: {', '.join(known) or 'none'})")
     try:
-        with offline_if_unreachable():
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-            tokenizer = open_clip.get_tokenizer(arch)
+        source, checkpoint, extra = _local_first(arch, pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=checkpoint, **extra)
+        tokenizer = open_clip.get_tokenizer(source)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
         raise ModelLoadError(
             f"cannot load {name!r} ({reason}); without network access give a local checkpoint "
             f"(open_clip:{arch}/path/to/weights.pt), a local-dir: folder, or pre-download the weights into the "
-            "Hugging Face cache and set HF_HUB_OFFLINE=1") from None
+            "Hugging Face cache") from None
     model.eval().to(device=device, dtype=dtype)
     return OpenCLIPBackend(model, name if name.startswith(PREFIX) else PREFIX + name,
                            preprocess=preprocess, tokenizer=tokenizer)
