@@ -88,3 +88,24 @@ def test_vision_tower_alone_is_refused_with_what_to_pass(tmp_path):
     torch.manual_seed(0)  # the full model of the same folder family still loads
     save_hf(backend, tmp_path / "full")
     assert clipheads.load(str(tmp_path / "full")).n_layers == 2
+
+
+def test_open_clip_tag_in_the_cache_is_read_as_a_file_with_the_tags_preprocessing(monkeypatch, tmp_path):
+    import open_clip
+
+    from clipheads.models.openclip import _local_first
+
+    weights = tmp_path / "open_clip_model.safetensors"
+    weights.write_bytes(b"")
+    asked = []
+
+    def cached(repo, filename, local_files_only=False, **kwargs):
+        asked.append((repo, filename, local_files_only))
+        return str(weights)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", cached)
+    arch, pretrained, extra = _local_first("ViT-B-32", "laion2b_s34b_b79k")
+    tag = open_clip.get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")
+    assert (arch, pretrained) == ("ViT-B-32", str(weights)) and all(local for *_, local in asked)
+    assert asked[0][0] == tag["hf_hub"].rstrip("/")
+    assert extra["force_preprocess_cfg"]["mean"] == tag["mean"]
