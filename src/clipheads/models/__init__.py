@@ -9,7 +9,7 @@ from torch import nn
 
 from clipheads.errors import ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
-from clipheads.models.hf import VISION_ONLY, HFBackend, load_hf
+from clipheads.models.hf import VISION_ONLY, HFBackend, SiglipBackend, load_hf
 from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
 from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
 
@@ -100,11 +100,15 @@ def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, token
     if isinstance(model, CLIPBackend):
         return model
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    if model_type in VISION_ONLY or (hasattr(model, "vision_model") and not hasattr(model, "visual_projection")):
+    if model_type in VISION_ONLY or (model_type != "siglip" and hasattr(model, "vision_model")
+                                     and not hasattr(model, "visual_projection")):
         raise ModelLoadError(f"{type(model).__name__} is an image tower alone (no text tower, no projection); pass "
                              "the whole dual encoder (e.g. CLIPModel.from_pretrained(...)) it was taken from")
-    if hasattr(model, "vision_model"):
-        backend: CLIPBackend = HFBackend(model, name or type(model).__name__, tokenizer=tokenizer,
+    if model_type == "siglip":
+        backend: CLIPBackend = SiglipBackend(model, name or type(model).__name__, tokenizer=tokenizer,
+                                             image_processor=preprocess)
+    elif hasattr(model, "vision_model"):
+        backend = HFBackend(model, name or type(model).__name__, tokenizer=tokenizer,
                                          image_processor=preprocess)
     elif hasattr(model, "visual"):
         backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__, preprocess=preprocess,
@@ -114,5 +118,5 @@ def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, token
     return backend
 
 
-__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "as_backend",
-           "bundled_model_path", "load", "parse_dtype"]
+__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "SiglipBackend",
+           "as_backend", "bundled_model_path", "load", "parse_dtype"]

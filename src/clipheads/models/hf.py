@@ -53,7 +53,7 @@ class HFBackend(CLIPBackend):
 
     def __init__(self, model: nn.Module, name: str, tokenizer=None, image_processor=None) -> None:
         super().__init__(model, name)
-        if not hasattr(model, "vision_model") or not hasattr(model, "visual_projection"):
+        if not hasattr(model, "vision_model") or not self._has_readout(model):
             raise ModelLoadError(f"{name}: {type(model).__name__} is not a CLIP model with a vision tower")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -61,6 +61,10 @@ class HFBackend(CLIPBackend):
         self._layers = self._vision.encoder.layers
         params = inspect.signature(self._layers[0].forward).parameters
         self._layer_extra_args = (None,) if "causal_attention_mask" in params else ()  # transformers 4.x
+
+    @staticmethod
+    def _has_readout(model: nn.Module) -> bool:
+        return hasattr(model, "visual_projection")
 
     @property
     def architecture(self) -> Architecture:
@@ -188,13 +192,13 @@ def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
     Files come from the local folder or cache first (``local_files_only=True``), then from the Hub when it can be
     reached; the process-wide ``huggingface_hub`` settings are never changed. Raises :class:`ModelLoadError` (one
     line) for an unknown or vision-only model and for an image processor whose output size is not the model's."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel, SiglipModel
 
     try:
         config = from_cache_or_hub(AutoConfig.from_pretrained, name_or_path)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
-    classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel}
+    classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel, "siglip": SiglipModel}
     model_cls = classes.get(config.model_type)
     if config.model_type in VISION_ONLY:
         raise ModelLoadError(f"{name_or_path}: a {config.model_type} checkpoint is an image tower alone (no text "
@@ -221,10 +225,11 @@ def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
         raise ModelLoadError(f"{name_or_path}: its image processor makes {produced[0]}x{produced[1]} images but the "
                              f"model takes {size}x{size}; fix crop_size/size in preprocessor_config.json")
     model.eval().to(device=device, dtype=dtype)
-    return HFBackend(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+    backend_cls = SiglipBackend if config.model_type == "siglip" else HFBackend
+    return backend_cls(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
 
 
-VISION_ONLY = ("clip_vision_model", "chinese_clip_vision_model")
+VISION_ONLY = ("clip_vision_model", "chinese_clip_vision_model", "siglip_vision_model")
 
 
 def processor_output_size(processor) -> tuple[int, int] | None:
@@ -251,6 +256,49 @@ def from_cache_or_hub(load, name_or_path: str, **kwargs):
         if Path(name_or_path).exists() or not _hub_reachable():
             raise
     return load(name_or_path, **kwargs)
+
+
+class SiglipBackend(HFBackend):
+    """``transformers`` ``SiglipModel``: no class token; the image embedding is the vision tower's attention-pooling
+    head (a learned probe attending over every token, ``vision_model.head``) after ``post_layernorm``.
+
+    The encoder layers are hooked through the same attention interface as CLIP; the pooling head's own
+    ``nn.MultiheadAttention`` is not a head of the encoder and is never hooked. ``readout_tokens`` is ``None`` (the
+    head reads every token), so the search's read-out shortcut is off. Text is padded to the full length
+    (``padding="max_length"``), as SigLIP was trained. ``logit_scale`` is ``exp(logit_scale)``; SigLIP's
+    ``logit_bias`` is not part of it.
+    """
+
+    @staticmethod
+    def _has_readout(model: nn.Module) -> bool:
+        return bool(getattr(model.vision_model, "use_head", False))
+
+    def _processor(self):
+        if self.image_processor is None:
+            from transformers import SiglipImageProcessor
+
+            size = self.image_size
+            self.image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+        return self.image_processor
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"{self.name}: no tokenizer was found with this model; load it from a folder "
+                                 "that has tokenizer files or pass tokenizer= to clipheads.load")
+        max_len = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"]}
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._vision.embeddings(pixels)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self._vision.head(self._vision.post_layernorm(x))
+
+    @property
+    def readout_tokens(self) -> int | None:
+        return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
