@@ -116,7 +116,7 @@ def prepare_model(backend: CLIPBackend, config: FinetuneConfig) -> tuple[nn.Modu
         tower = model.vision_model if backend.kind == "hf" else model.visual
         for p in tower.parameters():
             p.requires_grad_(True)
-        if backend.kind == "hf":
+        if hasattr(model, "visual_projection"):  # SigLIP has none: its attention-pooling head is in the tower
             model.visual_projection.weight.requires_grad_(True)
         trained = model
     else:

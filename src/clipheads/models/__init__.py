@@ -39,7 +39,7 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
 
     Args:
         name_or_path: ``"bundled"`` (default, the model shipped with clipheads); a Hugging Face hub id or local
-            folder (``CLIPModel``/``ChineseCLIPModel``); ``"open_clip:ARCH"`` (random init),
+            folder (``CLIPModel``/``ChineseCLIPModel``/``SiglipModel``); ``"open_clip:ARCH"`` (random init),
             ``"open_clip:ARCH/TAG"`` (pretrained tag), ``"open_clip:ARCH/path/to/ckpt.pt"``,
             ``"open_clip:hf-hub:org/repo"``, also spelled ``"hf-hub:org/repo"`` and ``"open-clip:org/repo"``
             (ViT-Prisma); a bare open_clip architecture (``"ViT-B-32"``, clip_benchmark's ``--model``); or an already

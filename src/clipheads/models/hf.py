@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` backend: ``CLIPModel`` and ``ChineseCLIPModel``.
+"""Hugging Face ``transformers`` backends: ``CLIPModel``, ``ChineseCLIPModel`` and ``SiglipModel``.
 
 Head hooks use the official extension point of ``transformers``: an attention function registered with
 ``AttentionInterface`` under the name ``"clipheads"``. While at least one layer is hooked, the vision tower's

@@ -4,7 +4,9 @@ open_clip's blocks call ``nn.MultiheadAttention``, which hides per-head outputs 
 a fused kernel in one call. A hooked layer therefore gets its own attention forward for that block, bound to the
 instance (same weights, same ``scaled_dot_product_attention`` kernel) so that the hook can replace the outputs of
 the ablated heads before ``out_proj``. Layers without a hook keep the library's module untouched, and removing
-the hook deletes the instance attribute, restoring the class's own forward.
+the hook deletes the instance attribute, restoring the class's own forward. With peft's LoRA on the attention
+(``lora.MultiheadAttention`` or ``target_parameters``), the hook goes on the wrapped ``nn.MultiheadAttention``, so it
+runs inside peft's forward with the adapted weights.
 """
 
 from __future__ import annotations
