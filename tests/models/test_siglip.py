@@ -67,3 +67,21 @@ def test_decomposition_is_refused_in_one_line(siglip, pixels):
     with pytest.raises(ClipHeadsError, match="attention-pooling head") as info:
         decompose(siglip, pixels)
     assert "\n" not in str(info.value)
+
+
+def test_single_head_scan_equals_one_at_a_time(siglip):
+    """The search runs on SigLIP (without the read-out shortcut): each head's score is the ablated model's."""
+    from clipheads.search import MaskEvaluator, Objective, scan_heads
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(4, 3, 32, 32, generator=generator)
+    weights = torch.randn(64, generator=generator)
+    objective = Objective(lambda f: float((torch.tanh(f) * weights).sum()), "feature_sum")
+    evaluator = MaskEvaluator(siglip, pixels, objective, op="zero", batch_size=8)
+    scan = scan_heads(evaluator, max_top_k=1)
+    for layer, head in [(0, 0), (1, 3)]:
+        mask = clipheads.HeadMask.from_heads([(layer, head)], siglip)
+        with torch.no_grad(), clipheads.ablate(siglip, mask, op="zero"):
+            expected = objective(siglip.encode_image(pixels))
+        assert scan.scores[layer, head].item() == pytest.approx(expected, rel=1e-6, abs=1e-5)
+    assert siglip.hooked_layers == []
