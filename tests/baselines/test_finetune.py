@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import clipheads
 from clipheads.baselines import FinetuneConfig, finetune, prepare_model
 from clipheads.models.random_init import tiny_model as make_tiny
 
@@ -77,3 +80,64 @@ def test_ia3_trains_few_parameters():
     pixels, texts = _pairs(backend)
     _, result = finetune(backend, pixels, texts, FinetuneConfig(method="ia3", epochs=1, batch_size=4))
     assert 0 < result.trainable_params < 2000
+
+
+def _hand_merged(tuned_backend, base):
+    """``base`` with every trained LoRA update ``W + scaling * B @ A`` written into its weights by hand."""
+    merged = copy.deepcopy(base)
+    plain = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, module in tuned_backend.model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                delta = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+                target = getattr(module, "parameter_name", "weight")  # ParamWrapper: in_proj_weight of the MHA
+                getattr(plain[name], target).add_(delta)
+    return merged
+
+
+@pytest.mark.parametrize("kind", ["hf", "open_clip", "siglip"])
+def test_lora_is_what_lora_means(kind):
+    """The tuned encoder equals the base model with W + dW (by hand), whatever peft's MultiheadAttention does."""
+    backend = make_tiny(kind, seed=5)
+    base = copy.deepcopy(backend.model)
+    pixels, texts = _pairs(backend)
+    tuned, _ = finetune(backend, pixels, texts, FinetuneConfig(method="lora", rank=2, epochs=2, batch_size=4))
+    merged = clipheads.load(_hand_merged(tuned, base))
+    with torch.inference_mode():
+        got, expected = tuned.encode_image(pixels), merged.encode_image(pixels)
+        untuned = clipheads.load(base).encode_image(pixels)
+    assert (expected - untuned).abs().max() > 1e-4  # training moved the adapters
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_lora_parameter_count_on_open_clip_matches_formula():
+    backend = make_tiny("open_clip")
+    _, n_trainable, _ = prepare_model(backend, FinetuneConfig(method="lora", rank=4))
+    width, layers = backend.architecture.width, backend.n_layers
+    assert n_trainable == layers * 4 * (width + 3 * width)  # packed in_proj [3W, W]: A r x W, B 3W x r
+
+
+@pytest.mark.parametrize("kind", ["hf", "open_clip", "siglip"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "full"])
+def test_every_trained_parameter_changes_the_output(kind, method):
+    """Each adapter tensor moves the image embedding (from a trained-like state: LoRA's B starts at zero); full
+    fine-tuning also trains the key biases, which softmax ignores (adding a constant to every score of a query)."""
+    backend = make_tiny(kind, seed=9)
+    trained, n_trainable, _ = prepare_model(backend, FinetuneConfig(method=method, rank=2))
+    pixels = torch.randn(2, 3, backend.image_size, backend.image_size)
+    params = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
+    assert sum(p.numel() for _, p in params) == n_trainable
+    with torch.no_grad():
+        for _, param in params:
+            param.add_(0.5 * torch.randn_like(param))
+        reference = backend.encode_image(pixels)
+        dead = []
+        for name, param in params:
+            saved = param.detach().clone()
+            param.add_(torch.randn_like(param))
+            if (backend.encode_image(pixels) - reference).abs().max() <= 1e-6:
+                dead.append(name)
+            param.copy_(saved)
+    if method == "full":
+        dead = [n for n in dead if not n.endswith("k_proj.bias")]
+    assert not dead, f"trained parameters that do not change the output: {dead[:3]}"

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from clipheads import HeadMask
 from clipheads.cli import app
+from clipheads.errors import ModelLoadError
 from clipheads.models.random_init import random_hf_clip, save_hf
 
 
@@ -53,3 +54,11 @@ def test_mask_refuses_a_head_that_does_not_exist(model_dir, tmp_path):
     result = CliRunner().invoke(app, ["mask", "--model", model_dir, "--heads", "L9.H0", "-o", str(tmp_path / "m")])
     assert result.exit_code != 0
     assert "does not exist" in str(result.exception)
+
+
+def test_info_takes_clip_benchmark_spelling():
+    result = CliRunner().invoke(app, ["info", "--model", "ClipHeads-Tiny-ViT"])
+    assert result.exit_code == 0, result.output
+    assert "open_clip" in result.output and "L0.H0 .. L1.H3" in result.output
+    result = CliRunner().invoke(app, ["info", "--model", "ClipHeads-Tiny-ViT", "--pretrained", "no-such-tag"])
+    assert isinstance(result.exception, ModelLoadError) and "no-such-tag" in str(result.exception)

@@ -99,3 +99,21 @@ def test_naive_reference_with_all_ones_is_the_library(tiny_backend, pixels):
     with torch.no_grad():
         expected = naive_encode(tiny_backend, pixels, gates, "identity")
         assert (tiny_backend.encode_image(pixels) - expected).abs().max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip():
+    from clipheads.models.random_init import tiny_model
+
+    return tiny_model("siglip")
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_siglip_operator_matches_naive_reference(tiny_siglip, pixels, op, soft):
+    """SigLIP (attention-pooling head, no class token): the same reference through its own embed/pool."""
+    test_operator_matches_naive_reference(tiny_siglip, pixels, op, soft)
+
+
+def test_siglip_naive_reference_with_all_ones_is_the_library(tiny_siglip, pixels):
+    test_naive_reference_with_all_ones_is_the_library(tiny_siglip, pixels)

@@ -87,22 +87,39 @@ def require_peft(methods) -> None:
                              f"({type(exc).__name__}); install it: pip install peft") from None
 
 
-def _peft_targets(backend: CLIPBackend, method: str) -> tuple[str, str | None]:
-    """Regexes for peft's ``target_modules`` (and IA3's ``feedforward_modules``) restricted to the image tower."""
+def _peft_config(backend: CLIPBackend, config: FinetuneConfig):
+    """peft's config for ``lora``/``ia3`` on the image tower, targeting only weights that change the output.
+
+    transformers: LoRA on ``q_proj``/``k_proj``/``v_proj``/``out_proj``; IA3 on the same plus ``mlp.fc2``.
+    open_clip (``nn.MultiheadAttention``): LoRA on the packed q/k/v weight ``in_proj_weight`` through peft's
+    ``target_parameters`` (the weight is parametrized as ``W + scaling * B @ A`` while the module runs, exactly LoRA).
+    Not its ``out_proj``: the module never calls ``out_proj.forward`` (a LoRA there would not run), and peft's
+    ``nn.MultiheadAttention`` support (0.21.2) applies an out_proj update twice (``W + 2 dW``). IA3: the MLP's
+    ``c_proj`` input only (IA3 on ``attn.out_proj`` would never run, and q/k/v are one packed parameter).
+    """
+    from peft import IA3Config, LoraConfig
+
     if backend.kind == "hf":
         attn = r".*vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
         mlp = r".*vision_model\.encoder\.layers\.\d+\.mlp\.fc2"
-    else:  # open_clip: peft wraps nn.MultiheadAttention (packed in_proj) as a whole for LoRA
-        attn = r"visual\.transformer\.resblocks\.\d+\.attn" if method == "lora" else \
-            r"visual\.transformer\.resblocks\.\d+\.attn\.out_proj"
-        mlp = r"visual\.transformer\.resblocks\.\d+\.mlp\.c_proj"
-    if method == "ia3":
-        return f"({attn}|{mlp})", mlp
-    return attn, None
+        if config.method == "lora":
+            return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=attn, lora_dropout=0.0)
+        return IA3Config(target_modules=f"({attn}|{mlp})", feedforward_modules=mlp)
+    if config.method == "lora":
+        if "target_parameters" not in LoraConfig.__dataclass_fields__:
+            raise ClipHeadsError("LoRA on an open_clip image tower needs peft >= 0.17 (LoraConfig.target_parameters); "
+                                 "pip install -U peft")
+        names = [f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(backend.n_layers)]
+        return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=[], target_parameters=names,
+                          lora_dropout=0.0)
+    mlp = r"visual\.transformer\.resblocks\.\d+\.mlp\.c_proj"
+    return IA3Config(target_modules=mlp, feedforward_modules=mlp)
 
 
 def prepare_model(backend: CLIPBackend, config: FinetuneConfig) -> tuple[nn.Module, int, int]:
-    """Return the model to train (a peft model for lora/ia3), its number of trainable and of total parameters."""
+    """Return the model to train (a peft model for lora/ia3), its number of trainable and of total parameters.
+
+    Only parameters that change the image embedding are trained and counted (see :func:`_peft_config`)."""
     if config.method not in METHODS:
         raise ClipHeadsError(f"unknown fine-tuning method {config.method!r}; choose one of {', '.join(METHODS)}")
     model = backend.model
@@ -112,20 +129,14 @@ def prepare_model(backend: CLIPBackend, config: FinetuneConfig) -> tuple[nn.Modu
         tower = model.vision_model if backend.kind == "hf" else model.visual
         for p in tower.parameters():
             p.requires_grad_(True)
-        if backend.kind == "hf":
+        if hasattr(model, "visual_projection"):  # SigLIP has none: its attention-pooling head is in the tower
             model.visual_projection.weight.requires_grad_(True)
         trained = model
     else:
         require_peft([config.method])
-        from peft import IA3Config, LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets, feedforward = _peft_targets(backend, config.method)
-        if config.method == "lora":
-            peft_config = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=targets,
-                                     lora_dropout=0.0)
-        else:
-            peft_config = IA3Config(target_modules=targets, feedforward_modules=feedforward)
-        trained = get_peft_model(model, peft_config)
+        trained = get_peft_model(model, _peft_config(backend, config))
     n_trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in trained.parameters())
     return trained, n_trainable, n_total

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, MeansKind, ModelName, SkipBad, finite
+from clipheads.cli.options import Device, MeansKind, ModelName, Pretrained, SkipBad, finite
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -17,11 +17,11 @@ console = Console()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def info(model: ModelName = "bundled", device: Device = "cpu") -> None:
+def info(model: ModelName = "bundled", device: Device = "cpu", pretrained: Pretrained = None) -> None:
     """Show a model's image-encoder attention: layers, heads per layer, head dim, image size."""
     import clipheads
 
-    backend = clipheads.load(model, device=device)
+    backend = clipheads.load(model, device=device, pretrained=pretrained)
     a = backend.architecture
     table = Table(title=backend.name, show_header=False)
     rows = {"backend": backend.kind, "class": type(backend.model).__name__, "layers": a.n_layers,

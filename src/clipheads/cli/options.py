@@ -69,6 +69,8 @@ NumWorkers = Annotated[int, typer.Option(min=0, help="DataLoader workers reading
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ... (checked before anything is loaded).",
                                      callback=check_device_option)]
 Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
+Pretrained = Annotated[str | None, typer.Option(help="open_clip pretrained tag or checkpoint file for --model ARCH "
+                                                   "(as clip_benchmark's --model ViT-B-32 --pretrained TAG).")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
               "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")

@@ -90,6 +90,9 @@ class Decomposition:
 def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
     """The final layer norm and the image projection (``[width, D]`` matrix, optional bias) of the class token."""
     model = backend.model
+    if hasattr(model, "vision_model") and not hasattr(model, "visual_projection"):
+        raise ClipHeadsError(f"{backend.name}: the image tower pools with an attention-pooling head (SigLIP), not a "
+                             "class token; the head decomposition supports class-token pooling only (for now)")
     if hasattr(model, "vision_model"):  # transformers: post_layernorm(x[:, 0]) -> visual_projection
         projection = model.visual_projection
         return model.vision_model.post_layernorm, projection.weight.T, projection.bias

@@ -12,7 +12,7 @@ from torch import nn
 from clipheads.errors import ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
 from clipheads.models.device import check_device
-from clipheads.models.hf import HFBackend, load_hf
+from clipheads.models.hf import VISION_ONLY, HFBackend, SiglipBackend, load_hf
 from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
 from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
 from clipheads.models.saving import OPEN_CLIP_CONFIG, save
@@ -37,17 +37,25 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> CLIPBackend:
+         dtype: str | torch.dtype | None = None, *, pretrained: str | None = None, tokenizer=None,
+         preprocess=None) -> CLIPBackend:
     """Load a CLIP model and return its backend.
 
     Args:
         name_or_path: ``"bundled"`` (default, the model shipped with clipheads); a Hugging Face hub id or local
-            folder (``CLIPModel``/``ChineseCLIPModel``; a folder written by :func:`clipheads.save`, either backend);
-            ``"open_clip:ARCH"`` (random init),
+            folder (``CLIPModel``/``ChineseCLIPModel``/``SiglipModel``; a folder written by :func:`clipheads.save`,
+            either backend); ``"open_clip:ARCH"`` (random init),
             ``"open_clip:ARCH/TAG"`` (pretrained tag), ``"open_clip:ARCH/path/to/ckpt.pt"``,
-            ``"open_clip:hf-hub:org/repo"``; or an already built library model, which is wrapped as is.
+            ``"open_clip:hf-hub:org/repo"``, also spelled ``"hf-hub:org/repo"`` and ``"open-clip:org/repo"``
+            (ViT-Prisma); a bare open_clip architecture (``"ViT-B-32"``, clip_benchmark's ``--model``); or an already
+            built library model, which is wrapped as is.
         device: where to put the model (default: where it is, CPU for new loads).
         dtype: ``torch.dtype`` or ``"fp32"``/``"fp16"``/``"bf16"``.
+        pretrained: an open_clip pretrained tag or checkpoint file (clip_benchmark's ``--pretrained``).
+        tokenizer, preprocess: for an already built model, its text tokenizer and image transform (transformers: a
+            tokenizer and an image processor; open_clip: ``open_clip.get_tokenizer(config)`` and the transform of
+            ``create_model_and_transforms``). Without them an open_clip model uses its own preprocessing config
+            and CLIP's BPE only if its text tower has CLIP's vocabulary, else refuses in one line when used.
 
     Raises:
         DeviceError: ``device`` is not a torch device or this machine does not have it (checked before loading).
@@ -58,7 +66,7 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
     if isinstance(name_or_path, CLIPBackend):
         return name_or_path.to(device, dtype)
     if isinstance(name_or_path, nn.Module):
-        return as_backend(name_or_path).to(device, dtype)
+        return as_backend(name_or_path, tokenizer=tokenizer, preprocess=preprocess).to(device, dtype)
     name = str(name_or_path)
     if name == BUNDLED:
         path = bundled_model_path()
@@ -69,8 +77,12 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             backend = load_hf(str(path), device=device, dtype=dtype)
         backend.name = BUNDLED
         return backend
+    name = open_clip_name(name, pretrained)
     if name.startswith(OPEN_CLIP_PREFIX):
-        return load_open_clip(name, device=device, dtype=dtype)
+        return load_open_clip(name, device=device, dtype=dtype, pretrained=pretrained)
+    if pretrained:
+        raise ModelLoadError(f"pretrained={pretrained!r} is for open_clip models, but {name!r} is not one "
+                             "(spell it open_clip:ARCH)")
     if (Path(name) / OPEN_CLIP_CONFIG).is_file() and not (Path(name) / "config.json").is_file():
         return load_open_clip(f"{OPEN_CLIP_PREFIX}local-dir:{name}", device=device, dtype=dtype)  # clipheads.save
     return load_hf(name, device=device, dtype=dtype)
@@ -90,18 +102,48 @@ def _no_transformers_progress_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def as_backend(model: nn.Module | CLIPBackend, name: str | None = None) -> CLIPBackend:
-    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend."""
+def open_clip_name(name: str, pretrained: str | None = None) -> str:
+    """The ``open_clip:`` spelling of the names users copy: ``hf-hub:org/repo`` (open_clip) and ``open-clip:org/repo``
+    (ViT-Prisma) -> ``open_clip:hf-hub:org/repo``; a bare open_clip architecture that is no local folder (``ViT-B-32``,
+    as clip_benchmark's ``--model``) -> ``open_clip:ViT-B-32``. Other names are returned unchanged."""
+    if name.startswith("hf-hub:"):
+        return OPEN_CLIP_PREFIX + name
+    if name.startswith("open-clip:"):
+        return OPEN_CLIP_PREFIX + "hf-hub:" + name[len("open-clip:"):]
+    if name.startswith(OPEN_CLIP_PREFIX) or "/" in name or Path(name).exists():
+        return name
+    import open_clip
+
+    from clipheads.models.random_init import register_open_clip_configs
+
+    register_open_clip_configs()
+    return OPEN_CLIP_PREFIX + name if name in open_clip.list_models() else name
+
+
+def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, tokenizer=None, preprocess=None
+               ) -> CLIPBackend:
+    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend (with its
+    ``tokenizer`` and image ``preprocess``, see :func:`load`)."""
     if isinstance(model, CLIPBackend):
         return model
-    if hasattr(model, "vision_model"):
-        backend: CLIPBackend = HFBackend(model, name or type(model).__name__)
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if model_type in VISION_ONLY or (model_type != "siglip" and hasattr(model, "vision_model")
+                                     and not hasattr(model, "visual_projection")):
+        raise ModelLoadError(f"{type(model).__name__} is an image tower alone (no text tower, no projection); pass "
+                             "the whole dual encoder (e.g. CLIPModel.from_pretrained(...)) it was taken from")
+    if model_type == "siglip":
+        backend: CLIPBackend = SiglipBackend(model, name or type(model).__name__, tokenizer=tokenizer,
+                                             image_processor=preprocess)
+    elif hasattr(model, "vision_model"):
+        backend = HFBackend(model, name or type(model).__name__, tokenizer=tokenizer,
+                                         image_processor=preprocess)
     elif hasattr(model, "visual"):
-        backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__)
+        backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__, preprocess=preprocess,
+                                  tokenizer=tokenizer)
     else:
         raise ModelLoadError(f"{type(model).__name__} is neither a transformers CLIP model nor an open_clip model")
     return backend
 
 
-__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "as_backend",
-           "bundled_model_path", "check_device", "load", "parse_dtype", "save"]
+__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "SiglipBackend",
+           "as_backend", "bundled_model_path", "check_device", "load", "parse_dtype", "save"]

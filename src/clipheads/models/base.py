@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clipheads.errors import ClipHeadsError
 
@@ -264,8 +265,17 @@ class CLIPBackend(ABC):
         """The library's attention module of ``layer`` (holds the ``out_proj`` of that layer)."""
 
     def out_proj(self, layer: int) -> nn.Linear:
-        """The output projection of ``layer``: ``weight`` is ``[width, n_heads * head_dim]``, head-major."""
-        return self.attention_module(layer).out_proj
+        """The output projection of ``layer``: ``weight`` is ``[width, n_heads * head_dim]``, head-major.
+
+        Raises :class:`ClipHeadsError` when it carries an adapter (a peft layer or parametrized weights): its
+        ``weight`` is then not what the model computes with (merge the adapter first, e.g. peft's
+        ``merge_and_unload()``)."""
+        proj = self.attention_module(layer).out_proj
+        if not isinstance(proj, nn.Linear) or parametrize.is_parametrized(proj):
+            raise ClipHeadsError(f"{self.name}: layer {layer}'s out_proj carries an adapter ({type(proj).__name__}), "
+                                 "so its weight is not what the model computes with; merge the adapter into the "
+                                 "weights first (peft: model.merge_and_unload())")
+        return proj
 
     def set_head_hook(self, layer: int, hook: HeadHook | None) -> None:
         """Install (or with ``None`` remove) the per-head hook of ``layer``."""

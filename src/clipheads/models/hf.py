@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` backend: ``CLIPModel`` and ``ChineseCLIPModel``.
+"""Hugging Face ``transformers`` backends: ``CLIPModel``, ``ChineseCLIPModel`` and ``SiglipModel``.
 
 Head hooks use the official extension point of ``transformers``: an attention function registered with
 ``AttentionInterface`` under the name ``"clipheads"``. While at least one layer is hooked, the vision tower's
@@ -13,7 +13,6 @@ import inspect
 import os
 import socket
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -54,7 +53,7 @@ class HFBackend(CLIPBackend):
 
     def __init__(self, model: nn.Module, name: str, tokenizer=None, image_processor=None) -> None:
         super().__init__(model, name)
-        if not hasattr(model, "vision_model") or not hasattr(model, "visual_projection"):
+        if not hasattr(model, "vision_model") or not self._has_readout(model):
             raise ModelLoadError(f"{name}: {type(model).__name__} is not a CLIP model with a vision tower")
         remember_inputs(model, tokenizer=tokenizer, image_processor=image_processor)
         self.tokenizer = recall_input(model, "tokenizer")
@@ -63,6 +62,10 @@ class HFBackend(CLIPBackend):
         self._layers = self._vision.encoder.layers
         params = inspect.signature(self._layers[0].forward).parameters
         self._layer_extra_args = (None,) if "causal_attention_mask" in params else ()  # transformers 4.x
+
+    @staticmethod
+    def _has_readout(model: nn.Module) -> bool:
+        return hasattr(model, "visual_projection")
 
     @property
     def architecture(self) -> Architecture:
@@ -186,39 +189,123 @@ class HFBackend(CLIPBackend):
 
 
 def load_hf(name_or_path: str, device=None, dtype=None) -> HFBackend:
-    """Load a ``CLIPModel``/``ChineseCLIPModel`` (hub id or local folder) with its tokenizer and processor."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel
+    """Load a ``CLIPModel``/``ChineseCLIPModel`` (hub id or local folder) with its tokenizer and processor.
+
+    Files come from the local folder or cache first (``local_files_only=True``), then from the Hub when it can be
+    reached; the process-wide ``huggingface_hub`` settings are never changed. Raises :class:`ModelLoadError` (one
+    line) for an unknown or vision-only model and for an image processor whose output size is not the model's."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, ChineseCLIPModel, CLIPModel, SiglipModel
 
     try:
-        with offline_if_unreachable():
-            config = AutoConfig.from_pretrained(name_or_path)
+        config = from_cache_or_hub(AutoConfig.from_pretrained, name_or_path)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
-    classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel}
+    classes = {"clip": CLIPModel, "chinese_clip": ChineseCLIPModel, "siglip": SiglipModel}
     model_cls = classes.get(config.model_type)
+    if config.model_type in VISION_ONLY:
+        raise ModelLoadError(f"{name_or_path}: a {config.model_type} checkpoint is an image tower alone (no text "
+                             "tower, no projection); pass the whole dual encoder instead (the CLIPModel folder or "
+                             "hub id it was taken from, e.g. openai/clip-vit-base-patch32)")
     if model_cls is None:
         raise ModelLoadError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
                              f"(supported: {', '.join(classes)}; open_clip models: prefix the name with open_clip:)")
     try:
-        with offline_if_unreachable():
-            model = model_cls.from_pretrained(name_or_path)
+        model = from_cache_or_hub(model_cls.from_pretrained, name_or_path)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(_not_found_message(name_or_path, exc)) from None
     tokenizer = image_processor = None
-    with offline_if_unreachable():
-        try:
-            # a folder without tokenizer files (e.g. a bare save_pretrained) gets an empty 2-token tokenizer from
-            # transformers 5 that maps every word to <unk>: better none, and a clear error if text is encoded
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path) if _may_have_tokenizer(name_or_path) else None
-        except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
-            tokenizer = None
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-        except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
-            image_processor = None
+    try:
+        # a folder without tokenizer files (e.g. a bare save_pretrained) gets an empty 2-token tokenizer from
+        # transformers 5 that maps every word to <unk>: better none, and a clear error if text is encoded
+        if _may_have_tokenizer(name_or_path):
+            tokenizer = from_cache_or_hub(AutoTokenizer.from_pretrained, name_or_path)
+    except Exception:  # noqa: BLE001 - a model without tokenizer can still encode images
+        tokenizer = None
+    try:
+        image_processor = from_cache_or_hub(AutoImageProcessor.from_pretrained, name_or_path)
+    except Exception:  # noqa: BLE001 - fall back to CLIP's standard preprocessing at the model's size
+        image_processor = None
     _own_storage(model)
+    size = int(model.config.vision_config.image_size)
+    produced = processor_output_size(image_processor)
+    if produced is not None and produced != (size, size):
+        raise ModelLoadError(f"{name_or_path}: its image processor makes {produced[0]}x{produced[1]} images but the "
+                             f"model takes {size}x{size}; fix crop_size/size in preprocessor_config.json")
     model.eval().to(device=device, dtype=dtype)
-    return HFBackend(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+    backend_cls = SiglipBackend if config.model_type == "siglip" else HFBackend
+    return backend_cls(model, name_or_path, tokenizer=tokenizer, image_processor=image_processor)
+
+
+VISION_ONLY = ("clip_vision_model", "chinese_clip_vision_model", "siglip_vision_model")
+
+
+def processor_output_size(processor) -> tuple[int, int] | None:
+    """``(height, width)`` of the images an HF image processor makes (its crop when it crops, else its fixed
+    ``size``); ``None`` when it cannot tell (no processor, or a resize by the shortest edge without a crop)."""
+    if processor is None:
+        return None
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = crop or getattr(processor, "size", None)
+    if size is None:
+        return None
+    size = dict(size) if not isinstance(size, int) else {"height": size, "width": size}
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    return None
+
+
+def from_cache_or_hub(load, name_or_path: str, **kwargs):
+    """``load(name_or_path, local_files_only=True)`` (a local folder or the cache), then from the Hub if that
+    fails and the Hub can be reached; the cache miss is raised when it cannot (no waiting through retries)."""
+    try:
+        return load(name_or_path, local_files_only=True, **kwargs)
+    except Exception:
+        if Path(name_or_path).exists() or not _hub_reachable():
+            raise
+    return load(name_or_path, **kwargs)
+
+
+class SiglipBackend(HFBackend):
+    """``transformers`` ``SiglipModel``: no class token; the image embedding is the vision tower's attention-pooling
+    head (a learned probe attending over every token, ``vision_model.head``) after ``post_layernorm``.
+
+    The encoder layers are hooked through the same attention interface as CLIP; the pooling head's own
+    ``nn.MultiheadAttention`` is not a head of the encoder and is never hooked. ``readout_tokens`` is ``None`` (the
+    head reads every token), so the search's read-out shortcut is off. Text is padded to the full length
+    (``padding="max_length"``), as SigLIP was trained. ``logit_scale`` is ``exp(logit_scale)``; SigLIP's
+    ``logit_bias`` is not part of it.
+    """
+
+    @staticmethod
+    def _has_readout(model: nn.Module) -> bool:
+        return bool(getattr(model.vision_model, "use_head", False))
+
+    def _processor(self):
+        if self.image_processor is None:
+            from transformers import SiglipImageProcessor
+
+            size = self.image_size
+            self.image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+        return self.image_processor
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"{self.name}: no tokenizer was found with this model; load it from a folder "
+                                 "that has tokenizer files or pass tokenizer= to clipheads.load")
+        max_len = self.model.config.text_config.max_position_embeddings
+        tokens = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"]}
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._vision.embeddings(pixels)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self._vision.head(self._vision.post_layernorm(x))
+
+    @property
+    def readout_tokens(self) -> int | None:
+        return None
 
 
 def _own_storage(model: nn.Module) -> None:
@@ -250,20 +337,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
-
-
-@contextmanager
-def offline_if_unreachable():
-    """Use only the local cache when the Hub cannot be reached, instead of waiting through the client's retries."""
-    from huggingface_hub import constants
-
-    previous = constants.HF_HUB_OFFLINE
-    if not previous and not _hub_reachable():
-        constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = previous
 
 
 def _not_found_message(name: str, exc: Exception) -> str:

@@ -4,11 +4,14 @@ open_clip's blocks call ``nn.MultiheadAttention``, which hides per-head outputs 
 a fused kernel in one call. A hooked layer therefore gets its own attention forward for that block, bound to the
 instance (same weights, same ``scaled_dot_product_attention`` kernel) so that the hook can replace the outputs of
 the ablated heads before ``out_proj``. Layers without a hook keep the library's module untouched, and removing
-the hook deletes the instance attribute, restoring the class's own forward.
+the hook deletes the instance attribute, restoring the class's own forward. With peft's LoRA on the attention
+(``lora.MultiheadAttention`` or ``target_parameters``), the hook goes on the wrapped ``nn.MultiheadAttention``, so it
+runs inside peft's forward with the adapted weights.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,27 +20,84 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.nn.utils import parametrize
 
-from clipheads.errors import ModelLoadError
+from clipheads.errors import ClipHeadsError, ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
-from clipheads.models.hf import offline_if_unreachable
 
 PREFIX = "open_clip:"
 
 
 def _hooked_mha_forward(self: nn.MultiheadAttention, query, key, value, key_padding_mask=None, need_weights=True,
                         attn_mask=None, average_attn_weights=True, is_causal=False):
-    """``nn.MultiheadAttention.forward`` for self-attention, with the per-head hook before ``out_proj``."""
-    if key is not query or value is not query or key_padding_mask is not None:
-        raise NotImplementedError("clipheads hooks support self-attention without key padding masks only")
-    x = query if self.batch_first else query.transpose(0, 1)
+    """``nn.MultiheadAttention.forward`` for self-attention, with the per-head hook before ``out_proj``.
+
+    Same arguments and masks as the module it replaces (boolean or additive ``attn_mask`` of shape ``[T, T]`` or
+    ``[B*H, T, T]``, ``key_padding_mask [B, T]``, ``is_causal``, batched or unbatched input, dropout in training);
+    it reads the weights as the module does (``in_proj_weight``, ``out_proj.weight``), so adapters that merge or
+    parametrize them (peft's LoRA) keep their effect. Attention weights are never materialised: ``need_weights=True``
+    and cross-attention are refused in one line (open_clip's blocks call it with ``need_weights=False``).
+    """
+    if key is not query or value is not query:
+        raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention supports self-attention only (query, key and "
+                             "value the same tensor)")
+    if need_weights:
+        raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention returns no attention weights; call it with "
+                             "need_weights=False (as open_clip's blocks do)")
+    unbatched = query.dim() == 2
+    x = query.unsqueeze(0) if unbatched else (query if self.batch_first else query.transpose(0, 1))
+    if unbatched and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.unsqueeze(0)
     batch, tokens, width = x.shape
+    # masks exactly as torch.nn.functional.multi_head_attention_forward reads them (bool: True = not allowed)
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=x.dtype)
+    if is_causal and attn_mask is None:
+        raise ClipHeadsError("is_causal=True needs attn_mask (the causal mask), as nn.MultiheadAttention does")
+    use_causal = is_causal and key_padding_mask is None  # torch then drops attn_mask for the is_causal hint
+    mask = None
+    if not use_causal:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=x.dtype, check_other=False)
+        if attn_mask is not None:
+            mask = attn_mask.view(batch, self.num_heads, tokens, tokens) if attn_mask.dim() == 3 else attn_mask
+        if key_padding_mask is not None:
+            padding = key_padding_mask.view(batch, 1, 1, tokens)
+            mask = padding if mask is None else mask + padding
     qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
     q, k, v = qkv.view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, d]
-    z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=use_causal,
+                                       dropout_p=self.dropout if self.training else 0.0)
     z = self._clipheads_hook(z.transpose(1, 2), v.transpose(1, 2))  # [B, T, H, d]
-    out = self.out_proj(z.reshape(batch, tokens, width))
+    out = F.linear(z.reshape(batch, tokens, width), self.out_proj.weight, self.out_proj.bias)
+    if unbatched:
+        return out.squeeze(0), None
     return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+# peft wrappers around nn.MultiheadAttention whose forward calls the wrapped module with the adapted weights merged
+# (lora.MultiheadAttention) or parametrized (lora.ParamWrapper, ``target_parameters``): a hook on the wrapped module
+# runs inside them and keeps the adapter's effect
+_PEFT_MHA_WRAPPERS = ("MultiheadAttention", "ParamWrapper")
+
+
+def base_attention(attn: nn.Module, where: str = "") -> nn.MultiheadAttention:
+    """The ``nn.MultiheadAttention`` of a ViT block, inside any peft LoRA wrappers (which keep their effect when the
+    hook sits on the wrapped module); any other wrapper or attention class raises :class:`ModelLoadError`."""
+    module = attn
+    while not isinstance(module, nn.MultiheadAttention):
+        base = getattr(module, "base_layer", None)
+        if not (type(module).__module__.startswith("peft.tuners.lora") and type(module).__name__ in _PEFT_MHA_WRAPPERS
+                and isinstance(base, nn.Module)):
+            kind = f"{type(module).__module__}.{type(module).__name__}"
+            raise ModelLoadError(f"{where}attention is {kind}, not nn.MultiheadAttention or peft's LoRA on it "
+                                 "(lora.MultiheadAttention, target_parameters); clipheads cannot hook it exactly")
+        module = base
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ModelLoadError(f"{where}nn.MultiheadAttention with separate key/value sizes, bias_k/bias_v or "
+                             "add_zero_attn is not supported")
+    return module
 
 
 class OpenCLIPBackend(CLIPBackend):
@@ -53,9 +113,8 @@ class OpenCLIPBackend(CLIPBackend):
         if blocks is None or not hasattr(visual, "_embeds"):
             raise ModelLoadError(f"{name}: the image tower is {type(visual).__name__}, not an open_clip "
                                  "VisionTransformer (open_clip >= 3.0); clipheads needs a ViT image tower")
-        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
-            raise ModelLoadError(f"{name}: its ViT blocks do not use nn.MultiheadAttention "
-                                 "(custom attention blocks are not supported yet)")
+        for i, block in enumerate(blocks):
+            base_attention(getattr(block, "attn", None), f"{name}: block {i}'s ")
         self._visual = visual
         self._blocks = blocks
         remember_inputs(model, preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
@@ -69,7 +128,7 @@ class OpenCLIPBackend(CLIPBackend):
 
     @property
     def architecture(self) -> Architecture:
-        attn = self._blocks[0].attn
+        attn = self.attention_module(0)
         return Architecture(len(self._blocks), attn.num_heads, attn.head_dim, attn.embed_dim,
                             name="open_clip:VisionTransformer")
 
@@ -81,17 +140,12 @@ class OpenCLIPBackend(CLIPBackend):
     # ------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         if self._preprocess is None:
-            import open_clip
-
-            self._preprocess = open_clip.image_transform(self._visual.image_size, is_train=False)
+            self._preprocess = model_preprocess(self.model, self.name)
         return self._preprocess(image.convert("RGB"))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if self._tokenizer is None:
-            import open_clip
-
-            # CLIP's BPE vocabulary ships inside open_clip
-            self._tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=self.model.context_length)
+            self._tokenizer = model_tokenizer(self.model, self.name)
         return {"text": self._tokenizer(list(texts))}
 
     # ----------------------------------------------------- library paths
@@ -126,8 +180,10 @@ class OpenCLIPBackend(CLIPBackend):
     def supports_layer_split(self) -> bool:
         from open_clip.transformer import ResidualAttentionBlock
 
-        return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv") and b.attn._qkv_same_embed_dim
-                   for b in self._blocks)
+        # adapters (peft wrappers, parametrized weights) run only inside the library's forward: no split then
+        return all(type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
+                   and isinstance(b.attn, nn.MultiheadAttention) and b.attn._qkv_same_embed_dim
+                   and not _adapted(b.attn) for b in self._blocks)
 
     @property
     def readout_tokens(self) -> int | None:
@@ -154,8 +210,9 @@ class OpenCLIPBackend(CLIPBackend):
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     # ----------------------------------------------------- attention sites
-    def attention_module(self, layer: int) -> nn.Module:
-        return self._blocks[layer].attn
+    def attention_module(self, layer: int) -> nn.MultiheadAttention:
+        """Layer ``layer``'s ``nn.MultiheadAttention`` (inside peft's LoRA wrappers, if any)."""
+        return base_attention(self._blocks[layer].attn, f"{self.name}: block {layer}'s ")
 
     def _install(self, layer: int, hook: HeadHook) -> None:
         attn = self.attention_module(layer)
@@ -169,6 +226,43 @@ class OpenCLIPBackend(CLIPBackend):
                 delattr(attn, name)
 
 
+CLIP_BPE_VOCAB = 49408  # open_clip's SimpleTokenizer (CLIP's BPE): every built-in text tower without an HF tokenizer
+
+
+def model_preprocess(model: nn.Module, name: str):
+    """The image transform of a built open_clip model from its own preprocessing config (``preprocess_cfg``, set by
+    ``open_clip.create_model``: size, mean/std, resize mode, interpolation), as ``create_model_and_transforms`` builds
+    it; :class:`ModelLoadError` when the model carries none (built by hand): pass ``preprocess=`` then."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    if "mean" not in cfg or "std" not in cfg:
+        raise ModelLoadError(f"{name}: the model carries no preprocessing config (mean/std); pass its transform: "
+                             "clipheads.load(model, preprocess=...) (from open_clip.create_model_and_transforms)")
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+def model_tokenizer(model: nn.Module, name: str):
+    """CLIP's BPE at the model's context length when its text tower is open_clip's own ``TextTransformer`` with CLIP's
+    49408-word vocabulary (``open_clip.get_model_tokenize_cfg``); any other text tower raises
+    :class:`ModelLoadError` asking for ``tokenizer=open_clip.get_tokenizer(<its config>)``."""
+    import open_clip
+
+    cfg = open_clip.get_model_tokenize_cfg(model)
+    text = getattr(model, "text", model)
+    if cfg.get("vocab_size") == CLIP_BPE_VOCAB and hasattr(text, "token_embedding") and "context_length" in cfg:
+        return open_clip.SimpleTokenizer(context_length=cfg["context_length"])
+    raise ModelLoadError(f"{name}: its text tower ({type(text).__name__}, vocabulary {cfg.get('vocab_size', '?')}) "
+                         "is not tokenised with CLIP's BPE; pass its tokenizer: clipheads.load(model, "
+                         "tokenizer=open_clip.get_tokenizer('<its model config>'))")
+
+
+def _adapted(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its sub-modules has parametrized weights (an adapter applied on access)."""
+    return any(parametrize.is_parametrized(m) for m in module.modules())
+
+
 def parse_open_clip_name(name: str) -> tuple[str, str | None]:
     """``"open_clip:ViT-B-32/openai"`` -> ``("ViT-B-32", "openai")``; the part after the first ``/`` is a
     pretrained tag or a checkpoint path. ``hf-hub:`` and ``local-dir:`` names are passed through whole."""
@@ -177,6 +271,43 @@ def parse_open_clip_name(name: str) -> tuple[str, str | None]:
         return spec, None
     arch, _, pretrained = spec.partition("/")
     return arch, (pretrained or None)
+
+
+def _local_first(arch: str, pretrained: str | None) -> tuple[str, str | None, dict]:
+    """``(model name, pretrained, extra create_model arguments)`` that read the Hugging Face cache when it holds the
+    files (an ``hf-hub:`` repo as a ``local-dir:`` snapshot; a tag's weights as a file, with the tag's preprocessing
+    config), else the names as given, which open_clip downloads; a cache miss raises at once when the Hub cannot be
+    reached. ``huggingface_hub``'s process-wide settings are never changed."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from open_clip.pretrained import get_pretrained_cfg
+    from open_clip.transform import merge_preprocess_dict
+
+    from clipheads.models.hf import _hub_reachable
+
+    if arch.startswith("hf-hub:"):
+        try:
+            folder = Path(snapshot_download(arch[len("hf-hub:"):], local_files_only=True))
+        except Exception:
+            if not _hub_reachable():
+                raise
+        else:
+            if (folder / "open_clip_config.json").exists():
+                return f"local-dir:{folder}", pretrained, {}
+        return arch, pretrained, {}
+    cfg = get_pretrained_cfg(arch, pretrained) if pretrained and not Path(pretrained).exists() else {}
+    if cfg.get("hf_hub"):
+        repo, filename = os.path.split(cfg["hf_hub"])  # as open_clip's download_pretrained splits it
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for filename in names:
+            try:
+                path = hf_hub_download(repo, filename, local_files_only=True)
+            except Exception:  # noqa: BLE001 - not in the cache under this name
+                continue
+            return arch, path, {"force_preprocess_cfg": merge_preprocess_dict({}, cfg)}
+        if not _hub_reachable():
+            raise ModelLoadError(f"the weights of tag {pretrained!r} ({repo}) are not in the Hugging Face cache and "
+                                 "the Hub cannot be reached")
+    return arch, pretrained, {}
 
 
 def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
@@ -196,16 +327,16 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             raise ModelLoadError(f"{name}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                                  f"{arch} (tags: {', '.join(known) or 'none'})")
     try:
-        with offline_if_unreachable():
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-            tokenizer = open_clip.get_tokenizer(arch)
-            model_cfg = open_clip.get_model_config(arch)
+        source, checkpoint, extra = _local_first(arch, pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=checkpoint, **extra)
+        tokenizer = open_clip.get_tokenizer(source)
+        model_cfg = open_clip.get_model_config(arch)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
         raise ModelLoadError(
             f"cannot load {name!r} ({reason}); without network access give a local checkpoint "
             f"(open_clip:{arch}/path/to/weights.pt), a local-dir: folder, or pre-download the weights into the "
-            "Hugging Face cache and set HF_HUB_OFFLINE=1") from None
+            "Hugging Face cache") from None
     model.eval().to(device=device, dtype=dtype)
     return OpenCLIPBackend(model, name if name.startswith(PREFIX) else PREFIX + name,
                            preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from clipheads.models.hf import HFBackend
+from clipheads.models.hf import HFBackend, SiglipBackend
 from clipheads.models.openclip import OpenCLIPBackend
 
 # vision settings of real models (hidden, layers, heads, mlp, patch, image)
@@ -78,6 +78,23 @@ def random_hf_clip(preset: str = "tiny", chinese: bool = False, seed: int = 0, t
     return HFBackend(model.eval(), f"random-hf-{'chinese-' if chinese else ''}{preset}", tokenizer=tokenizer)
 
 
+def random_siglip(preset: str = "tiny", seed: int = 0, text_layers: int = 2,
+                  words: Sequence[str] = DEFAULT_WORDS) -> SiglipBackend:
+    """A random ``SiglipModel`` (attention-pooling head) with a word-level tokenizer, wrapped in its backend."""
+    from transformers import SiglipConfig, SiglipModel
+
+    hidden, layers, heads, mlp, patch, image = VISION_PRESETS[preset]
+    tokenizer = word_tokenizer(words, model_max_length=16)
+    vision = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
+                  patch_size=patch, image_size=image)
+    text = dict(hidden_size=hidden, num_hidden_layers=text_layers, num_attention_heads=heads,
+                intermediate_size=mlp, vocab_size=len(tokenizer), max_position_embeddings=16, projection_size=hidden,
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(seed)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    return SiglipBackend(model.eval(), f"random-siglip-{preset}", tokenizer=tokenizer)
+
+
 TINY_OPEN_CLIP = "ClipHeads-Tiny-ViT"
 
 
@@ -109,11 +126,14 @@ TINY_KINDS = ("hf", "chinese", "open_clip")
 
 
 def tiny_model(kind: str = "hf", seed: int = 0):
-    """A 2-layer, 4-head, 32 px random model of one backend family: ``hf``, ``chinese`` or ``open_clip``."""
+    """A 2-layer, 4-head, 32 px random model of one backend family: ``hf``, ``chinese``, ``open_clip`` or ``siglip``
+    (``siglip`` is not in ``TINY_KINDS``, the families every shared test runs on)."""
     if kind == "open_clip":
         return tiny_open_clip(seed=seed)
+    if kind == "siglip":
+        return random_siglip("tiny", seed=seed)
     if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)} or siglip")
     return random_hf_clip("tiny", chinese=kind == "chinese", seed=seed)
 
 
