@@ -152,8 +152,22 @@ def _one_error_line(code: int, err: str) -> str:
     return lines[0]
 
 
+INPUTS = {"d.json": "file", "ccs.json": "file", "images": "folder", "cap": "folder", "world": "folder"}
+
+
 def _args(name: str, bad: Path, ok: Path) -> list[str]:
-    return [part.replace("{bad}", str(bad)).replace("{ok}", str(ok)) for part in COMMANDS[name]]
+    """The command line of ``name`` with its bad output path; its inputs exist (input paths are checked while the
+    command line is parsed) but are placeholders: the output check must come before they are read."""
+    inputs = ok / "inputs"
+    for input_name, kind in INPUTS.items():
+        if kind == "file":
+            inputs.mkdir(exist_ok=True)
+            (inputs / input_name).write_text("{}")
+        else:
+            (inputs / input_name).mkdir(parents=True, exist_ok=True)
+    parts = COMMANDS[name]
+    return [str(inputs / part) if part in INPUTS and i and parts[i - 1].startswith("-")
+            else part.replace("{bad}", str(bad)).replace("{ok}", str(ok)) for i, part in enumerate(parts)]
 
 
 @pytest.mark.parametrize("name", COMMANDS)

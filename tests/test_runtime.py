@@ -51,9 +51,10 @@ def test_cli_threads_option_is_applied_before_the_command(tmp_path, keep_threads
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     runner = CliRunner()
     torch.set_num_threads(1)
-    result = runner.invoke(app, ["describe", "--data", str(tmp_path / "missing"), "--threads", "2"])
+    (tmp_path / "empty").mkdir()  # an image folder without images: parsing succeeds, the command fails
+    result = runner.invoke(app, ["describe", "--data", str(tmp_path / "empty"), "--threads", "2"])
     assert result.exit_code != 0 and torch.get_num_threads() == 2  # set while parsing, before the command failed
-    result = runner.invoke(app, ["describe", "--data", str(tmp_path / "missing")])
+    result = runner.invoke(app, ["describe", "--data", str(tmp_path / "empty")])
     assert torch.get_num_threads() == 1  # the default
     result = runner.invoke(app, ["scan", "--data", str(tmp_path), "--threads", "-1"])
     assert result.exit_code == 2 and "--threads" in result.output

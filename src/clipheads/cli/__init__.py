@@ -10,6 +10,11 @@ import sys
 
 import typer
 
+try:  # typer >= 0.20 vendors click as typer._click; its usage errors are not click's own classes
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import UsageError
+
 from clipheads.errors import ClipHeadsError, OutputError
 
 app = typer.Typer(
@@ -73,7 +78,16 @@ def configure_logging() -> None:
 def main() -> None:
     configure_logging()
     try:
-        app()
+        code = app(standalone_mode=False)  # click's usage errors become one ``error:`` line below, as ours are
+    except UsageError as exc:  # a bad option value, a missing input path, an unknown option or command
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `clipheads`: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        where = exc.ctx.command_path if exc.ctx is not None else "clipheads"
+        _fail(f"{exc.format_message()} (see '{where} --help')")
+    except typer.Abort:  # Ctrl-C at a prompt
+        typer.secho("aborted", err=True)
+        sys.exit(1)
     except OutputError as exc:
         _fail(_rescue(exc))
     except ClipHeadsError as exc:
@@ -84,6 +98,7 @@ def main() -> None:
         if exc.errno not in WRITE_ERRNOS:
             raise
         _fail(str(output_error(exc, exc.filename or "?", action="file-system error at")))
+    sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode ends: typer.Exit(code) or 0
 
 
 def _fail(message: str) -> None:
