@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_zeroshot(tiny_hf, world: Path):
     classes = torch.nn.functional.normalize(prompts.mean(1), dim=-1)
     predicted = (images @ classes.T).argmax(1).tolist()
     assert result.acc1 == pytest.approx(sum(p == y for p, y in zip(predicted, dataset.labels, strict=True)) / 4)
-    assert result.acc5 == 1.0 and set(result.per_class) == {"blue", "green", "red"}
+    assert math.isnan(result.acc5) and set(result.per_class) == {"blue", "green", "red"}
 
 
 def test_caption_selection(tiny_hf, world: Path):

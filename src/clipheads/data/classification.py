@@ -20,16 +20,29 @@ def load_templates(path: str | Path | None = None) -> list[str]:
     path = Path(path) if path is not None else DEFAULT_TEMPLATES
     if not path.is_file():
         raise DataError(f"template file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"template file {str(path)!r} is not UTF-8 text ({exc}); save it as UTF-8") from None
     templates = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        line = line.replace("{c}", "{}")
-        if line.count("{}") != 1:
-            raise DataError(f"{str(path)!r} line {n}: a template needs exactly one {{}} for the class name: {line!r}")
-        templates.append(line)
+        templates.append(check_template(line.replace("{c}", "{}"), f"{str(path)!r} line {n}"))
     return require(templates, "templates", path)
+
+
+def check_template(template: str, where: str = "template") -> str:
+    """``template`` if ``str.format`` fills it with a class name through exactly one ``{}``, else a one-line error."""
+    try:
+        filled = template.format("\x00")
+    except (IndexError, KeyError, ValueError) as exc:
+        raise DataError(f"{where}: str.format cannot fill {template!r} ({type(exc).__name__}: {exc}); write {{}} "
+                        "for the class name and {{ }} for literal braces") from None
+    if filled.count("\x00") != 1:
+        raise DataError(f"{where}: a template needs exactly one {{}} for the class name: {template!r}")
+    return template
 
 
 def load_classnames(path: str | Path) -> list[str]:
@@ -73,15 +86,30 @@ class ClassificationDataset:
                 "n_classes": len(self.classnames), "n_templates": len(self.templates)}
 
 
+def _visible(path: Path, root: Path) -> bool:
+    """Not hidden: no part below ``root`` starts with ``.`` (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.jpg``)."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def read_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """``root/<class_name>/*.png``: classes in sorted folder order, names with ``_`` read as spaces."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    paths, labels = [], []
+    """``root/<class_name>/*.png``: classes in sorted folder order, names with ``_`` read as spaces.
+
+    As torchvision's ``ImageFolder``: hidden entries (``.ipynb_checkpoints/``, ``.DS_Store``) are skipped, and a class
+    folder without images is refused (it would be a class no image can have).
+    """
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p, root))
+    paths, labels, empty = [], [], []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and _visible(p, root)
+                       and p.is_file())
+        if not files:
+            empty.append(folder.name)
         paths += files
         labels += [label] * len(files)
     require(paths, "images in class sub-folders (ImageFolder layout root/<class>/<image>)", root)
+    if empty:
+        raise DataError(f"{str(root)!r}: class folder(s) {', '.join(map(repr, empty))} hold no image "
+                        f"({', '.join(IMAGE_SUFFIXES)}); remove them or add images")
     return paths, labels, [f.name.replace("_", " ") for f in folders]
 
 
@@ -123,5 +151,6 @@ def load_classification(path: str | Path, templates: str | Path | list[str] | No
         if len(given) != len(names):
             raise DataError(f"{len(given)} class names given for {len(names)} classes in {str(path)!r}")
         names = given
-    prompts = load_templates(templates) if not isinstance(templates, list) else templates
+    prompts = (load_templates(templates) if not isinstance(templates, list)
+               else [check_template(t, f"template {n}") for n, t in enumerate(templates)])
     return ClassificationDataset(paths, labels, names, prompts, path.stem, str(path), fmt)

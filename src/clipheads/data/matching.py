@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipheads.data.io import column, read_json, read_table, require, resolve
+from clipheads.data.schema import CompositionalItem, SelectionItem, check
 from clipheads.errors import DataError
 
 
@@ -39,13 +40,13 @@ class CaptionSelectionDataset:
 
 
 def _selection_item(item: object, n: int, root: Path, source: Path) -> tuple[Path, list[str], int]:
-    if not isinstance(item, dict) or not {"image", "candidates", "answer"} <= item.keys():
-        raise DataError(f"{str(source)!r}: item {n} needs 'image', 'candidates' and 'answer'")
-    try:
-        answer = int(item["answer"])
-    except (TypeError, ValueError):
-        raise DataError(f"{str(source)!r}: item {n} has a non-integer answer {item['answer']!r}") from None
-    return resolve(root, item["image"]), [str(c) for c in item["candidates"]], answer
+    entry = check(SelectionItem, item, f"item {n}", source)
+    return resolve(root, entry.image), list(entry.candidates), entry.answer
+
+
+def _table_answer(value: str) -> int | str:
+    """A CSV answer cell as an integer when it is one (``"1"``); anything else is left for the schema to refuse."""
+    return int(value) if value.isdigit() else value
 
 
 def load_caption_selection(path: str | Path) -> CaptionSelectionDataset:
@@ -63,7 +64,7 @@ def load_caption_selection(path: str | Path) -> CaptionSelectionDataset:
         image_col = column(rows, ("image", "filepath", "filename", "path"), path)
         answer_col = column(rows, ("answer", "label", "target"), path)
         candidate_cols = [c for c in rows[0] if c.startswith(("caption", "candidate"))]
-        parsed = [_selection_item({"image": row[image_col], "answer": row[answer_col],
+        parsed = [_selection_item({"image": row[image_col], "answer": _table_answer(row[answer_col]),
                                    "candidates": [row[c] for c in candidate_cols if row[c]]}, n, path.parent, path)
                   for n, row in enumerate(rows)]
     paths, candidates, answers = (list(values) for values in zip(*parsed, strict=True)) if parsed else ([], [], [])
@@ -97,12 +98,8 @@ def load_compositional(path: str | Path) -> CompositionalDataset:
         raise DataError(f"{str(path)!r}: expected a list of {{'images': [a, b], 'captions': [fits a, fits b]}}")
     images, captions = [], []
     for n, item in enumerate(data):
-        pair_images = item.get("images") if isinstance(item, dict) else None
-        pair_captions = item.get("captions") if isinstance(item, dict) else None
-        if not (isinstance(pair_images, list) and isinstance(pair_captions, list)
-                and len(pair_images) == 2 and len(pair_captions) == 2):
-            raise DataError(f"{str(path)!r}: item {n} needs exactly 2 'images' and 2 'captions' (caption i fits "
-                            "image i)")
-        images.append((resolve(path.parent, pair_images[0]), resolve(path.parent, pair_images[1])))
-        captions.append((str(pair_captions[0]), str(pair_captions[1])))
+        pair = check(CompositionalItem, item, f"item {n} (2 'images' and 2 'captions', caption i fits image i)",
+                     path)
+        images.append((resolve(path.parent, pair.images[0]), resolve(path.parent, pair.images[1])))
+        captions.append((pair.captions[0], pair.captions[1]))
     return CompositionalDataset(images, captions, path.stem, str(path))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipheads.data.io import column, read_json, read_table, require, resolve
+from clipheads.data.schema import CocoCaption, CocoImage, KarpathyImage, check
 from clipheads.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class RetrievalDataset:
         if len(self.image_paths) != len(self.captions):
             raise DataError(f"{self.source or 'retrieval dataset'}: {len(self.image_paths)} images but captions for "
                             f"{len(self.captions)}")
+        self.image_paths, self.captions = merge_duplicate_images(self.image_paths, self.captions, self.source)
         for path, caps in zip(self.image_paths, self.captions, strict=True):
             if not caps or not all(c.strip() for c in caps):
                 raise DataError(f"{self.source or 'retrieval dataset'}: image {str(path)!r} has no caption or an "
@@ -57,23 +59,39 @@ class RetrievalDataset:
                 "n_images": len(self), "n_texts": len(self.texts)}
 
 
+def merge_duplicate_images(image_paths: list, captions: list[list[str]], source: str = "") -> tuple[list, list]:
+    """One entry per image: an image listed twice keeps its first position and all its captions (in order).
+
+    Every retrieval reader goes through this (CSV rows of one image, a Karpathy or COCO file that lists an image
+    twice), so that an image never competes with itself for its own captions.
+    """
+    merged: dict = {}
+    for path, caps in zip(image_paths, captions, strict=True):
+        merged.setdefault(path, []).extend(caps)
+    if len(merged) < len(image_paths):
+        logger.warning("%s: %d images listed more than once; their captions were merged", source or "retrieval data",
+                       len(image_paths) - len(merged))
+    return list(merged), list(merged.values())
+
+
 def read_karpathy(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
     """Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``): ``split=None`` keeps every image."""
     data = read_json(path)
     root = root or path.parent
     entries = require(data.get("images", []) if isinstance(data, dict) else [], "'images' entries", path)
+    if not isinstance(entries, list):
+        raise DataError(f"{str(path)!r}: field 'images': expected a list of image entries")
     if split is not None:
-        kept = [e for e in entries if e.get("split") == split]
+        kept = [e for e in entries if isinstance(e, dict) and e.get("split") == split]
         if not kept:
-            present = sorted({str(e.get("split")) for e in entries})
+            present = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
             raise DataError(f"{str(path)!r} has no images in split {split!r} (splits present: {', '.join(present)})")
         entries = kept
     paths, captions = [], []
-    for n, entry in enumerate(entries):
-        if "filename" not in entry:
-            raise DataError(f"{str(path)!r}: image entry {n} has no 'filename'")
-        paths.append(resolve(root, entry.get("filepath", ""), entry["filename"]))
-        captions.append([s["raw"] if "raw" in s else " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])])
+    for n, raw in enumerate(entries):
+        entry = check(KarpathyImage, raw, f"image entry {n}", path)
+        paths.append(resolve(root, entry.filepath, entry.filename))
+        captions.append([s.raw if s.raw is not None else " ".join(s.tokens or []) for s in entry.sentences])
     return RetrievalDataset(paths, captions, data.get("dataset", path.stem), split, str(path), "karpathy")
 
 
@@ -91,15 +109,17 @@ def read_coco_captions(path: Path, split: str | None = None, root: Path | None =
     if split is not None:
         logger.info("%s: a COCO captions file holds one split; ignoring split=%r", path, split)
     root = root or _coco_image_root(path)
-    images = require(data.get("images", []), "'images' entries", path)
-    index = {image["id"]: i for i, image in enumerate(images)}
+    images = [check(CocoImage, image, f"image {n}", path)
+              for n, image in enumerate(require(data.get("images", []), "'images' entries", path))]
+    index = {image.id: i for i, image in enumerate(images)}
     captions: list[list[str]] = [[] for _ in images]
-    for annotation in data.get("annotations", []):
-        if annotation.get("image_id") not in index:
-            raise DataError(f"{str(path)!r}: caption {annotation.get('id')} belongs to image_id "
-                            f"{annotation.get('image_id')}, which is not in 'images'")
-        captions[index[annotation["image_id"]]].append(annotation.get("caption", ""))
-    paths = [resolve(root, image["file_name"]) for image in images]
+    for n, raw in enumerate(data["annotations"]):
+        annotation = check(CocoCaption, raw, f"annotation {n}", path)
+        if annotation.image_id not in index:
+            raise DataError(f"{str(path)!r}: caption {annotation.id} belongs to image_id "
+                            f"{annotation.image_id}, which is not in 'images'")
+        captions[index[annotation.image_id]].append(annotation.caption)
+    paths = [resolve(root, image.file_name) for image in images]
     return RetrievalDataset(paths, captions, data.get("info", {}).get("description", path.stem), None, str(path),
                             "coco")
 

@@ -30,7 +30,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from tqdm.auto import tqdm
 
-from clipheads.data.images import image_loader, iter_pixels
+from clipheads.data.images import as_source, image_loader, iter_pixels
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.interventions import HeadMask, Operator, ablate
@@ -286,7 +286,7 @@ def encode_images(model: CLIPBackend | nn.Module, paths: Sequence[str | Path], m
     backend = as_backend(model)
     opts = EncodeOptions.make(options, **overrides)
     cache = opts.cache or DEFAULT_CACHE
-    paths = [Path(p) for p in paths]
+    paths = [as_source(p) for p in paths]  # files, or ImageRef (tar members, Hugging Face dataset cells)
     if not paths:
         raise DataError("no images to encode")
     active_mask, operator = _ablation(backend, mask, op, alpha)
