@@ -81,4 +81,41 @@ def test_eval_refuses_empty_split_and_unknown_task(model_dir: Path, data: Path):
     assert isinstance(result.exception, DataError)
     assert str(result.exception).endswith("has no images in split 'val' (splits present: test, train)")
     result = CliRunner().invoke(app, [*base, "--task", "captioning"])
-    assert "unknown --task 'captioning'" in str(result.exception)
+    assert "unknown task 'captioning'" in str(result.exception)
+
+
+@pytest.mark.parametrize("task,alias", [("retrieval", "zeroshot_retrieval"), ("zeroshot", "zeroshot_classification")])
+def test_eval_writes_a_result_clip_benchmark_build_accepts(model_dir: Path, data: Path, task: str, alias: str):
+    import argparse
+    import csv
+
+    from clip_benchmark.cli import main_build
+
+    (data / "labels.csv").write_text("image,label\nimg/0.png,red\nimg/1.png,green\nimg/2.png,blue\n")
+    source = data / ("dataset_coco.json" if task == "retrieval" else "labels.csv")
+    out = data / f"{task}.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", alias, "--data", str(source),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ours = json.loads(out.read_text())
+    assert ours["task"] == task  # the alias names the same task
+    written = json.loads((data / f"{task}.clip_benchmark.json").read_text())
+    assert set(written) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert written["task"] == alias and written["model"] == str(model_dir) and written["language"] == "en"
+    assert written["metrics"] == ours["metrics"]
+    main_build(argparse.Namespace(files=[str(data / f"{task}.clip_benchmark.json")], output=str(data / "b.csv")))
+    with open(data / "b.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["task"] == alias and rows[0]["dataset"] == written["dataset"]
+    assert rows[0]["model_fullname"] == f"{model_dir} "
+    key = "image_retrieval_recall@5" if task == "retrieval" else "acc1"
+    assert float(rows[0][key]) == ours["metrics"][key]
+    if task == "zeroshot":
+        assert written["metrics"]["acc5"] is None and rows[0]["acc5"] == ""  # NaN below 5 classes, as JSON null
+
+
+def test_model_and_pretrained_as_clip_benchmark_names_them():
+    from clipheads.eval.benchmark import model_and_pretrained
+
+    assert model_and_pretrained("open_clip:ViT-B-32/laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert model_and_pretrained("openai/clip-vit-base-patch32") == ("openai/clip-vit-base-patch32", "")

@@ -16,7 +16,8 @@ console = Console()
 
 TASK_HELP = ("retrieval (Karpathy JSON, COCO captions JSON, CSV image,caption), zeroshot (ImageFolder or CSV "
              "image,label), selection (JSON/CSV image + candidates + answer), compositional (JSON pairs) or bias "
-             "(counterfactual JSON).")
+             "(counterfactual JSON); clip_benchmark's zeroshot_retrieval, zeroshot_classification and "
+             "image_caption_selection name the first three.")
 PACKAGES = ("clipheads", "torch", "transformers", "open_clip_torch", "clip_benchmark")
 
 
@@ -69,10 +70,10 @@ def eval_command(
     """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON."""
     import clipheads
     from clipheads.eval import EVALUATORS, EncodeOptions, FeatureCache
+    from clipheads.eval.benchmark import clip_benchmark_path, clip_benchmark_result, task_name
     from clipheads.files import write_json_atomic
 
-    if task not in EVALUATORS:
-        raise clipheads.ClipHeadsError(f"unknown --task {task!r}; choose one of {', '.join(EVALUATORS)}")
+    task = task_name(task, list(EVALUATORS))
     started = time.perf_counter()
     dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames)
     backend = clipheads.load(model, device=device)
@@ -100,6 +101,10 @@ def eval_command(
     write_json_atomic(out, report)
     _print(report)
     console.print(f"-> {out}")
+    benchmark = clip_benchmark_result(task, dataset.name or data.stem, model, result.metrics)
+    if benchmark is not None:  # the same metrics as clip_benchmark writes them, for `clip_benchmark build`
+        write_json_atomic(clip_benchmark_path(out), benchmark)
+        console.print(f"-> {clip_benchmark_path(out)} (clip_benchmark)")
 
 
 def _print(report: dict) -> None:
