@@ -119,3 +119,27 @@ def test_model_and_pretrained_as_clip_benchmark_names_them():
 
     assert model_and_pretrained("open_clip:ViT-B-32/laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
     assert model_and_pretrained("openai/clip-vit-base-patch32") == ("openai/clip-vit-base-patch32", "")
+
+
+def test_eval_reads_a_parquet_file_through_workers(model_dir: Path, data: Path):
+    """Images stay in the parquet file; DataLoader workers read them by reference."""
+    import datasets
+
+    rows = json.loads((data / "dataset_coco.json").read_text())["images"][:3]
+    features = datasets.Features({"image": datasets.Image(), "sentences": datasets.Sequence(datasets.Value("string"))})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": (data / "img" / r["filename"]).read_bytes(), "path": None}
+                                                  for r in rows],
+                                        "sentences": [[s["raw"] for s in r["sentences"]] for r in rows]},
+                                       features=features)
+    table.to_parquet(data / "flickr.parquet")
+    runs = {}
+    for name, source in (("karpathy", data / "dataset_coco.json"), ("parquet", data / "flickr.parquet")):
+        result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
+                                          str(source), "--num-workers", "1", "--out", str(data / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads((data / f"{name}.json").read_text())
+    assert runs["parquet"]["dataset"]["format"] == "hf" and runs["parquet"]["dataset"]["n_texts"] == 6
+    assert runs["parquet"]["metrics"] == runs["karpathy"]["metrics"]
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
+                                      str(data / "flickr.parquet"), "--text-column", "words"])
+    assert "has no column 'words' (columns: image, sentences)" in str(result.exception)

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Alpha, Device, ModelName, NumWorkers
+from clipheads.cli.options import Alpha, Device, ImageColumn, LabelColumn, ModelName, NumWorkers, TextColumn
 
 console = Console()
 
@@ -32,19 +32,23 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _load_data(task: str, data: Path, split: str | None, image_root: Path | None, templates: Path | None,
-               classnames: Path | None):
+               classnames: Path | None, columns: dict[str, str | None]):
     from clipheads.data import load_dataset
 
     if task == "retrieval":
-        return load_dataset(task, data, split=split, root=image_root)
+        return load_dataset(task, data, split=split, root=image_root, image_column=columns["image"],
+                            text_column=columns["text"])
     if task == "zeroshot":
-        return load_dataset(task, data, templates=templates, classnames=classnames)
+        return load_dataset(task, data, templates=templates, classnames=classnames, split=split,
+                            image_column=columns["image"], label_column=columns["label"])
     return load_dataset(task, data)
 
 
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset file or folder (paths inside are relative to it)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset file, folder, Hugging Face dataset (save_to_disk "
+                                                       "folder, parquet), webdataset shards (file, folder, pattern) "
+                                                       "or ImageNet folder (paths inside are relative to it)."),
     model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
@@ -53,8 +57,9 @@ def eval_command(
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
     alpha: Alpha = None,
-    templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line (default: the "
-                                              "set shipped with clipheads)."),
+    templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line, or a preset: "
+                                              "openai (CLIP's 80, as clip_benchmark), default (clipheads' set, "
+                                              "used when not given)."),
     classnames: Path = typer.Option(None, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
     k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
@@ -66,6 +71,9 @@ def eval_command(
                                                             "stopping."),
     cache_dir: Path = typer.Option(None, help="Keep features on disk here (safetensors + JSON), keyed by content."),
     out: Path = typer.Option(None, "--out", "-o", help="Result JSON (default: eval-<task>.json)."),
+    image_column: ImageColumn = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
 ) -> None:
     """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON."""
     import clipheads
@@ -75,7 +83,8 @@ def eval_command(
 
     task = task_name(task, list(EVALUATORS))
     started = time.perf_counter()
-    dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames)
+    dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames,
+                         {"image": image_column, "text": text_column, "label": label_column})
     backend = clipheads.load(model, device=device)
     head_mask = clipheads.HeadMask.load(mask) if mask is not None else None
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,

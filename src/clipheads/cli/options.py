@@ -27,3 +27,8 @@ NumWorkers = Annotated[int, typer.Option(help="DataLoader workers reading images
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")]
 Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]
+ImageColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the image column (default: image).")]
+TextColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the caption column (default: caption, "
+                                                     "captions, text ...; a string or a list per row).")]
+LabelColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the label column (default: label; "
+                                                      "class names from its ClassLabel).")]

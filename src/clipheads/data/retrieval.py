@@ -147,10 +147,67 @@ def read_retrieval_table(path: Path, split: str | None = None, root: Path | None
     return RetrievalDataset(paths, list(by_image.values()), path.stem, has_split, str(path), "csv")
 
 
+FLICKR_LINE = re.compile(r"(.+?\.(?:jpe?g|png|webp))\s*,\s*(.*)", re.IGNORECASE)
+
+
+def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
+    """clip_benchmark's Flickr annotation text (``flickr30k_{split}_karpathy.txt``): a header line, then
+    ``file.jpg,caption`` per line, split after the image name (captions contain commas); images in its folder.
+
+    A folder is read as clip_benchmark's dataset root: its ``flickr30k_{split}_karpathy.txt`` (``split`` default
+    ``test``).
+    """
+    from clipheads.data.sources import flickr_txt_in
+
+    if path.is_dir():
+        found = flickr_txt_in(path, split)
+        if found is None:
+            raise DataError(f"{str(path)!r} has no flickr*_{split or 'test'}_karpathy.txt")
+        path = found
+    root = root or path.parent
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(path)!r} is not UTF-8 text ({exc})") from None
+    paths, captions = [], []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        match = FLICKR_LINE.fullmatch(line.strip())
+        if match is None or not match.group(2).strip():
+            raise DataError(f"{str(path)!r} line {n}: expected image.jpg,caption (got {line.strip()!r:.80})")
+        paths.append(resolve(root, match.group(1)))
+        captions.append([match.group(2).strip()])
+    require(paths, "image,caption lines", path)
+    split_name = re.search(r"_(train|val|test|restval)_", path.name)
+    return RetrievalDataset(paths, captions, path.name.split("_")[0], split_name.group(1) if split_name else None,
+                            str(path), "clip_benchmark_txt")
+
+
+def read_hf_retrieval_dataset(path: Path, split: str | None = None, root: Path | None = None,
+                              image_column: str | None = None, text_column: str | None = None) -> RetrievalDataset:
+    """A Hugging Face dataset (``save_to_disk`` folder, parquet/arrow) of images with a caption or captions each."""
+    from clipheads.data.hf import read_hf_retrieval
+
+    refs, captions, name = read_hf_retrieval(path, split, image_column, text_column)
+    return RetrievalDataset(refs, captions, name, split, str(path), "hf")
+
+
+def read_wds_retrieval_dataset(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
+    """webdataset shards (clip_benchmark layout) of an image and ``.txt`` captions per sample."""
+    from clipheads.data.wds import read_wds_retrieval
+
+    refs, captions, name = read_wds_retrieval(path, split)
+    return RetrievalDataset(refs, captions, name, split, str(path), "wds")
+
+
 RETRIEVAL_READERS: dict[str, Callable[..., RetrievalDataset]] = {
     "karpathy": read_karpathy,
     "coco": read_coco_captions,
     "csv": read_retrieval_table,
+    "clip_benchmark_txt": read_flickr_txt,
+    "hf": read_hf_retrieval_dataset,
+    "wds": read_wds_retrieval_dataset,
 }
 
 
@@ -167,16 +224,30 @@ def detect_retrieval_format(path: Path) -> str:
 
 
 def load_retrieval(path: str | Path, split: str | None = None, root: str | Path | None = None,
-                   format: str | None = None) -> RetrievalDataset:
-    """Read a retrieval dataset; the format (``karpathy``, ``coco``, ``csv``) is detected unless given.
+                   format: str | None = None, image_column: str | None = None,
+                   text_column: str | None = None) -> RetrievalDataset:
+    """Read a retrieval dataset; the format (a key of :data:`RETRIEVAL_READERS`) is found from the path unless given.
 
     Args:
-        path: the dataset file. Image paths in it are relative to its folder unless ``root`` is given.
-        split: ``train``/``val``/``test``/``restval``/... for files that carry splits; ``None`` keeps all images.
+        path: a dataset file (Karpathy/COCO JSON, CSV/TSV, clip_benchmark Flickr txt), a Hugging Face dataset
+            (``save_to_disk`` folder, parquet/arrow), webdataset shards (file, folder or pattern). Image paths in
+            files are relative to their folder unless ``root`` is given.
+        split: ``train``/``val``/``test``/``restval``/... for data that carry splits; ``None`` keeps all images.
         root: folder the image paths are relative to.
+        image_column, text_column: Hugging Face dataset columns (default: ``image``; ``caption``/``captions``/...).
     """
-    path = Path(path)
-    format = format or detect_retrieval_format(path)
+    from clipheads.data.sources import detect_source
+
+    path = Path(path) if not isinstance(path, Path) else path
+    if format is None:
+        source = detect_source(path, split)
+        if source == "imagenet_val":
+            raise DataError(f"{str(path)!r} is a folder of images, not retrieval data (give a Karpathy/COCO JSON, "
+                            "a CSV, a Hugging Face dataset, webdataset shards or a clip_benchmark Flickr txt)")
+        format = {"hf": "hf", "wds": "wds", "flickr_txt": "clip_benchmark_txt"}.get(source) \
+            or detect_retrieval_format(path)
     if format not in RETRIEVAL_READERS:
         raise DataError(f"unknown retrieval format {format!r}; choose one of {', '.join(RETRIEVAL_READERS)}")
+    if format == "hf":
+        return read_hf_retrieval_dataset(path, split, None, image_column, text_column)
     return RETRIEVAL_READERS[format](path, split, Path(root) if root is not None else None)
