@@ -2,11 +2,11 @@
 
 ``root/{split}/0.tar, 1.tar ...`` with samples of an image (``.webp/.png/.jpg/.jpeg``) and ``.txt`` captions (one per
 line, retrieval) or a ``.cls`` class id (classification); ``root/classnames.txt`` and
-``root/zeroshot_classification_templates.txt`` beside. Members are grouped into samples by webdataset's own key rule
-(``webdataset.tariterators.base_plus_ext``), patterns are expanded as webdataset does (``braceexpand``, then globs).
-Each shard's headers are read once, in order (nothing is unpacked to disk); an image is then a
-:class:`TarMember` that a DataLoader worker reads by offset, so images stream and are never all held in memory.
-Compressed shards (``.tar.gz``) cannot be read by offset and are refused.
+``root/zeroshot_classification_templates.txt`` beside. Members are grouped into samples by webdataset's own key
+rule (``webdataset.tariterators.base_plus_ext``); patterns are expanded as webdataset does
+(``webdataset.shardlists.expand_urls``), then globbed. Each shard's headers are read once, in order (nothing is
+unpacked to disk); an image is then a :class:`TarMember` that a DataLoader worker reads by offset, so images stream
+and are never all held in memory. Compressed shards (``.tar.gz``) cannot be read by offset and are refused.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ def _natural(path: Path) -> list:
 
 def shard_list(path: str | Path, split: str | None = None) -> tuple[list[Path], Path]:
     """The shards at ``path`` in order, and the folder that holds ``classnames.txt`` (the dataset root)."""
-    from braceexpand import braceexpand
+    from webdataset.shardlists import expand_urls
 
     text = str(path)
-    if not Path(text).exists():
-        shards = [Path(p) for pattern in braceexpand(text) for p in sorted(glob.glob(pattern), key=_natural)]
+    if not Path(text).exists():  # a pattern, expanded as webdataset does ("::" lists, braces), then globbed
+        shards = [Path(p) for pattern in expand_urls(text) for p in sorted(glob.glob(pattern), key=_natural)]
         if not shards:
             raise DataError(f"no shard matches {text!r}")
         root = shards[0].parent
