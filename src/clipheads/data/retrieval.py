@@ -169,16 +169,15 @@ def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = No
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"{str(path)!r} is not UTF-8 text ({exc})") from None
-    paths, captions = [], []
+    by_image: dict[Path, list[str]] = {}  # one line per caption: lines of the same image are its captions
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         match = FLICKR_LINE.fullmatch(line.strip())
         if match is None or not match.group(2).strip():
             raise DataError(f"{str(path)!r} line {n}: expected image.jpg,caption (got {line.strip()!r:.80})")
-        paths.append(resolve(root, match.group(1)))
-        captions.append([match.group(2).strip()])
-    require(paths, "image,caption lines", path)
+        by_image.setdefault(resolve(root, match.group(1)), []).append(match.group(2).strip())
+    paths, captions = require(list(by_image), "image,caption lines", path), list(by_image.values())
     split_name = re.search(r"_(train|val|test|restval)_", path.name)
     return RetrievalDataset(paths, captions, path.name.split("_")[0], split_name.group(1) if split_name else None,
                             str(path), "clip_benchmark_txt")
