@@ -220,3 +220,55 @@ def test_openai_templates_preset_is_clip_benchmarks():
 
     names = json.loads((path / "en_classnames.json").read_text())["imagenet1k"]
     assert list(openai_classnames()) == names
+
+
+def test_sugar_crepe_file_equals_caption_selection_json(tiny_hf, karpathy: Path, tmp_path: Path):
+    from clipheads.data import load_caption_selection
+    from clipheads.eval import evaluate_caption_selection
+
+    images = karpathy.parent / "img"
+    sugar = {str(k): {"filename": f"{i}.jpg", "caption": CAPTIONS[i][0], "negative_caption": CAPTIONS[(i + 1) % 6][0]}
+             for k, i in zip((0, 3, 7, 8, 20, 21), range(6), strict=True)}  # indices may be non-contiguous
+    (tmp_path / "replace_att.json").write_text(json.dumps(sugar))
+    plain = [{"image": f"img/{i}.jpg", "candidates": [CAPTIONS[i][0], CAPTIONS[(i + 1) % 6][0]], "answer": 0}
+             for i in range(6)]
+    (karpathy.parent / "plain.json").write_text(json.dumps(plain))
+    dataset = load_caption_selection(tmp_path / "replace_att.json", root=images)
+    assert dataset.answers == [0] * 6 and dataset.image_paths[2] == images / "2.jpg"
+    ours = evaluate_caption_selection(tiny_hf, dataset, cache=FeatureCache()).metrics
+    expected = evaluate_caption_selection(tiny_hf, load_caption_selection(karpathy.parent / "plain.json"),
+                                          cache=FeatureCache()).metrics
+    assert ours == expected
+    sugar["7"]["negative_caption"] = None
+    (tmp_path / "replace_att.json").write_text(json.dumps(sugar))
+    with pytest.raises(DataError, match="item '7': field 'negative_caption': input should be a valid string"):
+        load_caption_selection(tmp_path / "replace_att.json", root=images)
+
+
+def test_winoground_as_a_hugging_face_dataset_equals_pair_json(tiny_hf, tmp_path: Path):
+    import datasets
+
+    from clipheads.data import load_compositional
+    from clipheads.eval import evaluate_compositional
+
+    pairs = [(0, 1), (2, 3), (4, 5)]
+    (tmp_path / "img").mkdir()
+    for i in range(6):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png(i))
+    (tmp_path / "pairs.json").write_text(json.dumps([{"images": [f"img/{a}.png", f"img/{b}.png"],
+                                                      "captions": [CAPTIONS[a][0], CAPTIONS[b][0]]}
+                                                     for a, b in pairs]))
+    features = datasets.Features({"id": datasets.Value("int32"), "image_0": datasets.Image(),
+                                  "image_1": datasets.Image(), "caption_0": datasets.Value("string"),
+                                  "caption_1": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"id": list(range(3)),
+                                        "image_0": [{"bytes": png(a), "path": None} for a, _ in pairs],
+                                        "image_1": [{"bytes": png(b), "path": None} for _, b in pairs],
+                                        "caption_0": [CAPTIONS[a][0] for a, _ in pairs],
+                                        "caption_1": [CAPTIONS[b][0] for _, b in pairs]}, features=features)
+    datasets.DatasetDict({"test": table}).save_to_disk(tmp_path / "winoground")
+    dataset = load_compositional(tmp_path / "winoground", split="test")
+    assert len(dataset) == 3 and dataset.caption_pairs[1] == (CAPTIONS[2][0], CAPTIONS[3][0])
+    ours = evaluate_compositional(tiny_hf, dataset, cache=FeatureCache()).metrics
+    expected = evaluate_compositional(tiny_hf, load_compositional(tmp_path / "pairs.json"), cache=FeatureCache())
+    assert ours == expected.metrics

@@ -41,6 +41,10 @@ def _load_data(task: str, data: Path, split: str | None, image_root: Path | None
     if task == "zeroshot":
         return load_dataset(task, data, templates=templates, classnames=classnames, split=split,
                             image_column=columns["image"], label_column=columns["label"])
+    if task == "selection":
+        return load_dataset(task, data, root=image_root)
+    if task == "compositional":
+        return load_dataset(task, data, split=split)
     return load_dataset(task, data)
 
 
@@ -52,7 +56,8 @@ def eval_command(
     model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
-    image_root: Path = typer.Option(None, help="Folder the retrieval file's image paths are relative to."),
+    image_root: Path = typer.Option(None, help="Folder the image paths of a retrieval or selection file are "
+                                               "relative to (SugarCrepe: COCO's val2017/)."),
     mask: Path = typer.Option(None, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),

@@ -53,6 +53,14 @@ class SelectionItem(_Schema):
     answer: StrictInt = Field(ge=0)
 
 
+class SugarCrepeItem(_Schema):
+    """One entry of a SugarCrepe file (``add_att.json`` ...): ``{"filename", "caption", "negative_caption"}``."""
+
+    filename: StrictStr
+    caption: StrictStr
+    negative_caption: StrictStr
+
+
 class CompositionalItem(_Schema):
     """``{"images": [a, b], "captions": [fits a, fits b]}``."""
 
