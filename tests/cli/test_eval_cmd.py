@@ -121,9 +121,11 @@ def test_model_and_pretrained_as_clip_benchmark_names_them():
     assert model_and_pretrained("openai/clip-vit-base-patch32") == ("openai/clip-vit-base-patch32", "")
 
 
-def test_eval_reads_a_parquet_file_through_workers(model_dir: Path, data: Path):
+def test_eval_reads_a_parquet_file_through_workers(model_dir: Path, data: Path, monkeypatch):
     """Images stay in the parquet file; DataLoader workers read them by reference."""
     import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", data / "hf-cache")
 
     rows = json.loads((data / "dataset_coco.json").read_text())["images"][:3]
     features = datasets.Features({"image": datasets.Image(), "sentences": datasets.Sequence(datasets.Value("string"))})
