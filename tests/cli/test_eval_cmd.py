@@ -145,3 +145,23 @@ def test_eval_reads_a_parquet_file_through_workers(model_dir: Path, data: Path, 
     result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
                                       str(data / "flickr.parquet"), "--text-column", "words"])
     assert "has no column 'words' (columns: image, sentences)" in str(result.exception)
+
+
+def test_eval_by_clip_benchmark_dataset_name(model_dir: Path, data: Path):
+    root = data / "img"
+    for i in range(3):  # clip_benchmark's Flickr reader splits lines at ".jpg,"
+        (root / f"{i}.jpg").write_bytes((root / f"{i}.png").read_bytes())
+    (root / "flickr30k_test_karpathy.txt").write_text("image,caption\n0.jpg,a red square\n1.jpg,a green square\n"
+                                                      "2.jpg,a blue square\n")
+    out = data / "named.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "zeroshot_retrieval",
+                                      "--dataset", "flickr30k", "--dataset-root", str(root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["dataset"]["n_images"] == 3 and report["dataset"]["format"] == "clip_benchmark"
+    assert json.loads((data / "named.clip_benchmark.json").read_text())["dataset"] == "flickr30k"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval"])
+    assert str(result.exception) == "give --data PATH, or --dataset NAME --dataset-root DIR (clip_benchmark)"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--dataset",
+                                      "flickr8k", "--dataset-root", str(root)])
+    assert "clip_benchmark expects 'flickr8k' (split 'test') at" in str(result.exception)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.options import Alpha, Device, ImageColumn, LabelColumn, ModelName, NumWorkers, TextColumn
+from clipheads.errors import ClipHeadsError
 
 console = Console()
 
@@ -48,9 +49,21 @@ def _load_data(task: str, data: Path, split: str | None, image_root: Path | None
     return load_dataset(task, data)
 
 
+def _load_clip_benchmark(task: str, name: str, root: Path | None, split: str, templates: Path | None):
+    from clipheads.data.benchmark import load_clip_benchmark_classification, load_clip_benchmark_retrieval
+
+    if root is None:
+        raise ClipHeadsError("--dataset needs --dataset-root DIR (the folder clip_benchmark reads it from)")
+    if task == "retrieval":
+        return load_clip_benchmark_retrieval(name, root, split)
+    if task == "zeroshot":
+        return load_clip_benchmark_classification(name, root, split, templates)
+    raise ClipHeadsError(f"--dataset supports the retrieval and zeroshot tasks; got {task!r}")
+
+
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
-    data: Path = typer.Option(..., "--data", "-d", help="Dataset file, folder, Hugging Face dataset (save_to_disk "
+    data: Path = typer.Option(None, "--data", "-d", help="Dataset file, folder, Hugging Face dataset (save_to_disk "
                                                        "folder, parquet), webdataset shards (file, folder, pattern) "
                                                        "or ImageNet folder (paths inside are relative to it)."),
     model: ModelName = "bundled",
@@ -76,6 +89,10 @@ def eval_command(
                                                             "stopping."),
     cache_dir: Path = typer.Option(None, help="Keep features on disk here (safetensors + JSON), keyed by content."),
     out: Path = typer.Option(None, "--out", "-o", help="Result JSON (default: eval-<task>.json)."),
+    dataset_name: str = typer.Option(None, "--dataset", help="A clip_benchmark dataset name (flickr30k, "
+                                                              "mscoco_captions, imagenet1k, ...) instead of --data, "
+                                                              "built by clip_benchmark from --dataset-root."),
+    dataset_root: Path = typer.Option(None, help="--dataset: the folder clip_benchmark reads it from."),
     image_column: ImageColumn = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
@@ -88,8 +105,14 @@ def eval_command(
 
     task = task_name(task, list(EVALUATORS))
     started = time.perf_counter()
-    dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames,
-                         {"image": image_column, "text": text_column, "label": label_column})
+    if (data is None) == (dataset_name is None):
+        raise clipheads.ClipHeadsError("give --data PATH, or --dataset NAME --dataset-root DIR (clip_benchmark)")
+    if dataset_name is not None:
+        dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
+        data = Path(f"clip_benchmark:{dataset_name}")
+    else:
+        dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames,
+                             {"image": image_column, "text": text_column, "label": label_column})
     backend = clipheads.load(model, device=device)
     head_mask = clipheads.HeadMask.load(mask) if mask is not None else None
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
