@@ -65,7 +65,7 @@ def load_classnames(path: str | Path) -> list[str]:
 class ClassificationDataset:
     """Images with integer labels into ``classnames``, and the templates that turn a class name into a prompt."""
 
-    image_paths: list[Path]
+    image_paths: list[Path]  # or ImageRef (tar member, Hugging Face dataset cell)
     labels: list[int]
     classnames: list[str]
     templates: list[str] = field(default_factory=load_templates)

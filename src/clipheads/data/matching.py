@@ -89,7 +89,7 @@ def load_caption_selection(path: str | Path, root: str | Path | None = None) -> 
 class CompositionalDataset:
     """Pairs: ``image_pairs[i] = (a, b)`` and ``caption_pairs[i] = (fits a, fits b)``."""
 
-    image_pairs: list[tuple[Path, Path]]
+    image_pairs: list[tuple[Path, Path]]  # or ImageRef pairs (Winoground as a Hugging Face dataset)
     caption_pairs: list[tuple[str, str]]
     name: str = ""
     source: str = ""

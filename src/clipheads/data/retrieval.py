@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class RetrievalDataset:
     """Images with one or more captions each; ``captions[i]`` are the captions of ``image_paths[i]``."""
 
-    image_paths: list[Path]
+    image_paths: list[Path]  # or ImageRef (tar member, Hugging Face dataset cell)
     captions: list[list[str]]
     name: str = ""
     split: str | None = None
