@@ -81,4 +81,87 @@ def test_eval_refuses_empty_split_and_unknown_task(model_dir: Path, data: Path):
     assert isinstance(result.exception, DataError)
     assert str(result.exception).endswith("has no images in split 'val' (splits present: test, train)")
     result = CliRunner().invoke(app, [*base, "--task", "captioning"])
-    assert "unknown --task 'captioning'" in str(result.exception)
+    assert "unknown task 'captioning'" in str(result.exception)
+
+
+@pytest.mark.parametrize("task,alias", [("retrieval", "zeroshot_retrieval"), ("zeroshot", "zeroshot_classification")])
+def test_eval_writes_a_result_clip_benchmark_build_accepts(model_dir: Path, data: Path, task: str, alias: str):
+    import argparse
+    import csv
+
+    from clip_benchmark.cli import main_build
+
+    (data / "labels.csv").write_text("image,label\nimg/0.png,red\nimg/1.png,green\nimg/2.png,blue\n")
+    source = data / ("dataset_coco.json" if task == "retrieval" else "labels.csv")
+    out = data / f"{task}.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", alias, "--data", str(source),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ours = json.loads(out.read_text())
+    assert ours["task"] == task  # the alias names the same task
+    written = json.loads((data / f"{task}.clip_benchmark.json").read_text())
+    assert set(written) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert written["task"] == alias and written["model"] == str(model_dir) and written["language"] == "en"
+    assert written["metrics"] == ours["metrics"]
+    main_build(argparse.Namespace(files=[str(data / f"{task}.clip_benchmark.json")], output=str(data / "b.csv")))
+    with open(data / "b.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and rows[0]["task"] == alias and rows[0]["dataset"] == written["dataset"]
+    assert rows[0]["model_fullname"] == f"{model_dir} "
+    key = "image_retrieval_recall@5" if task == "retrieval" else "acc1"
+    assert float(rows[0][key]) == ours["metrics"][key]
+    if task == "zeroshot":
+        assert written["metrics"]["acc5"] is None and rows[0]["acc5"] == ""  # NaN below 5 classes, as JSON null
+
+
+def test_model_and_pretrained_as_clip_benchmark_names_them():
+    from clipheads.eval.benchmark import model_and_pretrained
+
+    assert model_and_pretrained("open_clip:ViT-B-32/laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert model_and_pretrained("openai/clip-vit-base-patch32") == ("openai/clip-vit-base-patch32", "")
+
+
+def test_eval_reads_a_parquet_file_through_workers(model_dir: Path, data: Path, monkeypatch):
+    """Images stay in the parquet file; DataLoader workers read them by reference."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", data / "hf-cache")
+
+    rows = json.loads((data / "dataset_coco.json").read_text())["images"][:3]
+    features = datasets.Features({"image": datasets.Image(), "sentences": datasets.Sequence(datasets.Value("string"))})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": (data / "img" / r["filename"]).read_bytes(), "path": None}
+                                                  for r in rows],
+                                        "sentences": [[s["raw"] for s in r["sentences"]] for r in rows]},
+                                       features=features)
+    table.to_parquet(data / "flickr.parquet")
+    runs = {}
+    for name, source in (("karpathy", data / "dataset_coco.json"), ("parquet", data / "flickr.parquet")):
+        result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
+                                          str(source), "--num-workers", "1", "--out", str(data / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads((data / f"{name}.json").read_text())
+    assert runs["parquet"]["dataset"]["format"] == "hf" and runs["parquet"]["dataset"]["n_texts"] == 6
+    assert runs["parquet"]["metrics"] == runs["karpathy"]["metrics"]
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
+                                      str(data / "flickr.parquet"), "--text-column", "words"])
+    assert "has no column 'words' (columns: image, sentences)" in str(result.exception)
+
+
+def test_eval_by_clip_benchmark_dataset_name(model_dir: Path, data: Path):
+    root = data / "img"
+    for i in range(3):  # clip_benchmark's Flickr reader splits lines at ".jpg,"
+        (root / f"{i}.jpg").write_bytes((root / f"{i}.png").read_bytes())
+    (root / "flickr30k_test_karpathy.txt").write_text("image,caption\n0.jpg,a red square\n1.jpg,a green square\n"
+                                                      "2.jpg,a blue square\n")
+    out = data / "named.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "zeroshot_retrieval",
+                                      "--dataset", "flickr30k", "--dataset-root", str(root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["dataset"]["n_images"] == 3 and report["dataset"]["format"] == "clip_benchmark"
+    assert json.loads((data / "named.clip_benchmark.json").read_text())["dataset"] == "flickr30k"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval"])
+    assert str(result.exception) == "give --data PATH, or --dataset NAME --dataset-root DIR (clip_benchmark)"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--dataset",
+                                      "flickr8k", "--dataset-root", str(root)])
+    assert "clip_benchmark expects 'flickr8k' (split 'test') at" in str(result.exception)

@@ -27,3 +27,11 @@ def write_json(path: Path, data) -> Path:
 def image_dir(tmp_path: Path) -> Path:
     write_images(tmp_path / "img", [f"{i}.png" for i in range(4)])
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path: Path, monkeypatch) -> None:
+    """Hugging Face datasets converts parquet into its cache: keep that in the test's folder, not ~/.cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")

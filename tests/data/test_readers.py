@@ -148,7 +148,7 @@ def test_caption_selection_json_single_object_and_csv(image_dir: Path):
     assert table.candidates == [["x", "y", "z"], ["u", "v"]] and table.answers == [1, 0]
     with pytest.raises(DataError, match="has answer 3 but 3 candidates"):
         load_caption_selection(write_json(image_dir / "bad.json", [{**items[0], "answer": 3}]))
-    with pytest.raises(DataError, match="item 0 needs 'image', 'candidates' and 'answer'"):
+    with pytest.raises(DataError, match="item 0: field 'candidates': field required"):
         load_caption_selection(write_json(image_dir / "bad.json", [{"image": "x.png"}]))
 
 
@@ -157,7 +157,7 @@ def test_compositional_pairs(image_dir: Path):
     dataset = load_compositional(write_json(image_dir / "c.json", items))
     assert dataset.image_pairs == [(image_dir / "img" / "0.png", image_dir / "img" / "1.png")]
     assert dataset.caption_pairs == [("red left", "red right")]
-    with pytest.raises(DataError, match="item 0 needs exactly 2 'images' and 2 'captions'"):
+    with pytest.raises(DataError, match=r"item 0 \(2 'images' .*field 'images': list should have at least 2 items"):
         load_compositional(write_json(image_dir / "c.json", [{"images": ["img/0.png"], "captions": ["a", "b"]}]))
     with pytest.raises(DataError, match="has no pairs"):
         load_compositional(write_json(image_dir / "c.json", []))

@@ -44,8 +44,9 @@ def test_retrieval_equals_clip_benchmark_recall_at_k(retrieval_features):
     for k in (1, 5, 10):
         expected_t2i = (batchify(recall_at_k, scores, positive, 4, "cpu", k=k) > 0).float().mean().item()
         expected_i2t = (batchify(recall_at_k, scores.T, positive.T, 4, "cpu", k=k) > 0).float().mean().item()
-        assert result.metrics[f"image_retrieval_recall@{k}"] == expected_t2i
-        assert result.metrics[f"text_retrieval_recall@{k}"] == expected_i2t
+        # clip_benchmark averages in float32; clipheads gives the exact fraction
+        assert result.metrics[f"image_retrieval_recall@{k}"] == pytest.approx(expected_t2i, rel=1e-6)
+        assert result.metrics[f"text_retrieval_recall@{k}"] == pytest.approx(expected_i2t, rel=1e-6)
     assert 0 < result.metrics["image_retrieval_recall@1"] < 1  # the case is not trivial
 
 
@@ -89,8 +90,8 @@ def test_zeroshot_against_naive_loop():
     top5 = [int(y) in row.argsort(descending=True)[:5].tolist() for row, y in zip(logits, labels, strict=True)]
     per_class = {c: sum(t for t, y in zip(top1, labels.tolist(), strict=True) if y == c) / labels.tolist().count(c)
                  for c in range(6)}
-    assert result.acc1 == pytest.approx(sum(top1) / len(top1))
-    assert result.acc5 == pytest.approx(sum(top5) / len(top5))
+    assert result.acc1 == sum(top1) / len(top1)  # exact fractions, as Python floats
+    assert result.acc5 == sum(top5) / len(top5)
     assert result.mean_per_class_recall == pytest.approx(sum(per_class.values()) / 6)
     assert result.per_class == pytest.approx({f"class {c}": v for c, v in per_class.items()})
     assert zeroshot_metrics(images, classifier, labels).per_class == {}
@@ -181,3 +182,20 @@ def test_bias_metrics_per_attribute_mean_over_queries():
     assert result.max_skew == pytest.approx({"colour": math.log(2), "size": 0.0})
     assert result.metrics["max_skew@2"] == pytest.approx(math.log(2) / 2)
     assert result.per_query["colour"] == pytest.approx([math.log(2)] * 2)
+
+
+def test_metric_conventions_of_clip_benchmark():
+    """acc5 is NaN below 5 classes; every metric is the Python float of an exact fraction (12/60 -> 0.2)."""
+    classes = torch.eye(4)
+    labels = torch.tensor([0, 1, 2, 3])
+    result = zeroshot_metrics(classes, classes, labels)
+    assert math.isnan(result.acc5) and result.acc1 == 1.0
+    five = torch.eye(5)
+    labels = torch.tensor([i % 5 for i in range(60)])
+    predicted = torch.tensor([i % 5 if i < 12 else (i + 1) % 5 for i in range(60)])  # 12 of 60 right
+    result = zeroshot_metrics(five[predicted], five, labels)
+    assert result.acc1 == 0.2 and type(result.acc1) is float and result.acc5 == 1.0
+    texts = torch.eye(60)
+    images = torch.eye(60)[[i if i < 12 else 12 + (i - 11) % 48 for i in range(60)]]  # 12 images on their caption
+    recall = retrieval_metrics(images, texts, list(range(60)), ks=(1,))
+    assert recall.image_retrieval_recall[1] == 0.2 and recall.text_retrieval_recall[1] == 0.2

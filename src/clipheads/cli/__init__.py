@@ -65,6 +65,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip logs to the root logger
+    logging.getLogger("clipheads").setLevel(logging.WARNING)  # but clipheads' own warnings reach the user
 
 
 def configure_logging() -> None:

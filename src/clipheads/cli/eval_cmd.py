@@ -10,13 +10,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Alpha, Device, ModelName, NumWorkers, Threads
+from clipheads.cli.options import (
+    Alpha,
+    Device,
+    ImageColumn,
+    LabelColumn,
+    ModelName,
+    NumWorkers,
+    TextColumn,
+    Threads,
+)
+from clipheads.errors import ClipHeadsError
 
 console = Console()
 
 TASK_HELP = ("retrieval (Karpathy JSON, COCO captions JSON, CSV image,caption), zeroshot (ImageFolder or CSV "
              "image,label), selection (JSON/CSV image + candidates + answer), compositional (JSON pairs) or bias "
-             "(counterfactual JSON).")
+             "(counterfactual JSON); clip_benchmark's zeroshot_retrieval, zeroshot_classification and "
+             "image_caption_selection name the first three.")
 PACKAGES = ("clipheads", "torch", "transformers", "open_clip_torch", "clip_benchmark")
 
 
@@ -31,30 +42,51 @@ def package_versions() -> dict[str, str | None]:
 
 
 def _load_data(task: str, data: Path, split: str | None, image_root: Path | None, templates: Path | None,
-               classnames: Path | None):
+               classnames: Path | None, columns: dict[str, str | None]):
     from clipheads.data import load_dataset
 
     if task == "retrieval":
-        return load_dataset(task, data, split=split, root=image_root)
+        return load_dataset(task, data, split=split, root=image_root, image_column=columns["image"],
+                            text_column=columns["text"])
     if task == "zeroshot":
-        return load_dataset(task, data, templates=templates, classnames=classnames)
+        return load_dataset(task, data, templates=templates, classnames=classnames, split=split,
+                            image_column=columns["image"], label_column=columns["label"])
+    if task == "selection":
+        return load_dataset(task, data, root=image_root)
+    if task == "compositional":
+        return load_dataset(task, data, split=split)
     return load_dataset(task, data)
+
+
+def _load_clip_benchmark(task: str, name: str, root: Path | None, split: str, templates: Path | None):
+    from clipheads.data.benchmark import load_clip_benchmark_classification, load_clip_benchmark_retrieval
+
+    if root is None:
+        raise ClipHeadsError("--dataset needs --dataset-root DIR (the folder clip_benchmark reads it from)")
+    if task == "retrieval":
+        return load_clip_benchmark_retrieval(name, root, split)
+    if task == "zeroshot":
+        return load_clip_benchmark_classification(name, root, split, templates)
+    raise ClipHeadsError(f"--dataset supports the retrieval and zeroshot tasks; got {task!r}")
 
 
 def eval_command(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
-    data: Path = typer.Option(..., "--data", "-d", exists=True,
-                              help="Dataset file or folder (paths inside are relative to it)."),
+    data: Path = typer.Option(None, "--data", "-d", help="Dataset file, folder, Hugging Face dataset (save_to_disk "
+                                                       "folder, parquet), webdataset shards (file, folder, pattern) "
+                                                       "or ImageNet folder (paths inside are relative to it)."),
     model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
-    image_root: Path = typer.Option(None, exists=True, help="Folder the retrieval file's image paths are relative to."),
+    image_root: Path = typer.Option(None, exists=True, help="Folder the image paths of a retrieval or selection file are "
+                                               "relative to (SugarCrepe: COCO's val2017/)."),
     mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
     alpha: Alpha = None,
-    templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line (default: the "
-                                              "set shipped with clipheads).", exists=True),
+    templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line, or a preset: "
+                                              "openai (CLIP's 80, as clip_benchmark), default (clipheads' set, "
+                                              "used when not given)."),
     classnames: Path = typer.Option(None, exists=True, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
     k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
@@ -67,21 +99,36 @@ def eval_command(
     cache_dir: Path = typer.Option(None, help="Keep features on disk here (safetensors + JSON), keyed by content."),
     out: Path = typer.Option(None, "--out", "-o", help="Result JSON (default: eval-<task>.json)."),
     threads: Threads = None,
+    dataset_name: str = typer.Option(None, "--dataset", help="A clip_benchmark dataset name (flickr30k, "
+                                                              "mscoco_captions, imagenet1k, ...) instead of --data, "
+                                                              "built by clip_benchmark from --dataset-root."),
+    dataset_root: Path = typer.Option(None, help="--dataset: the folder clip_benchmark reads it from."),
+    image_column: ImageColumn = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
 ) -> None:
     """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON."""
     import clipheads
     from clipheads.eval import EVALUATORS, EncodeOptions, FeatureCache
+    from clipheads.eval.benchmark import clip_benchmark_path, clip_benchmark_result, task_name
     from clipheads.files import check_output_dir, check_output_file, write_json_atomic
     from clipheads.runtime import run_meta
 
-    if task not in EVALUATORS:
-        raise clipheads.ClipHeadsError(f"unknown --task {task!r}; choose one of {', '.join(EVALUATORS)}")
+    task = task_name(task, list(EVALUATORS))
     out = check_output_file(out or Path(f"eval-{task}.json"), "json")
+    check_output_file(clip_benchmark_path(out), "json")
     if cache_dir is not None:
         check_output_dir(cache_dir)
     started = time.perf_counter()
+    if (data is None) == (dataset_name is None):
+        raise clipheads.ClipHeadsError("give --data PATH, or --dataset NAME --dataset-root DIR (clip_benchmark)")
     head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a bad mask file fails before any work
-    dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames)
+    if dataset_name is not None:
+        dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
+        data = Path(f"clip_benchmark:{dataset_name}")
+    else:
+        dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames,
+                             {"image": image_column, "text": text_column, "label": label_column})
     backend = clipheads.load(model, device=device)
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
@@ -105,6 +152,10 @@ def eval_command(
     write_json_atomic(out, report)
     _print(report)
     console.print(f"-> {out}")
+    benchmark = clip_benchmark_result(task, dataset.name or data.stem, model, result.metrics)
+    if benchmark is not None:  # the same metrics as clip_benchmark writes them, for `clip_benchmark build`
+        write_json_atomic(clip_benchmark_path(out), benchmark)
+        console.print(f"-> {clip_benchmark_path(out)} (clip_benchmark)")
 
 
 def _print(report: dict) -> None:

@@ -90,3 +90,10 @@ THREADS_HELP = ("torch CPU threads (default 1, or $CLIPHEADS_THREADS / $OMP_NUM_
 # Applied by its callback while the command line is parsed: a command only declares ``threads: Threads = None``.
 Threads = Annotated[int | None, typer.Option("--threads", min=0, callback=_apply_threads, show_default=False,
                                              help=THREADS_HELP)]
+
+
+ImageColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the image column (default: image).")]
+TextColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the caption column (default: caption, "
+                                                     "captions, text ...; a string or a list per row).")]
+LabelColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the label column (default: label; "
+                                                      "class names from its ClassLabel).")]

@@ -1,16 +1,22 @@
 """Evaluation datasets in the formats users already have, and the image loader they stream through.
 
-=============  ============================================================  ===========================
-task           formats                                                       loader
-=============  ============================================================  ===========================
-retrieval      Karpathy split JSON, COCO captions JSON, CSV/TSV image,caption  :func:`load_retrieval`
-zeroshot       ImageFolder tree, CSV/TSV image,label (+ templates, names)     :func:`load_classification`
-selection      JSON/CSV image + candidate captions + answer                   :func:`load_caption_selection`
-compositional  JSON pairs of 2 images + 2 captions (Cola style)              :func:`load_compositional`
-bias           JSON neutral queries + counterfactual image groups            :func:`load_counterfactual`
-=============  ============================================================  ===========================
+=============  ========================================================================  ==========================
+task           formats                                                                   loader
+=============  ========================================================================  ==========================
+retrieval      Karpathy split JSON, COCO captions JSON, CSV/TSV image,caption,            ``load_retrieval``
+               clip_benchmark Flickr txt, Hugging Face dataset (image + caption(s)),
+               webdataset shards
+zeroshot       ImageFolder (ImageNet ``n01440764/`` get readable names), CSV/TSV          ``load_classification``
+               image,label, flat ImageNet val folder + labels, Hugging Face dataset
+               (image + ``ClassLabel``), webdataset shards (``.cls``, classnames.txt)
+selection      JSON/CSV image + candidate captions + answer, SugarCrepe JSON             ``load_caption_selection``
+compositional  JSON pairs of 2 images + 2 captions (Cola style), Winoground (HF)         ``load_compositional``
+bias           JSON neutral queries + counterfactual image groups                        ``load_counterfactual``
+=============  ========================================================================  ==========================
 
-Paths inside dataset files are relative to the file's folder.
+What a path is (and so which reader reads it) is decided in one place, :func:`clipheads.data.sources.detect_source`.
+Paths inside dataset files are relative to the file's folder. Images are files or :class:`ImageRef` (a tar member, a
+Hugging Face dataset cell), read in DataLoader workers.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from clipheads.data.classification import (
     load_classnames,
     load_templates,
 )
-from clipheads.data.images import ImageFiles, PixelBatch, image_loader, iter_pixels, read_image
+from clipheads.data.images import ImageFiles, ImageRef, PixelBatch, image_loader, iter_pixels, read_image
 from clipheads.data.matching import (
     CaptionSelectionDataset,
     CompositionalDataset,
@@ -34,6 +40,7 @@ from clipheads.data.matching import (
     load_compositional,
 )
 from clipheads.data.retrieval import RETRIEVAL_READERS, RetrievalDataset, load_retrieval
+from clipheads.data.sources import detect_source
 from clipheads.errors import DataError
 
 LOADERS: dict[str, Callable] = {
@@ -46,14 +53,18 @@ LOADERS: dict[str, Callable] = {
 
 
 def load_dataset(task: str, path: str | Path, **options):
-    """The dataset of ``task`` (a key of :data:`LOADERS`) read from ``path``; ``options`` go to its loader."""
+    """The dataset of ``task`` (a key of :data:`LOADERS`, or clip_benchmark's name of one) read from ``path``;
+    ``options`` go to its loader."""
+    from clipheads.eval.benchmark import CLIP_BENCHMARK_TASKS
+
+    task = CLIP_BENCHMARK_TASKS.get(task, task)
     if task not in LOADERS:
         raise DataError(f"unknown task {task!r}; choose one of {', '.join(LOADERS)}")
     return LOADERS[task](path, **options)
 
 
 __all__ = ["DEFAULT_TEMPLATES", "LOADERS", "RETRIEVAL_READERS", "CaptionSelectionDataset", "ClassificationDataset",
-           "CompositionalDataset", "CounterfactualDataset", "ImageFiles", "PixelBatch", "RetrievalDataset",
-           "image_loader", "iter_pixels", "load_caption_selection", "load_classification", "load_classnames",
-           "load_compositional", "load_counterfactual", "load_dataset", "load_retrieval", "load_templates",
-           "read_image"]
+           "CompositionalDataset", "CounterfactualDataset", "ImageFiles", "ImageRef", "PixelBatch", "RetrievalDataset",
+           "detect_source", "image_loader", "iter_pixels", "load_caption_selection", "load_classification",
+           "load_classnames", "load_compositional", "load_counterfactual", "load_dataset", "load_retrieval",
+           "load_templates", "read_image"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipheads.data.io import read_json, require, resolve
+from clipheads.data.schema import CounterfactualImage, check
 from clipheads.errors import DataError
 
 
@@ -54,10 +55,11 @@ def load_counterfactual(path: str | Path) -> CounterfactualDataset:
                         "'value'}, ...]}")
     rows = []
     for n, item in enumerate(data["images"]):
-        if not isinstance(item, dict) or not {"image", "group", "attribute", "value"} <= item.keys():
-            raise DataError(f"{str(path)!r}: image entry {n} needs 'image', 'group', 'attribute' and 'value'")
-        rows.append((resolve(path.parent, item["image"]), str(item["group"]), str(item["attribute"]),
-                     str(item["value"])))
+        entry = check(CounterfactualImage, item, f"image entry {n}", path)
+        rows.append((resolve(path.parent, entry.image), str(entry.group), entry.attribute, str(entry.value)))
+    queries = data.get("queries", [])
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise DataError(f"{str(path)!r}: field 'queries': expected a list of strings")
     paths, groups, attributes, values = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
-    return CounterfactualDataset([str(q) for q in data.get("queries", [])], paths, groups, attributes, values,
+    return CounterfactualDataset(list(queries), paths, groups, attributes, values,
                                  path.stem, str(path))

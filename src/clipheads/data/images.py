@@ -6,13 +6,15 @@ one clear :class:`~clipheads.errors.DataError` line or, with ``skip_bad=True``, 
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -25,22 +27,59 @@ Transform = Callable[[Image.Image], torch.Tensor]
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def read_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise :class:`DataError` naming the file."""
+class ImageRef:
+    """An image that is not a file of its own (a member of a tar shard, a cell of a Hugging Face dataset).
+
+    Subclasses are hashable and picklable (DataLoader workers get them), ``str()`` names the image for messages and
+    caches, and :meth:`read_bytes` returns the encoded image (PNG/JPEG/... bytes).
+    """
+
+    def read_bytes(self) -> bytes:
+        raise NotImplementedError
+
+
+ImageSource = Path | ImageRef
+
+
+def as_source(item: str | Path | ImageRef) -> ImageSource:
+    """A path or an :class:`ImageRef` as given; a string becomes a :class:`~pathlib.Path`."""
+    return item if isinstance(item, ImageRef | Path) else Path(item)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The picture a viewer shows, as RGB: EXIF orientation applied, transparency composited on white, 16-bit and
+    float greyscale scaled to 8 bits (as ``transformers.image_utils.load_image`` plus what it leaves out)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(source: str | Path | ImageRef) -> Image.Image:
+    """Open and fully decode an image as the RGB picture a viewer shows (:func:`to_rgb`), or raise
+    :class:`DataError` naming it. ``source`` is a file or an :class:`ImageRef`."""
+    source = as_source(source)
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        handle = io.BytesIO(source.read_bytes()) if isinstance(source, ImageRef) else source
+        with Image.open(handle) as image:
+            return to_rgb(image)
     except FileNotFoundError:
-        raise DataError(f"image {str(path)!r} does not exist") from None
+        raise DataError(f"image {str(source)!r} does not exist") from None
     except _READ_ERRORS as exc:
-        raise DataError(f"cannot read image {str(path)!r} ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"cannot read image {str(source)!r} ({type(exc).__name__}: {exc})") from None
 
 
 class ImageFiles(Dataset):
     """``dataset[i] -> (i, pixels [3, H, W] or None, error or None)`` over a list of image files."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Transform) -> None:
-        self.paths = [Path(p) for p in paths]
+    def __init__(self, paths: Sequence[str | Path | ImageRef], transform: Transform) -> None:
+        self.paths = [as_source(p) for p in paths]
         self.transform = transform
 
     def __len__(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,46 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{str(path)!r} is not valid JSON ({exc})") from None
 
 
+def _delimiter(path: Path, sample: str) -> str:
+    """Tab for ``.tsv``/``.tab``; otherwise what :class:`csv.Sniffer` finds in the header line among ``,``, tab,
+    ``;`` and ``|`` (open_clip's training CSVs are tab-separated under a ``.csv`` name), else ``,``."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    header = sample.splitlines()[0] if sample else ""
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",\t;|").delimiter
+    except csv.Error:
+        return ","
+
+
 def read_table(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV (``,``) or TSV (``.tsv``/``.tab``, tab) file with a header row; cells are stripped."""
+    """Rows of a CSV/TSV file with a header row; cells are stripped, header names lower-cased.
+
+    A UTF-8 byte-order mark (Excel's "CSV UTF-8") is dropped; the delimiter is sniffed from the header (see
+    :func:`_delimiter`); a row with more fields than the header is refused with its line number.
+    """
     path = Path(path)
     _require_file(path)
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-                    for row in csv.DictReader(handle, delimiter=delimiter)]
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot parse {str(path)!r} as {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})") from None
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(path)!r} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    delimiter = _delimiter(path, text)
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = [name.strip().lower() for name in next(reader, [])]
+        rows = []
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) > len(header):
+                raise DataError(f"{str(path)!r} line {reader.line_num}: {len(cells)} fields but the header has "
+                                f"{len(header)} ({', '.join(header)}); quote cells that contain {delimiter!r}")
+            cells = cells + [""] * (len(header) - len(cells))
+            rows.append({name: cell.strip() for name, cell in zip(header, cells, strict=True)})
+    except csv.Error as exc:
+        raise DataError(f"cannot parse {str(path)!r} as {kind} (line {reader.line_num}: {exc})") from None
     return rows
 
 

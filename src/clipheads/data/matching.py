@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipheads.data.io import column, read_json, read_table, require, resolve
+from clipheads.data.schema import CompositionalItem, SelectionItem, SugarCrepeItem, check
 from clipheads.errors import DataError
 
 
@@ -39,32 +40,46 @@ class CaptionSelectionDataset:
 
 
 def _selection_item(item: object, n: int, root: Path, source: Path) -> tuple[Path, list[str], int]:
-    if not isinstance(item, dict) or not {"image", "candidates", "answer"} <= item.keys():
-        raise DataError(f"{str(source)!r}: item {n} needs 'image', 'candidates' and 'answer'")
-    try:
-        answer = int(item["answer"])
-    except (TypeError, ValueError):
-        raise DataError(f"{str(source)!r}: item {n} has a non-integer answer {item['answer']!r}") from None
-    return resolve(root, item["image"]), [str(c) for c in item["candidates"]], answer
+    entry = check(SelectionItem, item, f"item {n}", source)
+    return resolve(root, entry.image), list(entry.candidates), entry.answer
 
 
-def load_caption_selection(path: str | Path) -> CaptionSelectionDataset:
-    """JSON ``[{"image", "candidates": [...], "answer": i}, ...]`` (or one such object), or a CSV/TSV with ``image``,
-    ``answer`` and candidate columns (every column whose name starts with ``caption`` or ``candidate``, in order)."""
+def _table_answer(value: str) -> int | str:
+    """A CSV answer cell as an integer when it is one (``"1"``); anything else is left for the schema to refuse."""
+    return int(value) if value.isdigit() else value
+
+
+def _is_sugar_crepe(data: object) -> bool:
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, dict) and "negative_caption" in v for v in data.values())
+
+
+def load_caption_selection(path: str | Path, root: str | Path | None = None) -> CaptionSelectionDataset:
+    """JSON ``[{"image", "candidates": [...], "answer": i}, ...]`` (or one such object), a SugarCrepe file
+    (``{"0": {"filename", "caption", "negative_caption"}, ...}``: candidates [caption, negative], answer 0, images in
+    ``root``, COCO's ``val2017/``), or a CSV/TSV with ``image``, ``answer`` and candidate columns (every column whose
+    name starts with ``caption`` or ``candidate``, in order). Image paths are relative to ``root`` (default: the
+    file's folder)."""
     path = Path(path)
+    base = Path(root) if root is not None else path.parent
     if path.suffix.lower() == ".json":
         data = read_json(path)
+        if _is_sugar_crepe(data):
+            items = [check(SugarCrepeItem, item, f"item {key!r}", path) for key, item in data.items()]
+            return CaptionSelectionDataset([resolve(base, item.filename) for item in items],
+                                           [[item.caption, item.negative_caption] for item in items],
+                                           [0] * len(items), path.stem, str(path))
         items = [data] if isinstance(data, dict) else data
         if not isinstance(items, list):
             raise DataError(f"{str(path)!r}: expected a list of caption selection items")
-        parsed = [_selection_item(item, n, path.parent, path) for n, item in enumerate(items)]
+        parsed = [_selection_item(item, n, base, path) for n, item in enumerate(items)]
     else:
         rows = require(read_table(path), "rows", path)
         image_col = column(rows, ("image", "filepath", "filename", "path"), path)
         answer_col = column(rows, ("answer", "label", "target"), path)
         candidate_cols = [c for c in rows[0] if c.startswith(("caption", "candidate"))]
-        parsed = [_selection_item({"image": row[image_col], "answer": row[answer_col],
-                                   "candidates": [row[c] for c in candidate_cols if row[c]]}, n, path.parent, path)
+        parsed = [_selection_item({"image": row[image_col], "answer": _table_answer(row[answer_col]),
+                                   "candidates": [row[c] for c in candidate_cols if row[c]]}, n, base, path)
                   for n, row in enumerate(rows)]
     paths, candidates, answers = (list(values) for values in zip(*parsed, strict=True)) if parsed else ([], [], [])
     return CaptionSelectionDataset(paths, candidates, answers, path.stem, str(path))
@@ -74,7 +89,7 @@ def load_caption_selection(path: str | Path) -> CaptionSelectionDataset:
 class CompositionalDataset:
     """Pairs: ``image_pairs[i] = (a, b)`` and ``caption_pairs[i] = (fits a, fits b)``."""
 
-    image_pairs: list[tuple[Path, Path]]
+    image_pairs: list[tuple[Path, Path]]  # or ImageRef pairs (Winoground as a Hugging Face dataset)
     caption_pairs: list[tuple[str, str]]
     name: str = ""
     source: str = ""
@@ -89,20 +104,35 @@ class CompositionalDataset:
         return {"name": self.name, "format": "compositional", "source": self.source, "n_pairs": len(self)}
 
 
-def load_compositional(path: str | Path) -> CompositionalDataset:
-    """JSON ``[{"images": ["a.png", "b.png"], "captions": ["fits a", "fits b"]}, ...]``."""
+def read_winoground(path: Path, split: str | None = None) -> CompositionalDataset:
+    """Winoground as published on the Hugging Face hub (``facebook/winoground``, saved with ``save_to_disk`` or as
+    parquet): columns ``image_0``, ``image_1``, ``caption_0``, ``caption_1`` (caption i fits image i)."""
+    from clipheads.data.hf import image_refs, open_hf, pick_column
+
+    dataset = open_hf(path, split)
+    columns = {name: pick_column(dataset, None, (name,), name, path)
+               for name in ("image_0", "image_1", "caption_0", "caption_1")}
+    first, second = (image_refs(dataset, columns[f"image_{i}"], path) for i in (0, 1))
+    captions = list(zip(dataset[columns["caption_0"]], dataset[columns["caption_1"]], strict=True))
+    return CompositionalDataset(list(zip(first, second, strict=True)), captions,
+                                path.name if path.is_dir() else path.stem, str(path))
+
+
+def load_compositional(path: str | Path, split: str | None = None) -> CompositionalDataset:
+    """JSON ``[{"images": ["a.png", "b.png"], "captions": ["fits a", "fits b"]}, ...]``, or Winoground as a Hugging
+    Face dataset (:func:`read_winoground`)."""
+    from clipheads.data.sources import detect_source
+
+    if detect_source(path, split) == "hf":
+        return read_winoground(Path(path), split)
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, list):
         raise DataError(f"{str(path)!r}: expected a list of {{'images': [a, b], 'captions': [fits a, fits b]}}")
     images, captions = [], []
     for n, item in enumerate(data):
-        pair_images = item.get("images") if isinstance(item, dict) else None
-        pair_captions = item.get("captions") if isinstance(item, dict) else None
-        if not (isinstance(pair_images, list) and isinstance(pair_captions, list)
-                and len(pair_images) == 2 and len(pair_captions) == 2):
-            raise DataError(f"{str(path)!r}: item {n} needs exactly 2 'images' and 2 'captions' (caption i fits "
-                            "image i)")
-        images.append((resolve(path.parent, pair_images[0]), resolve(path.parent, pair_images[1])))
-        captions.append((str(pair_captions[0]), str(pair_captions[1])))
+        pair = check(CompositionalItem, item, f"item {n} (2 'images' and 2 'captions', caption i fits image i)",
+                     path)
+        images.append((resolve(path.parent, pair.images[0]), resolve(path.parent, pair.images[1])))
+        captions.append((pair.captions[0], pair.captions[1]))
     return CompositionalDataset(images, captions, path.stem, str(path))

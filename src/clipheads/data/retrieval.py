@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipheads.data.io import column, read_json, read_table, require, resolve
+from clipheads.data.schema import CocoCaption, CocoImage, KarpathyImage, check
 from clipheads.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 class RetrievalDataset:
     """Images with one or more captions each; ``captions[i]`` are the captions of ``image_paths[i]``."""
 
-    image_paths: list[Path]
+    image_paths: list[Path]  # or ImageRef (tar member, Hugging Face dataset cell)
     captions: list[list[str]]
     name: str = ""
     split: str | None = None
@@ -32,6 +33,7 @@ class RetrievalDataset:
         if len(self.image_paths) != len(self.captions):
             raise DataError(f"{self.source or 'retrieval dataset'}: {len(self.image_paths)} images but captions for "
                             f"{len(self.captions)}")
+        self.image_paths, self.captions = merge_duplicate_images(self.image_paths, self.captions, self.source)
         for path, caps in zip(self.image_paths, self.captions, strict=True):
             if not caps or not all(c.strip() for c in caps):
                 raise DataError(f"{self.source or 'retrieval dataset'}: image {str(path)!r} has no caption or an "
@@ -57,23 +59,39 @@ class RetrievalDataset:
                 "n_images": len(self), "n_texts": len(self.texts)}
 
 
+def merge_duplicate_images(image_paths: list, captions: list[list[str]], source: str = "") -> tuple[list, list]:
+    """One entry per image: an image listed twice keeps its first position and all its captions (in order).
+
+    Every retrieval reader goes through this (CSV rows of one image, a Karpathy or COCO file that lists an image
+    twice), so that an image never competes with itself for its own captions.
+    """
+    merged: dict = {}
+    for path, caps in zip(image_paths, captions, strict=True):
+        merged.setdefault(path, []).extend(caps)
+    if len(merged) < len(image_paths):
+        logger.warning("%s: %d images listed more than once; their captions were merged", source or "retrieval data",
+                       len(image_paths) - len(merged))
+    return list(merged), list(merged.values())
+
+
 def read_karpathy(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
     """Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``): ``split=None`` keeps every image."""
     data = read_json(path)
     root = root or path.parent
     entries = require(data.get("images", []) if isinstance(data, dict) else [], "'images' entries", path)
+    if not isinstance(entries, list):
+        raise DataError(f"{str(path)!r}: field 'images': expected a list of image entries")
     if split is not None:
-        kept = [e for e in entries if e.get("split") == split]
+        kept = [e for e in entries if isinstance(e, dict) and e.get("split") == split]
         if not kept:
-            present = sorted({str(e.get("split")) for e in entries})
+            present = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
             raise DataError(f"{str(path)!r} has no images in split {split!r} (splits present: {', '.join(present)})")
         entries = kept
     paths, captions = [], []
-    for n, entry in enumerate(entries):
-        if "filename" not in entry:
-            raise DataError(f"{str(path)!r}: image entry {n} has no 'filename'")
-        paths.append(resolve(root, entry.get("filepath", ""), entry["filename"]))
-        captions.append([s["raw"] if "raw" in s else " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])])
+    for n, raw in enumerate(entries):
+        entry = check(KarpathyImage, raw, f"image entry {n}", path)
+        paths.append(resolve(root, entry.filepath, entry.filename))
+        captions.append([s.raw if s.raw is not None else " ".join(s.tokens or []) for s in entry.sentences])
     return RetrievalDataset(paths, captions, data.get("dataset", path.stem), split, str(path), "karpathy")
 
 
@@ -97,27 +115,23 @@ def read_coco_captions(path: Path, split: str | None = None, root: Path | None =
         if not isinstance(data.get(key), list):
             found = "missing" if key not in data else f"a {type(data[key]).__name__}"
             raise DataError(f"{str(path)!r}: COCO '{key}' must be a list of {what}; it is {found}")
-    images = require(data["images"], "'images' entries", path)
+    images = [check(CocoImage, image, f"image {n}", path)
+              for n, image in enumerate(require(data["images"], "'images' entries", path))]
     index: dict[int | str, int] = {}
     for n, image in enumerate(images):
-        if not isinstance(image, dict) or not isinstance(image.get("id"), int | str) or "file_name" not in image:
-            raise DataError(f"{str(path)!r}: COCO image entry {n} needs an 'id' (number or string) and a "
-                            "'file_name'")
-        if image["id"] in index:
-            first = index[image["id"]]
-            raise DataError(f"{str(path)!r}: image id {image['id']!r} is given twice in 'images' (entries {first} "
-                            f"and {n}: {images[first]['file_name']!r} and {image['file_name']!r}); ids must be unique")
-        index[image["id"]] = n
+        if image.id in index:
+            first = index[image.id]
+            raise DataError(f"{str(path)!r}: image id {image.id!r} is given twice in 'images' (entries {first} "
+                            f"and {n}: {images[first].file_name!r} and {image.file_name!r}); ids must be unique")
+        index[image.id] = n
     captions: list[list[str]] = [[] for _ in images]
-    for n, annotation in enumerate(data["annotations"]):
-        if not isinstance(annotation, dict) or not isinstance(annotation.get("caption"), str):
-            raise DataError(f"{str(path)!r}: COCO annotation {n} is not an object with a 'caption' text")
-        image_id = annotation.get("image_id")
-        if not isinstance(image_id, int | str) or image_id not in index:
-            raise DataError(f"{str(path)!r}: caption {annotation.get('id')} belongs to image_id {image_id!r}, which "
-                            "is not in 'images'")
-        captions[index[image_id]].append(annotation["caption"])
-    paths = [resolve(root, image["file_name"]) for image in images]
+    for n, raw in enumerate(data["annotations"]):
+        annotation = check(CocoCaption, raw, f"annotation {n}", path)
+        if annotation.image_id not in index:
+            raise DataError(f"{str(path)!r}: caption {annotation.id} belongs to image_id "
+                            f"{annotation.image_id}, which is not in 'images'")
+        captions[index[annotation.image_id]].append(annotation.caption)
+    paths = [resolve(root, image.file_name) for image in images]
     info = data.get("info") if isinstance(data.get("info"), dict) else {}
     return RetrievalDataset(paths, captions, str(info.get("description") or path.stem), None, str(path),
                             "coco")
@@ -146,10 +160,66 @@ def read_retrieval_table(path: Path, split: str | None = None, root: Path | None
     return RetrievalDataset(paths, list(by_image.values()), path.stem, has_split, str(path), "csv")
 
 
+FLICKR_LINE = re.compile(r"(.+?\.(?:jpe?g|png|webp))\s*,\s*(.*)", re.IGNORECASE)
+
+
+def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
+    """clip_benchmark's Flickr annotation text (``flickr30k_{split}_karpathy.txt``): a header line, then
+    ``file.jpg,caption`` per line, split after the image name (captions contain commas); images in its folder.
+
+    A folder is read as clip_benchmark's dataset root: its ``flickr30k_{split}_karpathy.txt`` (``split`` default
+    ``test``).
+    """
+    from clipheads.data.sources import flickr_txt_in
+
+    if path.is_dir():
+        found = flickr_txt_in(path, split)
+        if found is None:
+            raise DataError(f"{str(path)!r} has no flickr*_{split or 'test'}_karpathy.txt")
+        path = found
+    root = root or path.parent
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{str(path)!r} is not UTF-8 text ({exc})") from None
+    by_image: dict[Path, list[str]] = {}  # one line per caption: lines of the same image are its captions
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        match = FLICKR_LINE.fullmatch(line.strip())
+        if match is None or not match.group(2).strip():
+            raise DataError(f"{str(path)!r} line {n}: expected image.jpg,caption (got {line.strip()!r:.80})")
+        by_image.setdefault(resolve(root, match.group(1)), []).append(match.group(2).strip())
+    paths, captions = require(list(by_image), "image,caption lines", path), list(by_image.values())
+    split_name = re.search(r"_(train|val|test|restval)_", path.name)
+    return RetrievalDataset(paths, captions, path.name.split("_")[0], split_name.group(1) if split_name else None,
+                            str(path), "clip_benchmark_txt")
+
+
+def read_hf_retrieval_dataset(path: Path, split: str | None = None, root: Path | None = None,
+                              image_column: str | None = None, text_column: str | None = None) -> RetrievalDataset:
+    """A Hugging Face dataset (``save_to_disk`` folder, parquet/arrow) of images with a caption or captions each."""
+    from clipheads.data.hf import read_hf_retrieval
+
+    refs, captions, name = read_hf_retrieval(path, split, image_column, text_column)
+    return RetrievalDataset(refs, captions, name, split, str(path), "hf")
+
+
+def read_wds_retrieval_dataset(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
+    """webdataset shards (clip_benchmark layout) of an image and ``.txt`` captions per sample."""
+    from clipheads.data.wds import read_wds_retrieval
+
+    refs, captions, name = read_wds_retrieval(path, split)
+    return RetrievalDataset(refs, captions, name, split, str(path), "wds")
+
+
 RETRIEVAL_READERS: dict[str, Callable[..., RetrievalDataset]] = {
     "karpathy": read_karpathy,
     "coco": read_coco_captions,
     "csv": read_retrieval_table,
+    "clip_benchmark_txt": read_flickr_txt,
+    "hf": read_hf_retrieval_dataset,
+    "wds": read_wds_retrieval_dataset,
 }
 
 
@@ -166,16 +236,30 @@ def detect_retrieval_format(path: Path) -> str:
 
 
 def load_retrieval(path: str | Path, split: str | None = None, root: str | Path | None = None,
-                   format: str | None = None) -> RetrievalDataset:
-    """Read a retrieval dataset; the format (``karpathy``, ``coco``, ``csv``) is detected unless given.
+                   format: str | None = None, image_column: str | None = None,
+                   text_column: str | None = None) -> RetrievalDataset:
+    """Read a retrieval dataset; the format (a key of :data:`RETRIEVAL_READERS`) is found from the path unless given.
 
     Args:
-        path: the dataset file. Image paths in it are relative to its folder unless ``root`` is given.
-        split: ``train``/``val``/``test``/``restval``/... for files that carry splits; ``None`` keeps all images.
+        path: a dataset file (Karpathy/COCO JSON, CSV/TSV, clip_benchmark Flickr txt), a Hugging Face dataset
+            (``save_to_disk`` folder, parquet/arrow), webdataset shards (file, folder or pattern). Image paths in
+            files are relative to their folder unless ``root`` is given.
+        split: ``train``/``val``/``test``/``restval``/... for data that carry splits; ``None`` keeps all images.
         root: folder the image paths are relative to.
+        image_column, text_column: Hugging Face dataset columns (default: ``image``; ``caption``/``captions``/...).
     """
-    path = Path(path)
-    format = format or detect_retrieval_format(path)
+    from clipheads.data.sources import detect_source
+
+    path = Path(path) if not isinstance(path, Path) else path
+    if format is None:
+        source = detect_source(path, split)
+        if source == "imagenet_val":
+            raise DataError(f"{str(path)!r} is a folder of images, not retrieval data (give a Karpathy/COCO JSON, "
+                            "a CSV, a Hugging Face dataset, webdataset shards or a clip_benchmark Flickr txt)")
+        format = {"hf": "hf", "wds": "wds", "flickr_txt": "clip_benchmark_txt"}.get(source) \
+            or detect_retrieval_format(path)
     if format not in RETRIEVAL_READERS:
         raise DataError(f"unknown retrieval format {format!r}; choose one of {', '.join(RETRIEVAL_READERS)}")
+    if format == "hf":
+        return read_hf_retrieval_dataset(path, split, None, image_column, text_column)
     return RETRIEVAL_READERS[format](path, split, Path(root) if root is not None else None)

@@ -30,7 +30,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 from tqdm.auto import tqdm
 
-from clipheads.data.images import image_loader, iter_pixels
+from clipheads.data.images import as_source, image_loader, iter_pixels
 from clipheads.errors import ClipHeadsError, DataError, OutputError
 from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.interventions import HeadMask, Operator, ablate
@@ -231,6 +231,38 @@ def encode_text_batches(backend: CLIPBackend, texts: Sequence[str], batch_size: 
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
+UNKNOWN_WORDS_WARN = 0.5  # warn when more than this fraction of the words of a text set are unknown to the model
+_WARNED: set[str] = set()
+
+
+def unknown_word_fraction(backend: CLIPBackend, texts: Sequence[str], sample: int = 2000) -> float:
+    """The fraction of the (non-special) tokens of ``texts`` (the first ``sample``) that the model's tokenizer maps to
+    its unknown token; 0.0 for tokenizers that have none or spell every word (BPE, as real CLIP models)."""
+    tokenizer = getattr(backend, "tokenizer", None)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tokenizer is None or unk is None or not texts:
+        return 0.0
+    try:
+        ids = tokenizer(list(texts[:sample]), add_special_tokens=False)["input_ids"]
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot run here is judged when encoding, not here
+        return 0.0
+    total = sum(len(row) for row in ids)
+    return sum(token == unk for row in ids for token in row) / total if total else 0.0
+
+
+def warn_unknown_words(backend: CLIPBackend, texts: Sequence[str]) -> None:
+    """One warning line when most words of ``texts`` are unknown to the model (the bundled model on real captions)."""
+    fraction = unknown_word_fraction(backend, texts)
+    if fraction <= UNKNOWN_WORDS_WARN or backend.name in _WARNED:
+        return
+    _WARNED.add(backend.name)
+    what = ("the bundled model knows only the 28 words of its world" if backend.name == "bundled"
+            else f"{backend.name}'s tokenizer")
+    logger.warning("%s: %.0f%% of the words of these texts are unknown to it, so its scores say little; choose a "
+                   "model with --model (e.g. open_clip:ViT-B-32/laion2b_s34b_b79k or openai/clip-vit-base-patch32)",
+                   what, 100 * fraction)
+
+
 @torch.inference_mode()
 def encode_texts(model: CLIPBackend | nn.Module, texts: Sequence[str], options: EncodeOptions | None = None,
                  **overrides) -> torch.Tensor:
@@ -249,6 +281,7 @@ def encode_texts(model: CLIPBackend | nn.Module, texts: Sequence[str], options: 
     if cached is not None:
         return cached
     unique = list(dict.fromkeys(texts))
+    warn_unknown_words(backend, unique)
     with precision_context(backend.device, opts.precision):
         features = encode_text_batches(backend, unique, opts.text_batch_size, progress=opts.progress)
     row = {text: i for i, text in enumerate(unique)}
@@ -278,7 +311,7 @@ def encode_images(model: CLIPBackend | nn.Module, paths: Sequence[str | Path], m
     backend = as_backend(model)
     opts = EncodeOptions.make(options, **overrides)
     cache = opts.cache or DEFAULT_CACHE
-    paths = [Path(p) for p in paths]
+    paths = [as_source(p) for p in paths]  # files, or ImageRef (tar members, Hugging Face dataset cells)
     if not paths:
         raise DataError("no images to encode")
     active_mask, operator = _ablation(backend, mask, op, alpha)

@@ -94,5 +94,6 @@ def compositional_metrics(image_features: torch.Tensor, text_features: torch.Ten
     s = image_features.float() @ text_features.float().transpose(1, 2)  # [N, image, caption]
     text_ok = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
     image_ok = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
-    return CompositionalResult(acc=(text_ok & image_ok).float().mean().item(), image_acc=image_ok.float().mean().item(),
-                               text_acc=text_ok.float().mean().item(), n_pairs=len(s))
+    n = len(s)
+    return CompositionalResult(acc=int((text_ok & image_ok).sum()) / n, image_acc=int(image_ok.sum()) / n,
+                               text_acc=int(text_ok.sum()) / n, n_pairs=n)

@@ -83,7 +83,7 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     image_recall, text_recall = {}, {}
     for k in ks:
         top_images = scores.topk(min(k, n_images), dim=1).indices  # [N_txt, k]
-        image_recall[k] = positive.gather(1, top_images).any(1).float().mean().item()
+        image_recall[k] = int(positive.gather(1, top_images).any(1).sum()) / n_texts  # exact fraction
         top_texts = scores.T.topk(min(k, n_texts), dim=1).indices  # [N_img, k]
-        text_recall[k] = positive.T.gather(1, top_texts).any(1).float().mean().item()
+        text_recall[k] = int(positive.T.gather(1, top_texts).any(1).sum()) / n_images
     return RetrievalResult(image_recall, text_recall, n_images, n_texts)

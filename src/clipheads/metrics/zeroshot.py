@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +38,10 @@ def zeroshot_classifier(prompt_features: torch.Tensor) -> torch.Tensor:
 
 def zeroshot_metrics(image_features: torch.Tensor, class_features: torch.Tensor, labels: Sequence[int] | torch.Tensor,
                      classnames: Sequence[str] | None = None, per_class: bool = False) -> ZeroShotResult:
-    """Top-1/top-5 accuracy and mean per-class recall (top-5 is clipped to the number of classes).
+    """Top-1/top-5 accuracy and mean per-class recall, as Python floats of the exact fractions (12/60 -> 0.2).
+
+    As in clip_benchmark, ``acc5`` is NaN when there are fewer than 5 classes (top-5 would be trivially 1.0);
+    it is written as ``null`` in JSON.
 
     Args:
         image_features: ``[N, D]`` normalised. class_features: ``[C, D]`` from :func:`zeroshot_classifier`.
@@ -50,10 +54,12 @@ def zeroshot_metrics(image_features: torch.Tensor, class_features: torch.Tensor,
     n_classes = logits.shape[1]
     top = logits.topk(min(5, n_classes), dim=1).indices  # [N, k]
     hits = top == labels[:, None]
-    correct1 = hits[:, 0].float()
+    correct1 = hits[:, 0]
     present = labels.unique().tolist()
-    recalls = {c: correct1[labels == c].mean().item() for c in present}
+    recalls = {c: int(correct1[labels == c].sum()) / int((labels == c).sum()) for c in present}
     names = list(classnames) if classnames is not None else [str(c) for c in range(n_classes)]
-    return ZeroShotResult(acc1=correct1.mean().item(), acc5=hits.any(1).float().mean().item(),
-                          mean_per_class_recall=sum(recalls.values()) / len(recalls), n_images=len(labels),
+    n = len(labels)
+    acc5 = int(hits.any(1).sum()) / n if n_classes >= 5 else math.nan
+    return ZeroShotResult(acc1=int(correct1.sum()) / n, acc5=acc5,
+                          mean_per_class_recall=sum(recalls.values()) / len(recalls), n_images=n,
                           per_class={names[c]: r for c, r in recalls.items()} if per_class else {})

@@ -1,0 +1,162 @@
+"""Hugging Face ``datasets``: ``save_to_disk`` folders, parquet/arrow files or folders of them.
+
+Images stay in the dataset's memory-mapped Arrow files: each is an :class:`HFImage` reference read (undecoded) by the
+DataLoader workers, so no decoded image is held in memory. Default columns follow the common uploads: ``image``;
+``caption`` or ``captions`` (a string or a list of strings); ``label`` (class names from its ``ClassLabel``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from clipheads.data.images import ImageRef
+from clipheads.data.sources import HF_SAVED, HF_SUFFIXES
+from clipheads.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "picture")
+TEXT_COLUMNS = ("caption", "captions", "text", "sentences", "raw", "sentence", "title")
+LABEL_COLUMNS = ("label", "labels", "class", "target", "fine_label")
+
+
+class HFImage(ImageRef):
+    """Row ``row`` of column ``column`` of a Hugging Face dataset, read as stored (PNG/JPEG bytes or a file path)."""
+
+    def __init__(self, table: Any, column: str, row: int, name: str, root: Path) -> None:
+        self.table, self.column, self.row, self.name, self.root = table, column, row, name, root
+
+    def _key(self) -> tuple:
+        return self.name, self.column, self.row
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFImage) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.row}].{self.column}"
+
+    __repr__ = __str__
+
+    def read_bytes(self) -> bytes:
+        cell = self.table[self.row][self.column][0].as_py()  # arrow format: the stored cell, not decoded
+        if isinstance(cell, dict):
+            if cell.get("bytes"):
+                return cell["bytes"]
+            cell = cell.get("path")
+        if isinstance(cell, bytes):
+            return cell
+        if isinstance(cell, str) and cell:
+            path = Path(cell) if Path(cell).is_absolute() else self.root / cell
+            return path.read_bytes()
+        raise ValueError(f"column {self.column!r} row {self.row} holds no image ({type(cell).__name__})")
+
+
+def open_hf(path: str | Path, split: str | None = None):
+    """The ``datasets.Dataset`` at ``path`` (split ``split`` of a ``DatasetDict``); one-line errors."""
+    import datasets
+
+    path = Path(path)
+    try:
+        if path.is_dir() and any((path / name).is_file() for name in HF_SAVED):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in HF_SUFFIXES)
+            builder = "arrow" if files and files[0].suffix == ".arrow" else "parquet"
+            if path.is_file():
+                loaded = datasets.load_dataset(builder, data_files=str(path))
+            else:
+                loaded = datasets.load_dataset(builder, data_dir=str(path))
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"cannot read {str(path)!r} with Hugging Face datasets ({reason})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split in loaded:
+            return loaded[split]
+        if len(splits) == 1:
+            if split is not None:
+                logger.info("%s has one split (%s); using it for split=%r", path, splits[0], split)
+            return loaded[splits[0]]
+        raise DataError(f"{str(path)!r} has splits {', '.join(splits)}; choose one with --split")
+    return loaded
+
+
+def pick_column(dataset, given: str | None, defaults: tuple[str, ...], what: str, source: str | Path) -> str:
+    """``given`` if it is a column, else the first of ``defaults`` that is one; one-line error naming the columns."""
+    names = list(dataset.column_names)
+    if given is not None:
+        if given not in names:
+            raise DataError(f"{str(source)!r} has no column {given!r} (columns: {', '.join(names)})")
+        return given
+    lower = {name.lower(): name for name in names}
+    for name in defaults:
+        if name in lower:
+            return lower[name]
+    raise DataError(f"{str(source)!r} has no {what} column ({'/'.join(defaults)}; columns: {', '.join(names)}); "
+                    f"name it with --{what}-column")
+
+
+def image_refs(dataset, column: str, source: Path) -> list[HFImage]:
+    """One :class:`HFImage` per row of ``column`` (which must hold images, bytes or paths)."""
+    import datasets
+
+    feature = dataset.features[column]
+    stored = getattr(feature, "dtype", None)
+    if not isinstance(feature, datasets.Image) and stored not in ("string", "large_string", "binary",
+                                                                 "large_binary"):
+        raise DataError(f"{str(source)!r}: column {column!r} holds {type(feature).__name__} "
+                        f"{stored or ''}, not images; name the image column with --image-column")
+    table = dataset.select_columns([column]).with_format("arrow")
+    name = f"{source}@{getattr(dataset, '_fingerprint', '')}"
+    root = source if source.is_dir() else source.parent
+    return [HFImage(table, column, row, name, root) for row in range(len(dataset))]
+
+
+def read_hf_retrieval(path: Path, split: str | None = None, image_column: str | None = None,
+                      text_column: str | None = None) -> tuple[list[HFImage], list[list[str]], str]:
+    """Images and their captions (a string or a list of strings per row): ``(refs [N], captions [N][*], name)``."""
+    dataset = open_hf(path, split)
+    image_col = pick_column(dataset, image_column, IMAGE_COLUMNS, "image", path)
+    text_col = pick_column(dataset, text_column, TEXT_COLUMNS, "text", path)
+    captions = []
+    for row, value in enumerate(dataset[text_col]):
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, dict) and isinstance(value.get("raw"), list):  # Karpathy-style {"raw": [...]}
+            value = value["raw"]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{str(path)!r}: row {row}: field {text_col!r}: expected a string or a list of strings "
+                            f"(got {value!r:.60})")
+        captions.append(value)
+    return image_refs(dataset, image_col, path), captions, _name(path)
+
+
+def read_hf_classification(path: Path, split: str | None = None, image_column: str | None = None,
+                           label_column: str | None = None) -> tuple[list[HFImage], list[int], list[str] | None, str]:
+    """Images and integer labels; class names from the label's ``ClassLabel`` feature (``None`` without one)."""
+    import datasets
+
+    dataset = open_hf(path, split)
+    image_col = pick_column(dataset, image_column, IMAGE_COLUMNS, "image", path)
+    label_col = pick_column(dataset, label_column, LABEL_COLUMNS, "label", path)
+    feature = dataset.features[label_col]
+    labels = dataset[label_col]
+    if isinstance(feature, datasets.ClassLabel):
+        names = [name.replace("_", " ") for name in feature.names]
+    elif all(isinstance(v, str) for v in labels):
+        names = sorted(set(labels))
+        labels = [names.index(v) for v in labels]
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        names = None
+    else:
+        raise DataError(f"{str(path)!r}: column {label_col!r} holds neither class ids nor class names")
+    return image_refs(dataset, image_col, path), list(labels), names, _name(path)
+
+
+def _name(path: Path) -> str:
+    return path.name if path.is_dir() else path.stem
