@@ -91,6 +91,11 @@ class ImagesKey:
         root = Path(root).resolve()
         digest, count = hashlib.sha256(), 0
         for path in paths:
+            if hasattr(path, "stat_key"):  # an image inside a shard or a dataset table (clipheads.data.ImageRef)
+                name, (size, mtime) = str(path), path.stat_key()
+                digest.update(f"{name}\0{size}\0{mtime}\n".encode())
+                count += 1
+                continue
             path = Path(path).resolve()
             try:
                 stat = path.stat()

@@ -40,8 +40,8 @@ def test_annotations_that_are_not_a_list(tmp_path, annotations):
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"images": {"1": IMAGES[0]}, "annotations": CAPTIONS}, "COCO 'images' must be a list of images; it is a dict"),
-    ({"images": [{"file_name": "a.png"}], "annotations": []}, "image entry 0 needs an 'id'"),
-    ({"images": IMAGES, "annotations": [{"image_id": 1}]}, "annotation 0 is not an object with a 'caption'"),
+    ({"images": [{"file_name": "a.png"}], "annotations": []}, "image 0: field 'id'"),
+    ({"images": IMAGES, "annotations": [{"image_id": 1}]}, "annotation 0: field 'caption'"),
     ({"images": IMAGES, "annotations": [{"image_id": 7, "caption": "x", "id": 3}]}, "image_id 7, which is not in"),
     ({"images": IMAGES, "annotations": CAPTIONS, "info": "COCO"}, None),  # a non-object 'info' is ignored
 ])

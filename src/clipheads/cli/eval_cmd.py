@@ -78,8 +78,8 @@ def eval_command(
     model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
-    image_root: Path = typer.Option(None, exists=True, help="Folder the image paths of a retrieval or selection file are "
-                                               "relative to (SugarCrepe: COCO's val2017/)."),
+    image_root: Path = typer.Option(None, exists=True, help="Folder the image paths of a retrieval or selection file "
+                                                            "are relative to (SugarCrepe: COCO's val2017/)."),
     mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
@@ -102,7 +102,7 @@ def eval_command(
     dataset_name: str = typer.Option(None, "--dataset", help="A clip_benchmark dataset name (flickr30k, "
                                                               "mscoco_captions, imagenet1k, ...) instead of --data, "
                                                               "built by clip_benchmark from --dataset-root."),
-    dataset_root: Path = typer.Option(None, help="--dataset: the folder clip_benchmark reads it from."),
+    dataset_root: Path = typer.Option(None, exists=True, help="--dataset: the folder clip_benchmark reads it from."),
     image_column: ImageColumn = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
@@ -120,9 +120,9 @@ def eval_command(
     if cache_dir is not None:
         check_output_dir(cache_dir)
     started = time.perf_counter()
+    head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a bad mask file fails before any work
     if (data is None) == (dataset_name is None):
         raise clipheads.ClipHeadsError("give --data PATH, or --dataset NAME --dataset-root DIR (clip_benchmark)")
-    head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a bad mask file fails before any work
     if dataset_name is not None:
         dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
         data = Path(f"clip_benchmark:{dataset_name}")

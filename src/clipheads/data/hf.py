@@ -42,6 +42,15 @@ class HFImage(ImageRef):
 
     __repr__ = __str__
 
+    def stat_key(self) -> tuple[int, int]:
+        """The size and modification time of the dataset's first Arrow file, when it is backed by files."""
+        files = getattr(self.table, "cache_files", None) or []
+        try:
+            stat = Path(files[0]["filename"]).stat()
+        except (IndexError, KeyError, OSError, TypeError):
+            return -1, -1
+        return stat.st_size, stat.st_mtime_ns
+
     def read_bytes(self) -> bytes:
         cell = self.table[self.row][self.column][0].as_py()  # arrow format: the stored cell, not decoded
         if isinstance(cell, dict):

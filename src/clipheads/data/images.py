@@ -37,6 +37,11 @@ class ImageRef:
     def read_bytes(self) -> bytes:
         raise NotImplementedError
 
+    def stat_key(self) -> tuple[int, int]:
+        """``(size, modification time in ns)`` of what holds the image, for run keys and caches without reading the
+        image (:class:`clipheads.runkey.ImagesKey`); ``(-1, -1)`` when unknown (the name alone then keys it)."""
+        return -1, -1
+
 
 ImageSource = Path | ImageRef
 

@@ -35,6 +35,13 @@ class TarMember(ImageRef):
     def __str__(self) -> str:
         return f"{self.shard}:{self.name}"
 
+    def stat_key(self) -> tuple[int, int]:
+        """The member's size and its shard's modification time."""
+        try:
+            return self.size, self.shard.stat().st_mtime_ns
+        except OSError:
+            return -1, -1
+
     def read_bytes(self) -> bytes:
         with open(self.shard, "rb") as handle:
             handle.seek(self.offset)
