@@ -27,3 +27,10 @@ NumWorkers = Annotated[int, typer.Option(help="DataLoader workers reading images
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ...")]
 Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]
+MemoryBudget = Annotated[str | None, typer.Option(
+    help="Memory for the search's cache, e.g. 512MiB, 8GiB, 2GB (default: 80% of the memory free where the cache "
+         "lives: the GPU's, else the host's). The plan (cached layers, image chunks, host or device) is printed and "
+         "saved in summary.json; scores do not depend on it.")]
+CachePrecision = Annotated[str | None, typer.Option(
+    help="dtype of the search's cached residuals: fp32, bf16 or fp16 (default: the model's; lower saves memory and "
+         "changes scores slightly).")]
