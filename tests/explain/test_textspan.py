@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clipheads.explain.decomposition import Decomposition
@@ -50,3 +51,44 @@ def test_describe_heads_labels_every_head(tmp_path):
     assert all(len(d.texts) == 3 for d in result.heads)
     loaded = TextSpanResult.load(result.save(tmp_path / "descriptions.json"))
     assert loaded.descriptions() == result.descriptions() and loaded.k == 3
+
+
+def test_moments_accumulated_over_batches_give_the_same_descriptions():
+    """TextSpan from per-head means and covariances summed batch by batch equals TextSpan over all contributions."""
+    from clipheads.explain.textspan import HeadMoments, describe_moments
+
+    g, texts = _synthetic(dim=16, n_texts=30)
+    names = [f"text {i}" for i in range(30)]
+    heads = torch.randn(61, 2, 3, 16, generator=g) * torch.linspace(0.5, 3.0, 16) + 5.0  # off-centre, unequal
+    zeros = torch.zeros(61, 4, 16)
+    full = describe_heads(Decomposition(heads, [1, 3], zeros, zeros, torch.zeros(61, 16), torch.zeros(16)), texts,
+                          names, k=4, rank=8)
+    moments = HeadMoments()
+    for start, stop in [(0, 1), (1, 20), (20, 27), (27, 61)]:
+        moments.update(heads[start:stop].flatten(1, 2))
+    flat = heads.flatten(1, 2).double().transpose(0, 1)
+    centered = flat - flat.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(moments.covariance(), centered.transpose(1, 2) @ centered / 61, atol=1e-10, rtol=0)
+    streamed = describe_moments(moments, [1, 3], 3, texts, names, k=4, rank=8)
+    assert streamed.descriptions() == full.descriptions() and streamed.n_images == 61 and streamed.rank == 8
+    for a, b in zip(streamed.heads, full.heads, strict=True):
+        assert a.explained == pytest.approx(b.explained, abs=1e-6) and a.variance == pytest.approx(b.variance)
+
+
+def test_describe_model_streams_batches_and_equals_the_whole_decomposition():
+    from clipheads.explain.decomposition import decompose_batches
+    from clipheads.explain.pipeline import describe_model
+    from clipheads.explain.pool import TextPool, known_texts
+    from clipheads.models.random_init import tiny_model
+
+    backend = tiny_model("hf", seed=2)
+    pixels = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    words = ["red", "green", "blue", "cat", "dog", "car", "tree", "house", "circle", "square"]
+    pool = TextPool([f"a {a} {b}" for a in words[:3] for b in words[3:]], [frozenset()] * 21, "test")
+    batches = [pixels[:15], pixels[15:16], pixels[16:]]
+    streamed = describe_model(backend, batches, pool, k=3, rank=8)
+    features = backend.encode_text(known_texts(backend, pool).texts).detach()
+    whole = describe_heads(decompose_batches(backend, batches), features, pool.texts, k=3, rank=8)
+    assert streamed.descriptions() == whole.descriptions() and streamed.n_images == 40
+    for a, b in zip(streamed.heads, whole.heads, strict=True):
+        assert a.explained == pytest.approx(b.explained, abs=1e-6)

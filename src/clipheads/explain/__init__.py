@@ -25,7 +25,14 @@ from clipheads.explain.judges import (
 from clipheads.explain.pipeline import describe_model, score_heads
 from clipheads.explain.pool import CONCEPT_WORDS, TextPool, default_pool, get_pool, known_texts, load_texts
 from clipheads.explain.prune import PruneReport, PruneRun, compare_pruning, prune_mask, random_heads, select_heads
-from clipheads.explain.textspan import HeadDescription, TextSpanResult, describe_heads, text_span
+from clipheads.explain.textspan import (
+    HeadDescription,
+    HeadMoments,
+    TextSpanResult,
+    describe_heads,
+    describe_moments,
+    text_span,
+)
 
 __all__ = ["CONCEPT_WORDS", "CCSResult", "Calibration", "ClipJudge", "Decomposition", "HeadConcept",
            "HeadDescription", "Judge", "JudgeError", "LLMJudge", "PrototypeJudge", "PruneReport", "PruneRun",
@@ -33,4 +40,4 @@ __all__ = ["CONCEPT_WORDS", "CCSResult", "Calibration", "ClipJudge", "Decomposit
            "compare_pruning", "concept_consistency", "decompose", "decompose_batches", "default_judge_name",
            "default_pool", "describe_heads", "describe_model", "get_pool", "known_texts",
            "load_texts", "majority", "minilm_available", "prune_mask", "random_heads", "score_heads", "select_heads",
-           "text_span"]
+           "text_span", "HeadMoments", "describe_moments"]

@@ -7,12 +7,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from clipheads.errors import ClipHeadsError
 from clipheads.eval.features import encode_text_batches
 from clipheads.explain.concepts import CCSResult, concept_consistency
-from clipheads.explain.decomposition import decompose_batches
+from clipheads.explain.decomposition import decompose
 from clipheads.explain.judges import Judge
 from clipheads.explain.pool import TextPool, default_pool, known_texts
-from clipheads.explain.textspan import TextSpanResult, describe_heads
+from clipheads.explain.textspan import HeadMoments, TextSpanResult, describe_moments
 from clipheads.models import CLIPBackend
 
 logger = logging.getLogger(__name__)
@@ -25,19 +26,26 @@ def describe_model(model: CLIPBackend, batches: Iterable[torch.Tensor], pool: Te
 
     Args:
         model: an unablated backend.
-        batches: preprocessed images, an iterable of ``[B, 3, H, W]``.
+        batches: preprocessed images, an iterable of ``[B, 3, H, W]``; their contributions are reduced to each
+            head's mean and covariance batch by batch (:class:`~clipheads.explain.textspan.HeadMoments`), so memory
+            does not grow with the number of images.
         pool: texts to describe heads with (default: :func:`~clipheads.explain.pool.default_pool`).
         pool_features: ``[M, D]`` features of ``pool.texts``, if already computed (texts the model's tokenizer
             does not know are dropped first, see :func:`~clipheads.explain.pool.known_texts`).
     """
     pool = known_texts(model, pool or default_pool())
-    decomposition = decompose_batches(model, batches, layers)
-    logger.info("decomposed %d images into %d layers x %d heads", decomposition.n_images,
-                len(decomposition.layers), model.n_heads)
+    moments, chosen = HeadMoments(), None
+    for pixels in batches:  # one batch of contributions at a time: memory independent of the number of images
+        part = decompose(model, pixels, layers)
+        moments.update(part.heads.flatten(1, 2))  # [B, S*H, D]
+        chosen = part.layers
+    if chosen is None:
+        raise ClipHeadsError("no image batches to decompose")
+    logger.info("decomposed %d images into %d layers x %d heads", moments.n, len(chosen), model.n_heads)
     if pool_features is None or len(pool_features) != len(pool):
         pool_features = encode_text_batches(model, pool.texts, text_batch_size)
-    meta = {"model": model.name, "texts": pool.source, "layers": decomposition.layers}
-    return describe_heads(decomposition, pool_features, pool.texts, k=k, rank=rank, meta=meta)
+    meta = {"model": model.name, "texts": pool.source, "layers": chosen}
+    return describe_moments(moments, chosen, model.n_heads, pool_features, pool.texts, k=k, rank=rank, meta=meta)
 
 
 def score_heads(descriptions: TextSpanResult, judges: Judge | Sequence[Judge], shape: tuple[int, int],

@@ -123,24 +123,76 @@ def text_span(contributions: torch.Tensor, text_features: torch.Tensor, k: int =
     if not 1 <= k <= text_features.shape[0]:
         raise ClipHeadsError(f"k={k} must be between 1 and the number of texts ({text_features.shape[0]})")
     texts = torch.nn.functional.normalize(text_features.double(), dim=-1)
-    results = [_text_span_chunk(contributions[i:i + chunk].double(), texts, k, min(rank, texts.shape[-1]))
+    results = [_text_span_chunk(_covariance(contributions[i:i + chunk].double()), texts, k,
+                                min(rank, texts.shape[-1]))
                for i in range(0, contributions.shape[0], chunk)]
     indices, explained, variance = (torch.cat(parts) for parts in zip(*results, strict=True))
     return indices, explained.float(), variance.float()
 
 
-def _text_span_chunk(data: torch.Tensor, texts: torch.Tensor, k: int, rank: int):
-    n_images = data.shape[1]
+def _covariance(data: torch.Tensor) -> torch.Tensor:
+    """``[G, N, D]`` -> ``[G, D, D]``: each head's covariance over the images (population, divided by N)."""
     data = data - data.mean(dim=1, keepdim=True)
-    covariance = data.transpose(1, 2) @ data / n_images  # [G, D, D]
+    return data.transpose(1, 2) @ data / data.shape[1]
+
+
+class HeadMoments:
+    """Running mean and covariance of ``G`` heads' contributions, accumulated over image batches (Chan et al.'s
+    pairwise update, in float64): TextSpan needs no more, so ``N`` images cost ``G x D x D`` doubles instead of
+    ``[N, G, D]`` contributions.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None  # [G, D]
+        self.scatter: torch.Tensor | None = None  # [G, D, D], sum of centered outer products
+
+    def update(self, contributions: torch.Tensor) -> None:
+        """Add a batch ``[B, G, D]`` (images first, as :attr:`Decomposition.heads` flattened over layers x heads)."""
+        data = contributions.double().transpose(0, 1)  # [G, B, D]
+        batch = data.shape[1]
+        if batch == 0:
+            return
+        mean = data.mean(dim=1)
+        scatter = _covariance(data) * batch
+        if self.mean is None:
+            self.n, self.mean, self.scatter = batch, mean, scatter
+            return
+        delta = mean - self.mean
+        total = self.n + batch
+        self.scatter = self.scatter + scatter + delta.unsqueeze(2) * delta.unsqueeze(1) * (self.n * batch / total)
+        self.mean = self.mean + delta * (batch / total)
+        self.n = total
+
+    def covariance(self) -> torch.Tensor:
+        """``[G, D, D]`` population covariance of each head's contributions."""
+        if self.scatter is None:
+            raise ClipHeadsError("no images were accumulated")
+        return self.scatter / self.n
+
+
+def text_span_moments(moments: HeadMoments, text_features: torch.Tensor, k: int = 5, rank: int = 80,
+                      chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`text_span` from accumulated :class:`HeadMoments` (same returns, same algorithm)."""
+    if not 1 <= k <= text_features.shape[0]:
+        raise ClipHeadsError(f"k={k} must be between 1 and the number of texts ({text_features.shape[0]})")
+    texts = torch.nn.functional.normalize(text_features.double(), dim=-1)
+    covariance = moments.covariance()
+    results = [_text_span_chunk(covariance[i:i + chunk], texts, k, min(rank, texts.shape[-1]))
+               for i in range(0, covariance.shape[0], chunk)]
+    indices, explained, variance = (torch.cat(parts) for parts in zip(*results, strict=True))
+    return indices, explained.float(), variance.float()
+
+
+def _text_span_chunk(covariance: torch.Tensor, texts: torch.Tensor, k: int, rank: int):
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
     basis = eigenvectors[..., -rank:]  # [G, D, r]
     total = covariance.diagonal(dim1=1, dim2=2).sum(-1)  # [G]
     cov_r = torch.diag_embed(eigenvalues[..., -rank:].clamp(min=0))  # covariance in principal coordinates
     texts_r = torch.einsum("md,gdr->gmr", texts, basis)  # texts projected onto each head's principal span
-    heads = torch.arange(data.shape[0])
-    indices = torch.zeros(data.shape[0], k, dtype=torch.long)
-    explained = torch.zeros(data.shape[0], k, dtype=data.dtype)
+    heads = torch.arange(covariance.shape[0])
+    indices = torch.zeros(covariance.shape[0], k, dtype=torch.long)
+    explained = torch.zeros(covariance.shape[0], k, dtype=covariance.dtype)
     for step in range(k):
         variance = torch.einsum("gmr,grs,gms->gm", texts_r, cov_r, texts_r)  # variance of C @ t per text
         pick = variance.argmax(dim=-1)
@@ -173,10 +225,30 @@ def describe_heads(decomposition: Decomposition, text_features: torch.Tensor, te
         raise ClipHeadsError("TextSpan needs at least 2 images (it explains the variance across images)")
     per_head = decomposition.heads.permute(1, 2, 0, 3).reshape(n_layers * n_heads, n_images, dim)
     indices, explained, variance = text_span(per_head, text_features.cpu(), k=k, rank=rank)
+    return _result(decomposition.layers, n_heads, texts, indices, explained, variance, k, min(rank, dim), n_images,
+                   meta)
+
+
+def describe_moments(moments: HeadMoments, layers: Sequence[int], n_heads: int, text_features: torch.Tensor,
+                     texts: Sequence[str], k: int = 5, rank: int = 80, meta: dict | None = None) -> TextSpanResult:
+    """:func:`describe_heads` from :class:`HeadMoments` of the heads of ``layers`` (layer-major, ``n_heads`` each)
+    accumulated over image batches: the same result without holding every image's contributions."""
+    if len(texts) != text_features.shape[0]:
+        raise ClipHeadsError(f"{len(texts)} texts but {text_features.shape[0]} text features")
+    if moments.n < 2:
+        raise ClipHeadsError("TextSpan needs at least 2 images (it explains the variance across images)")
+    indices, explained, variance = text_span_moments(moments, text_features.cpu(), k=k, rank=rank)
+    return _result(list(layers), n_heads, texts, indices, explained, variance, k,
+                   min(rank, moments.mean.shape[-1]), moments.n, meta)
+
+
+def _result(layers: Sequence[int], n_heads: int, texts: Sequence[str], indices: torch.Tensor,
+            explained: torch.Tensor, variance: torch.Tensor, k: int, rank: int, n_images: int,
+            meta: dict | None) -> TextSpanResult:
     heads = []
-    for i, layer in enumerate(decomposition.layers):
+    for i, layer in enumerate(layers):
         for h in range(n_heads):
             g = i * n_heads + h
             heads.append(HeadDescription(layer, h, [texts[j] for j in indices[g].tolist()],
                                          [round(v, 6) for v in explained[g].tolist()], float(variance[g])))
-    return TextSpanResult(heads, k, min(rank, dim), n_images, len(texts), meta or {})
+    return TextSpanResult(heads, k, rank, n_images, len(texts), meta or {})

@@ -7,7 +7,8 @@ order, the first plan whose estimate fits the budget:
 1. every layer cached, in the model's dtype, where the model runs, image chunks of ``batch_size`` rows;
 2. every ``k``-th layer only (``k`` = 2, 3, ... up to one cached layer, the one entering layer 0): a mask whose first
    ablated layer is not cached recomputes the unablated layers from the nearest cached one before it;
-3. one cached layer and fewer rows per forward (image chunks; the features of the chunks are concatenated);
+3. fewer rows per forward (image chunks, halved until one forward fits next to one cached layer; the features of
+   the chunks are concatenated), with as many cached layers as then fit;
 4. on CUDA only: the cache in the host's (pinned) memory, streamed to the GPU one chunk at a time, checked against
    the host's available memory.
 
@@ -197,9 +198,11 @@ def plan_cache(*, n_images: int, n_layers: int, n_heads: int, tokens: int, width
         if candidate.cache_bytes + candidate.forward_bytes <= available:
             return candidate
     last = plan(strides[-1], "device", 1)
-    rows = rows_that_fit(available - last.cache_bytes)  # 3.: image chunks
-    if rows >= 1:
-        return plan(strides[-1], "device", rows)
+    rows = rows_that_fit(available - last.cache_bytes)  # 3.: image chunks, then as many cached layers as fit
+    for stride in strides if rows >= 1 else []:
+        candidate = plan(stride, "device", rows)
+        if candidate.cache_bytes + candidate.forward_bytes <= available:
+            return candidate
     if device.type == "cuda":  # 4.: the cache on the host, one chunk at a time on the GPU
         host = default_budget("cpu") if host_budget is None else host_budget
         rows = rows_that_fit(available // 2)  # the chunk being streamed in and the forward
