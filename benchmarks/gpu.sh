@@ -14,4 +14,5 @@ for n in 8 32; do
 done
 python benchmarks/attribution_scan.py --device cuda 2>&1 | tail -25 > "$out/gpu-attribution.txt"
 python benchmarks/overhead.py --device cuda 2>&1 | tail -12 > "$out/gpu-overhead.txt"
+python benchmarks/search_scaling.py --device cuda --sizes 64,256,1024 --budget 2GiB 2>&1 | tail -8 > "$out/gpu-search-scaling.txt"
 tail -n +1 "$out"/gpu-*.txt

@@ -135,3 +135,27 @@ def test_search_help_states_bpconfig_defaults():
     for phrase in (f"default {defaults.epochs})", f"default {defaults.lr:g})", f"default {defaults.init_logit:g},",
                    f"default {defaults.threshold:g})", f"bp {defaults.beta:g} (BPConfig)"):
         assert phrase in text, phrase
+def test_memory_budget_plans_the_cache_and_says_so(world, tmp_path):
+    common = ["--model", world / "model", "--data", world / "karpathy.json", "--batch-size", 16]
+    result = invoke("scan", *common, "--out", tmp_path / "full")
+    assert result.exit_code == 0, result.output
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert full["cache_plan"]["cache_stride"] == 1 and "search cache plan (6 images): cache 2 layers" in result.output
+    # one cached layer of 6 images and chunks of 4 rows: the same scores
+    one_layer = full["cache_plan"]["cache_bytes"] // 2
+    forward_4 = full["cache_plan"]["forward_bytes"] // 4
+    budget = 2 * one_layer + forward_4 + 6 * 3 * 32 * 32 * 4 * 2  # both splits' caches and decoded pixels
+    result = invoke("scan", *common, "--memory-budget", budget, "--out", tmp_path / "small")
+    assert result.exit_code == 0, result.output
+    small = json.loads((tmp_path / "small" / "summary.json").read_text())
+    assert (small["cache_plan"]["n_cached"], small["cache_plan"]["rows"]) == (1, 4)
+    assert small["cache_plan"]["budget_bytes"] < budget  # what the held-out split left
+    assert "cache 1 layer (every 2) float32 on device" in small["cache_plan"]["description"]
+    assert "4 rows per forward" in " ".join(result.output.split())
+    scores = [json.loads((tmp_path / run / "scan.json").read_text())["heads"] for run in ("full", "small")]
+    assert scores[0] == scores[1]
+
+    bad = invoke("scan", *common, "--memory-budget", "8 parsecs", "--out", tmp_path / "bad")
+    assert "not a memory size: '8 parsecs'" in str(bad.exception) and not (tmp_path / "bad").exists()
+    tiny = invoke("scan", *common, "--memory-budget", "1KiB", "--out", tmp_path / "tiny")
+    assert "memory budget 1 KiB is too small for 6 images" in str(tiny.exception)

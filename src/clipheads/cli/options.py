@@ -97,3 +97,12 @@ TextColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the 
                                                      "captions, text ...; a string or a list per row).")]
 LabelColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the label column (default: label; "
                                                       "class names from its ClassLabel).")]
+
+
+MemoryBudget = Annotated[str | None, typer.Option(
+    help="Memory for the search's cache, e.g. 512MiB, 8GiB, 2GB (default: 80% of the memory free where the cache "
+         "lives: the GPU's, else the host's). The plan (cached layers, image chunks, host or device) is printed and "
+         "saved in summary.json; scores do not depend on it.")]
+CachePrecision = Annotated[str | None, typer.Option(
+    help="dtype of the search's cached residuals: fp32, bf16 or fp16 (default: the model's; lower saves memory and "
+         "changes scores slightly).")]

@@ -19,9 +19,11 @@ from clipheads.cli.options import (
     SPLIT_HELP,
     AllowSameSplit,
     Alpha,
+    CachePrecision,
     DataPath,
     Device,
     MeansKind,
+    MemoryBudget,
     ModelName,
     NumWorkers,
     OperatorName,
@@ -46,9 +48,16 @@ class _Run:
     """What every command sets up: the model, the process group, the search split and the held-out split."""
 
     def __init__(self, model: str, device: str, precision: str, task: str, data: Path, search_split: str | None,
-                 metric: str | None, batch_size: int, num_workers: int, skip_bad: bool, templates: Path | None):
+                 metric: str | None, batch_size: int, num_workers: int, skip_bad: bool, templates: Path | None,
+                 memory_budget: str | None = None, cache_precision: str | None = None):
         import clipheads
+        from clipheads.models import parse_dtype
         from clipheads.search import Distributed
+        from clipheads.search.memory import parse_size
+
+        self.budget = parse_size(memory_budget) if memory_budget else None  # bad sizes before the model loads
+        self.cache_dtype = parse_dtype(cache_precision)
+        self.budget_used = 0  # bytes of the caches planned so far (search and held-out split share the budget)
 
         self.dist = Distributed.from_env(device)
         if self.dist.active and device.startswith("cuda"):
@@ -85,9 +94,22 @@ class _Run:
         if op == "mean":
             means = clipheads.compute_head_means(self.backend, self.data.pixels.split(self.batch_size),
                                                  kind=self.means_kind)
-        return MaskEvaluator(self.backend, data.pixels, data.objective, op, alpha=alpha, means=means,
-                             batch_size=self.batch_size, split=data.split, distributed=self.dist,
-                             cache_stride=self.backend.n_layers if held_out else 1, progress=not held_out)
+        from clipheads.search.memory import default_budget
+
+        pixels = 0  # a given budget on the CPU covers the decoded pixels too; the default one is what is left now
+        if self.budget is None:
+            self.budget = default_budget(self.backend.device)
+        elif self.backend.device.type == "cpu":
+            pixels = data.pixels.numel() * data.pixels.element_size()
+        evaluator = MaskEvaluator(self.backend, data.pixels, data.objective, op, alpha=alpha, means=means,
+                                  batch_size=self.batch_size, split=data.split, distributed=self.dist,
+                                  cache_stride=self.backend.n_layers if held_out else None, progress=not held_out,
+                                  memory_budget=max(1, self.budget - self.budget_used), other_bytes=pixels,
+                                  cache_dtype=self.cache_dtype)
+        self.budget_used += evaluator.plan.cache_bytes + pixels
+        self.print(f"{'held-out' if held_out else 'search'} cache plan ({len(data.pixels)} images): "
+                   f"{evaluator.plan.describe()}")
+        return evaluator
 
     def attribution(self, evaluator, op: str, alpha: float | None, **options):
         """The attribution estimate of every head on the search split, reusing ``evaluator``'s unablated features
@@ -208,6 +230,8 @@ def scan_command(
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
+    memory_budget: MemoryBudget = None,
+    cache_precision: CachePrecision = None,
     skip_bad: SkipBad = False,
     method: str = typer.Option("exact", help="exact (one forward per head) or attribution (every head estimated "
                                              "from one forward pass and its backward passes; retrieval only)."),
@@ -241,7 +265,7 @@ def scan_command(
 
     check_means_kind(means)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
-               templates)
+               templates, memory_budget, cache_precision)
     run.means_kind = means
     if method == "attribution":
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
@@ -356,6 +380,8 @@ def layers_command(
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
+    memory_budget: MemoryBudget = None,
+    cache_precision: CachePrecision = None,
     skip_bad: SkipBad = False,
     generate: bool = typer.Option(False, "--generate", help="Also generate a caption per image with a decoder "
                                   "driven by the image encoder with each layer/range cancelled (and unmodified), and "
@@ -393,7 +419,8 @@ def layers_command(
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
-    run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates)
+    run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates,
+               memory_budget, cache_precision)
     run.means_kind = means
     if ranges:
         parse_layer_ranges(ranges, run.backend.n_layers)  # a bad range fails before the data is encoded
@@ -523,6 +550,8 @@ def search_command(
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
+    memory_budget: MemoryBudget = None,
+    cache_precision: CachePrecision = None,
     skip_bad: SkipBad = False,
     threads: Threads = None,
 ) -> None:
@@ -563,7 +592,7 @@ def search_command(
 
     check_means_kind(means)
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
-               templates)
+               templates, memory_budget, cache_precision)
     run.means_kind = means
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
                           strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())

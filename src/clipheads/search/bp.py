@@ -124,7 +124,6 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
     backend = evaluator.backend
     captions_of = captions_by_image(text_to_image, evaluator.n_images)
     text_features = text_features.detach().to(backend.device, torch.float32)
-    residual = evaluator.residual(0)
     n_total = evaluator.n_layers * evaluator.n_heads
 
     initial = torch.full((evaluator.n_layers, evaluator.n_heads), float(config.init_logit))
@@ -156,7 +155,7 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
                 gates = torch.sigmoid(logits)
                 mine = images[distributed.rank::distributed.world_size]  # this rank's rows, as _gather_rows expects
                 with ablate(backend, HeadMask.from_tensor(gates, backend), op=evaluator.operator):
-                    features = backend.pool(backend.run_layers(residual[mine.to(residual.device)]))
+                    features = backend.pool(backend.run_layers(evaluator.residual_rows(0, mine)))
                 features = _gather_rows(features.float(), len(images), distributed)
                 task = clip_loss(features, text_features[captions.to(text_features.device)], backend.logit_scale)
                 penalty = config.beta * (1 - gates).mean()
@@ -190,7 +189,7 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
                                                                                config.beta),
                           evaluations=evaluator.n_evaluated, history=history,
                           wall_seconds=seconds + time.perf_counter() - started, gates=gates,
-                          extra={"config": config.to_dict()})
+                          extra={"config": config.to_dict(), "cache_plan": evaluator.plan.to_dict()})
     report_heldout(result, report)
     write_result(result, out)
     return result

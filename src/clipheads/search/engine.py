@@ -2,7 +2,8 @@
 
 * The residual stream entering every layer is computed once for the evaluation images with the unablated model
   (``embed`` + ``run_layers``). A mask whose first ablated layer is ``l`` recomputes only layers ``l`` and later
-  (from the nearest cached layer at or before ``l`` when only every ``cache_stride``-th layer is kept).
+  (from the nearest cached layer at or before ``l`` when only every ``cache_stride``-th layer is kept: the unablated
+  layers in between run once per image, as when the cache was built, so the scores do not depend on the stride).
 * Masks are grouped by the cached layer they resume from and stacked along the batch: ``k`` masks x ``b`` images run as
   one ``[k*b, T, W]`` forward, with one hook per layer that gives each mask's chunk of the batch its own gate row.
 * Where the backend can split a layer into attention and the rest, the first recomputed layer's attention is computed
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from clipheads.errors import ClipHeadsError
 from clipheads.interventions import HeadMask, Operator, resolve_operator
-from clipheads.models import CLIPBackend
+from clipheads.models import CLIPBackend, parse_dtype
 from clipheads.search.distributed import SINGLE, Distributed
+from clipheads.search.memory import CachePlan, parse_size, plan_cache
 from clipheads.search.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,14 @@ class MaskEvaluator:
         op, alpha, means: the ablation operator (see :mod:`clipheads.interventions.operators`).
         batch_size: most rows (images x stacked masks) in one forward.
         masks_per_forward: masks stacked per forward (default: as many as ``batch_size`` allows, at least 1).
-        cache_stride: keep the residual entering every ``cache_stride``-th layer (1 = every layer, most memory).
+        cache_stride: keep the residual entering every ``cache_stride``-th layer (1 = every layer, most memory);
+            default: 1, or the planner's choice under a ``memory_budget``.
+        memory_budget: bytes (or a size such as ``"8GiB"``) for the cache and one forward; the evaluator then plans
+            its cache (:func:`~clipheads.search.memory.plan_cache`: fewer cached layers, smaller image chunks, the
+            host's memory on CUDA). ``None``: everything kept where the model runs (the all-in-memory path).
+        cache_dtype: dtype of the cached residuals (default the model's; a lower one changes scores slightly).
+        plan: a :class:`~clipheads.search.memory.CachePlan` to use as it is (overrides the three above).
+        other_bytes: bytes the caller holds in the same memory (e.g. decoded pixels), counted against the budget.
         split: name of the image set (for refusing to report on the split that was searched).
         distributed: rank and world size (default: one process).
         progress: show a progress bar over forward groups (main rank only).
@@ -82,23 +91,28 @@ class MaskEvaluator:
 
     def __init__(self, backend: CLIPBackend, pixels: torch.Tensor, objective: Objective,
                  op: str | Operator = "identity", *, alpha: float | None = None, means: torch.Tensor | None = None,
-                 batch_size: int = 64, masks_per_forward: int | None = None, cache_stride: int = 1, split: str = "",
-                 distributed: Distributed = SINGLE, progress: bool = False) -> None:
+                 batch_size: int = 64, masks_per_forward: int | None = None, cache_stride: int | None = None,
+                 split: str = "", distributed: Distributed = SINGLE, progress: bool = False,
+                 memory_budget: int | str | None = None, cache_dtype: torch.dtype | str | None = None,
+                 plan: CachePlan | None = None, other_bytes: int = 0) -> None:
         backend.require_unablated("the search (it installs its own hooks)")
         if len(pixels) == 0:
             raise ClipHeadsError(f"no evaluation images for the search{f' (split {split!r})' if split else ''}")
         self.backend = backend
         self.objective = objective
         self.operator = resolve_operator(op, alpha=alpha, means=means)
-        self.batch_size = max(1, int(batch_size))
         self.n_images = len(pixels)
+        self.plan = plan or self._plan(backend, pixels, batch_size, memory_budget, cache_dtype, cache_stride,
+                                       other_bytes)
+        log.info("search cache (%d images): %s", self.n_images, self.plan.describe())
+        self.batch_size = self.plan.rows
         self.image_batch = min(self.n_images, self.batch_size)
-        self.masks_per_forward = masks_per_forward or max(1, self.batch_size // self.n_images)
+        self.masks_per_forward = min(masks_per_forward or max(1, self.batch_size // self.n_images), self.batch_size)
         self.split = split
         self.distributed = distributed
         self.progress = progress
         self.n_layers, self.n_heads = backend.n_layers, backend.n_heads
-        self.cached_layers = sorted(set(range(0, self.n_layers, max(1, cache_stride))))
+        self.cached_layers = list(range(0, self.n_layers, self.plan.cache_stride))
         # split layers: share the first recomputed layer's attention over masks, last layer for the class token only
         self.fast_path = backend.supports_layer_split and backend.readout_tokens is not None
         self.n_forward_masks = 0  # masks evaluated by a forward pass (all ranks together)
@@ -108,27 +122,52 @@ class MaskEvaluator:
         self._memo: dict[bytes, float] = {self._key(HeadMask.ones(backend)): self.baseline}
 
     # ------------------------------------------------------------------ cache
+    @staticmethod
+    @torch.no_grad()
+    def _plan(backend: CLIPBackend, pixels: torch.Tensor, batch_size: int, budget: int | str | None,
+              cache_dtype: torch.dtype | str | None, cache_stride: int | None, other_bytes: int) -> CachePlan:
+        if isinstance(cache_dtype, str):
+            cache_dtype = parse_dtype(cache_dtype)
+        tokens, width = backend.embed(pixels[:1].to(backend.device, backend.dtype)).shape[1:]
+        return plan_cache(n_images=len(pixels), n_layers=backend.n_layers, n_heads=backend.n_heads, tokens=tokens,
+                          width=width, model_dtype=backend.dtype, batch_size=batch_size,
+                          budget=None if budget is None else parse_size(budget), device=backend.device,
+                          cache_dtype=cache_dtype, cache_stride=cache_stride, other_bytes=other_bytes)
+
     @torch.no_grad()  # not inference_mode: AAT-BP back-propagates from these tensors into the gates
     def _build_cache(self, pixels: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        backend = self.backend
-        cache: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cached_layers}
+        backend, plan = self.backend, self.plan
+        host = plan.location == "host"
+        cache: dict[int, torch.Tensor] = {}
         features = []
         for i in range(0, self.n_images, self.image_batch):
             x = backend.embed(pixels[i:i + self.image_batch].to(backend.device, backend.dtype))
             for layer in range(self.n_layers):
-                if layer in cache:
-                    cache[layer].append(x)
+                if layer in self.cached_layers:
+                    if layer not in cache:  # filled in place: no second copy while concatenating
+                        cache[layer] = torch.empty((self.n_images, *x.shape[1:]), dtype=plan.torch_dtype,
+                                                   device="cpu" if host else x.device,
+                                                   pin_memory=host and x.device.type == "cuda")
+                    cache[layer][i:i + len(x)].copy_(x)
                 x = backend.run_layers(x, layer, layer + 1)
             features.append(backend.pool(x))
-        return {layer: torch.cat(chunks) for layer, chunks in cache.items()}, torch.cat(features)
+        return cache, torch.cat(features)
 
     def _begin(self, layer: int) -> int:
         """The cached layer a mask whose first ablated layer is ``layer`` resumes from."""
         return max(cached for cached in self.cached_layers if cached <= layer)
 
     def residual(self, layer: int) -> torch.Tensor:
-        """Cached residual stream entering ``layer`` (must be a cached layer), ``[N, T, W]``."""
+        """Cached residual stream entering ``layer`` (must be a cached layer), ``[N, T, W]``, as stored (the plan's
+        dtype and location; :meth:`residual_rows` gives rows ready for the model)."""
         return self._cache[layer]
+
+    def residual_rows(self, layer: int, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Rows of the cached residual entering ``layer`` on the model's device in its dtype, ``[b, T, W]``."""
+        cache = self._cache[layer]
+        if isinstance(rows, torch.Tensor):
+            rows = rows.to(cache.device)
+        return cache[rows].to(self.backend.device, self.backend.dtype, non_blocking=True)
 
     # ------------------------------------------------------------------- memo
     def _key(self, mask: HeadMask) -> bytes:
@@ -213,8 +252,10 @@ class MaskEvaluator:
         with stacked_gates(backend, self.operator, gates, hooked):
             rows = max(1, self.batch_size // k)
             for i in range(0, self.n_images, rows):
-                x = self._cache[begin][i:i + rows]
-                chunks.append(self._run_stacked(x, begin, k).view(k, len(x), -1))
+                x = self.residual_rows(begin, slice(i, i + rows))
+                if begin < start:  # unablated layers between the cached one and the first ablated one, run as the
+                    x = backend.run_layers(x, begin, start)  # cache was built: the residual it would have stored
+                chunks.append(self._run_stacked(x, start, k).view(k, len(x), -1))
         return list(torch.cat(chunks, dim=1).unbind(0))
 
     def _run_stacked(self, x: torch.Tensor, begin: int, k: int) -> torch.Tensor:

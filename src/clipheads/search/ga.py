@@ -186,7 +186,7 @@ def ga_search(evaluator: MaskEvaluator, config: GAConfig, out: RunFolder | None 
                           evaluator.split, best["metric"], evaluator.baseline, best["fitness"],
                           evaluations=len(evaluated), history=state["history"],
                           wall_seconds=state["seconds"] + time.perf_counter() - started,
-                          extra={"config": config.to_dict()})
+                          extra={"config": config.to_dict(), "cache_plan": evaluator.plan.to_dict()})
     report_heldout(result, report)
     write_result(result, out)
     return result

@@ -90,7 +90,8 @@ def greedy_search(evaluator: MaskEvaluator, config: GreedyConfig, out: RunFolder
     result = SearchResult("greedy", mask, evaluator.objective.name, evaluator.operator.describe(), config.beta,
                           evaluator.split, state["metric"], evaluator.baseline, state["fitness"],
                           evaluations=evaluator.n_evaluated, history=state["history"],
-                          wall_seconds=time.perf_counter() - started, extra={"config": config.to_dict()})
+                          wall_seconds=time.perf_counter() - started,
+                          extra={"config": config.to_dict(), "cache_plan": evaluator.plan.to_dict()})
     report_heldout(result, report)
     write_result(result, out)
     return result

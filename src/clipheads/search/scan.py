@@ -157,7 +157,8 @@ def scan_search_result(scan: ScanResult, evaluator: MaskEvaluator, wall_seconds:
         mask, metric = HeadMask.from_heads(best["heads"], evaluator.backend), best["metric"]
     return SearchResult(strategy, mask, name, evaluator.operator.describe(), 0.0, evaluator.split, metric,
                         evaluator.baseline, metric, evaluations=evaluator.n_forward_masks, wall_seconds=wall_seconds,
-                        extra={"top_k": scan.top_k, "ranking": scan.ranking()})
+                        extra={"top_k": scan.top_k, "ranking": scan.ranking(),
+                               "cache_plan": evaluator.plan.to_dict()})
 
 
 # ----------------------------------------------------------------------------- layer scan
