@@ -61,8 +61,9 @@ def patch_command(
     dst = backend.as_pixels([read_image(p) for p in destinations])
     pairs = [(str(s), str(d)) for s, d in zip(sources, destinations, strict=True)]
     result = patch_effects(backend, parsed, src, dst, pairs=pairs)
-    table = Table(title=f"{backend.name}: share of the embedding change (source - destination) each patched head "
-                        f"explains, mean over {len(sources)} pair(s)")
+    console.print(f"{backend.name}: share of the embedding change (source - destination) each patched head explains, "
+                  f"mean over {len(sources)} pair(s)", soft_wrap=True)
+    table = Table()
     table.add_column("head")
     table.add_column("explained", justify="right")
     for label, value in result.mean_explained().items():
