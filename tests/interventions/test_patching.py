@@ -111,3 +111,15 @@ def test_record_stops_at_the_last_requested_layer(tiny_backend):
     recorded = record_head_outputs(tiny_backend, torch.randn(1, 3, 32, 32), [0])
     assert list(recorded) == [0]
     assert recorded[0].shape[2:] == (tiny_backend.n_heads, tiny_backend.head_dim)
+
+
+def test_evaluation_refuses_to_run_inside_a_patch(tiny_hf, tmp_path):
+    from PIL import Image
+
+    from clipheads.eval.features import encode_images
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    with clipheads.patch(tiny_hf, "L0.H0", torch.randn(1, 3, 32, 32)), \
+            pytest.raises(clipheads.ClipHeadsError, match="inside clipheads.patch"):
+        encode_images(tiny_hf, [tmp_path / "a.png"])
+    assert not tiny_hf.hooked_layers
