@@ -59,12 +59,12 @@ def atlas_command(
     from clipheads.heads import parse_layers
 
     check_output_file(out, "html")
-    paths = _image_paths(data, None, max_images, seed)
-    inputs = AtlasInputs()
+    inputs = AtlasInputs()  # the given results are read (and refused, in one line) before images and the model
     if descriptions is not None:
         inputs.descriptions = TextSpanResult.load(descriptions)
     if ccs is not None:
         inputs.ccs = CCSResult.load(ccs)
+    paths = _image_paths(data, None, max_images, seed)
     backend = clipheads.load(model, device=device)
     shape = (backend.n_layers, backend.n_heads)
     chosen = parse_layers(layers, backend.n_layers) if layers is not None else None

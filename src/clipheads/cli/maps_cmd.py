@@ -35,12 +35,17 @@ def maps_command(
     from clipheads.report.overlays import save_overlay
 
     check_output_dir(out, {"attention_*": "png", "spatial_*": "png", "maps.json": "json"})
+    head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a malformed mask: one line, first
     parsed = clipheads.parse_heads(heads)
     if not parsed:
         raise clipheads.ClipHeadsError("--heads: give at least one head, e.g. L3.H7")
     paths = _images(images, "--images")
     backend = clipheads.load(model, device=device)
-    head_mask = clipheads.HeadMask.load(mask, backend) if mask is not None else None
+    if head_mask is not None:
+        try:
+            head_mask.check(backend)
+        except clipheads.MaskError as exc:
+            raise clipheads.MaskError(f"{mask}: {exc}") from None
     for layer, head in parsed:
         if not (0 <= layer < backend.n_layers and 0 <= head < backend.n_heads):
             raise clipheads.ClipHeadsError(f"--heads: {clipheads.head_label(layer, head)} is not a head of "
