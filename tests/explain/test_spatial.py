@@ -73,3 +73,16 @@ def test_bad_heads_are_refused(tiny_backend, pixels):
         spatial_decomposition(tiny_backend, pixels, "L9.H0")
     with pytest.raises(clipheads.ClipHeadsError, match="convention"):
         spatial_decomposition(tiny_backend, pixels, "L0.H0", convention="other")
+
+
+def test_attention_maps_stop_after_the_last_requested_layer(tiny_backend, pixels):
+    calls = []
+    handle = tiny_backend.attention_module(tiny_backend.n_layers - 1).register_forward_hook(
+        lambda *_: calls.append(1))
+    try:
+        attention_maps(tiny_backend, pixels, [0])
+        assert not calls, "the last layer ran although only layer 0 was requested"
+        attention_maps(tiny_backend, pixels, [tiny_backend.n_layers - 1])
+        assert calls
+    finally:
+        handle.remove()
