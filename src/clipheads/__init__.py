@@ -18,6 +18,7 @@ from clipheads.interventions import (
     apply,
     bake,
     compute_head_means,
+    patch,
     remove,
 )
 from clipheads.models import Architecture, CLIPBackend, as_backend, load, save
@@ -27,5 +28,5 @@ __version__ = "0.1.0"
 
 __all__ = ["OPERATORS", "Architecture", "CLIPBackend", "ClipHeadsError", "DataError", "HeadMask", "MaskError",
            "ModelLoadError", "Operator", "OperatorError", "ablate", "apply", "as_backend", "bake",
-           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "remove", "save",
-           "set_threads"]
+           "compute_head_means", "head_label", "load", "parse_head", "parse_heads", "parse_layers", "patch", "remove",
+           "save", "set_threads"]

@@ -49,9 +49,10 @@ def _main_options(
 def _register_all() -> None:
     from clipheads.cli import captions_cmd, demo_cmd, eval_cmd, explain_cmd, models_cmd, search_cmd, world_cmd  # noqa: I001,E501
     from clipheads.cli import bake_cmd, finetune_cmd
+    from clipheads.cli import atlas_cmd, maps_cmd, patch_cmd
 
     for module in (demo_cmd, models_cmd, bake_cmd, eval_cmd, search_cmd, finetune_cmd, explain_cmd, world_cmd,
-                   captions_cmd):
+                   captions_cmd, patch_cmd, maps_cmd, atlas_cmd):
         module.register(app)
 
 

@@ -205,6 +205,9 @@ def _ablation(backend: CLIPBackend, mask: HeadMask | None, op: str | Operator, a
     if backend.intervention is not None:
         if mask is not None:
             raise ClipHeadsError("this model already has an ablation applied; pass mask= only to an unablated model")
+        if not hasattr(backend.intervention, "operator"):  # clipheads.patch: outputs depend on its source images
+            raise ClipHeadsError("evaluation does not run inside clipheads.patch (the patched outputs belong to its "
+                                 "source images); use patch_effects or encode_image there")
         return backend.intervention.mask, backend.intervention.operator
     if mask is None or mask.is_identity():
         return None, None
