@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from clipheads.errors import ClipHeadsError
-from clipheads.metrics.retrieval import captions_by_image, check_text_to_image
+from clipheads.metrics.retrieval import captions_by_image, check_text_to_image, clip_loss
 from clipheads.models import CLIPBackend
 
 log = logging.getLogger(__name__)
@@ -65,13 +64,7 @@ class FinetuneResult:
         return asdict(self)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Symmetric CLIP loss for matched rows of ``[B, D]`` image and text features."""
-    image_features = F.normalize(image_features, dim=-1)
-    text_features = F.normalize(text_features, dim=-1)
-    logits = logit_scale * image_features @ text_features.T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+contrastive_loss = clip_loss  # the one CLIP loss (open_clip's ClipLoss), under its earlier name here
 
 
 def require_peft(methods) -> None:
