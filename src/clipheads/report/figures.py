@@ -1,4 +1,5 @@
-"""matplotlib without a display (Agg), and PNG figures written atomically."""
+"""Figures through matplotlib's object API (``matplotlib.figure.Figure``, never pyplot's global state or backend, so a
+notebook's own figures and backend are left alone), written as PNG atomically; the one layers x heads heat map."""
 
 from __future__ import annotations
 
@@ -8,16 +9,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from clipheads.files import write_bytes_atomic
-
-
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (imported on first use: plotting is optional work)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def new_figure(figsize: tuple[float, float]):
@@ -31,8 +22,10 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG atomically; a pyplot figure is closed (one from :func:`new_figure` needs no closing)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    if getattr(fig.canvas, "manager", None) is not None:
-        pyplot().close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot (pyplot is then imported): close only it
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     write_bytes_atomic(path, buffer.getvalue())
     return Path(path)
 
