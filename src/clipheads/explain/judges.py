@@ -100,14 +100,25 @@ def calibrate(pool_features: torch.Tensor, pool: TextPool, concepts: Sequence[st
     rows = [i for i, tags in enumerate(pool.tags) if tags and i not in held_in]
     scores = _scores(pool_features[rows], _prototypes(pool_features, build)).flatten()
     positive = torch.tensor([[c in pool.tags[i] for c in concepts] for i in rows]).flatten()
+    threshold, balanced = best_threshold(scores, positive)
+    return Calibration(threshold, round(balanced, 4), int(positive.sum()), int((~positive).sum()))
+
+
+def best_threshold(scores: torch.Tensor, positive: torch.Tensor) -> tuple[float, float]:
+    """The threshold ``t`` among ``scores [M]`` whose rule ``score >= t`` best separates ``positive [M]`` (bool), by
+    balanced accuracy, and that balanced accuracy; tied scores fall on the same side (as in
+    ``sklearn.metrics.roc_curve``), so the accuracy returned is the one the threshold reaches."""
     order = scores.argsort(descending=True)
+    ranked, hits = scores[order], positive[order]
     # threshold at each sorted score: everything at or above it is called consistent
-    true_pos = positive[order].cumsum(0).double()
-    false_pos = (~positive[order]).cumsum(0).double()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    balanced = 0.5 * (true_pos / max(n_pos, 1) + 1 - false_pos / max(n_neg, 1))
+    true_pos = hits.cumsum(0).double()
+    false_pos = (~hits).cumsum(0).double()
+    balanced = 0.5 * (true_pos / max(int(positive.sum()), 1) + 1 - false_pos / max(int((~positive).sum()), 1))
+    last_of_ties = torch.ones_like(hits)
+    last_of_ties[:-1] = ranked[1:] != ranked[:-1]  # only the last of equal scores is a threshold the rule can have
+    balanced[~last_of_ties] = -1.0
     best = int(balanced.argmax())
-    return Calibration(round(float(scores[order][best]), 6), round(float(balanced[best]), 4), n_pos, n_neg)
+    return float(ranked[best]), float(balanced[best])
 
 
 class PrototypeJudge:
