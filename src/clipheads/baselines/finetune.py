@@ -34,7 +34,7 @@ class FinetuneConfig:
     rank: int = 8
     lora_alpha: int = 16
     epochs: int = 3
-    batch_size: int = 64
+    batch_size: int = 64  # pairs per step; every pair is used each epoch, the last batch may be smaller
     lr: float | None = None
     weight_decay: float = 0.1
     seed: int = 0
@@ -153,7 +153,7 @@ def finetune(
     trained, n_trainable, n_total = prepare_model(backend, config)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(images) // config.batch_size)
+    steps_per_epoch = -(-len(images) // config.batch_size)  # every pair every epoch, as AAT-BP and the captioner
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.epochs)
     logit_scale = backend.logit_scale
     text_features = text_features.to(backend.device)
