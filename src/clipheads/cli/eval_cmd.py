@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Alpha, Device, ModelName, NumWorkers
+from clipheads.cli.options import Alpha, Device, ImageRoot, ModelName, NumWorkers, SkewK, old_spelling, prefer_old
 
 console = Console()
 
@@ -48,7 +48,7 @@ def eval_command(
     model: ModelName = "bundled",
     split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
                                            "every image."),
-    image_root: Path = typer.Option(None, exists=True, help="Folder the retrieval file's image paths are relative to."),
+    image_root: ImageRoot = None,
     mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
@@ -57,7 +57,8 @@ def eval_command(
                                               "set shipped with clipheads).", exists=True),
     classnames: Path = typer.Option(None, exists=True, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
-    k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
+    skew_k: SkewK = 10,
+    k: int = old_spelling("--k", "--skew-k", min=1),
     batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
@@ -83,7 +84,7 @@ def eval_command(
     backend = clipheads.load(model, device=device)
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
-    task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": k}}.get(task, {})
+    task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": prefer_old(skew_k, k)}}.get(task, {})
     result = EVALUATORS[task](backend, dataset, head_mask, op, alpha=alpha, options=options, **task_args)
     wall = time.perf_counter() - started
 

@@ -73,3 +73,20 @@ SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corru
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
               "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")
 MeansKind = Annotated[str, typer.Option("--means", help=MEANS_HELP)]
+
+
+def old_spelling(name: str, replaced_by: str, **checks):
+    """A hidden option under an option's old spelling, kept for one release; its value (when given) wins over the
+    new option's (:func:`prefer_old`). ``checks`` are typer's (``min=``, ``exists=``)."""
+    return typer.Option(None, name, hidden=True, help=f"Old spelling of {replaced_by}, kept for one release.",
+                        **checks)
+
+
+def prefer_old(new, old):
+    """The value of an option given under its new or (see :func:`old_spelling`) its old spelling."""
+    return new if old is None else old
+
+
+SkewK = Annotated[int, typer.Option("--skew-k", min=1, help="bias: K of MaxSkew@K.")]
+ImageRoot = Annotated[Path | None, typer.Option("--image-root", exists=True, help="Folder the dataset file's image "
+                                                "paths are relative to (default: the file's own folder).")]
