@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import get_args
@@ -337,3 +338,9 @@ def test_old_spellings_are_hidden_aliases():
     for path, spelling in old.items():
         params = [p for p in COMMANDS[path].params if spelling in p.opts]
         assert len(params) == 1 and params[0].hidden and "Old spelling of" in params[0].help, (path, spelling)
+
+
+def test_the_top_help_maps_every_command_to_a_line_of_work():
+    words = set(re.findall(r"[a-z]+", ROOT.help.split("The three lines of work", 1)[1]))
+    assert {"scan", "search", "layers", "describe", "ccs", "prune"} <= words
+    assert set(ROOT.commands) <= words, set(ROOT.commands) - words
