@@ -82,3 +82,13 @@ def test_eval_refuses_empty_split_and_unknown_task(model_dir: Path, data: Path):
     assert str(result.exception).endswith("has no images in split 'val' (splits present: test, train)")
     result = CliRunner().invoke(app, [*base, "--task", "captioning"])
     assert "unknown --task 'captioning'" in str(result.exception)
+
+
+@pytest.mark.parametrize("split", ["none", "all"])
+def test_eval_split_none_uses_the_whole_file_as_scan_does(model_dir: Path, data: Path, split: str):
+    out = data / f"{split}.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
+                                      str(data / "dataset_coco.json"),
+                                      "--split", split, "--batch-size", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["dataset"]["n_images"] == 4

@@ -46,8 +46,8 @@ def eval_command(
     data: Path = typer.Option(..., "--data", "-d", exists=True,
                               help="Dataset file or folder (paths inside are relative to it)."),
     model: ModelName = "bundled",
-    split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
-                                           "every image."),
+    split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'none' (or "
+                                           "'all') uses the whole file, as in scan and search."),
     image_root: ImageRoot = None,
     mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
@@ -80,7 +80,8 @@ def eval_command(
         check_output_dir(cache_dir)
     started = time.perf_counter()
     head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a bad mask file fails before any work
-    dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames)
+    whole = split.lower() in ("none", "all", "")  # as scan and search read it
+    dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames)
     backend = clipheads.load(model, device=device)
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
