@@ -141,3 +141,19 @@ def test_every_trained_parameter_changes_the_output(kind, method):
     if method == "full":
         dead = [n for n in dead if not n.endswith("k_proj.bias")]
     assert not dead, f"trained parameters that do not change the output: {dead[:3]}"
+
+
+def test_every_pair_is_trained_on_each_epoch_even_with_a_partial_last_batch():
+    backend = make_tiny("hf", seed=6)
+    pixels, texts = _pairs(backend, n=7)
+    seen: list[int] = []
+    encode = backend.encode_image
+
+    def counting(batch, *args, **kwargs):
+        if torch.is_grad_enabled():  # training steps, not validation
+            seen.append(len(batch))
+        return encode(batch, *args, **kwargs)
+
+    backend.encode_image = counting
+    finetune(backend, pixels, texts, FinetuneConfig(method="lora", rank=2, epochs=2, batch_size=3))
+    assert seen == [3, 3, 1] * 2  # the captioner's and AAT-BP's rule: round up, nothing dropped

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import get_args
@@ -305,3 +306,45 @@ def test_a_damaged_search_folder_is_one_error_line(tmp_path, monkeypatch, capsys
     state.write_text(state.read_text()[:20])
     line = assert_error_line(*run(args, monkeypatch, capsys))
     assert f"{state} is damaged (not valid JSON" in line and "delete it to restart" in line
+
+
+# ------------------------------------------------------------------------------------------------- one meaning
+def _visible_options():
+    """(command path, longest spelling, click parameter) of every option ``--help`` shows."""
+    return [(" ".join(path), max(p.opts, key=len), p) for path, command in COMMANDS.items() for p in command.params
+            if p.param_type_name == "option" and not p.hidden]
+
+
+def test_every_option_has_help():
+    missing = [f"{path} {name}" for path, name, p in _visible_options() if not (p.help or "").strip()]
+    assert not missing, missing
+
+
+def test_options_of_the_same_name_parse_the_same_type():
+    kinds: dict[str, dict[str, str | None]] = {}
+    for path, name, p in _visible_options():
+        kinds.setdefault(name, {})[path] = _kind(p)
+    clashes = {name: by_command for name, by_command in kinds.items() if len(set(by_command.values())) > 1}
+    assert not clashes, clashes
+
+
+@pytest.mark.parametrize("name", ["--k", "--rank", "--skew-k", "--lora-rank", "--image-root"])
+def test_renamed_options_have_one_meaning(name):
+    """--k is texts per head, --rank principal directions, --skew-k MaxSkew's K, --lora-rank a LoRA rank; the old
+    spellings (eval --k, finetune --rank, captioner --images-root/--layers, prune --retrieval) are hidden aliases."""
+    found = [(p.help, p.default, _kind(p)) for _, spelled, p in _visible_options() if spelled == name]
+    assert found and len(set(found)) == 1, found
+
+
+def test_old_spellings_are_hidden_aliases():
+    old = {("eval",): "--k", ("finetune",): "--rank", ("captioner", "train"): "--images-root",
+           ("prune",): "--retrieval"}
+    for path, spelling in old.items():
+        params = [p for p in COMMANDS[path].params if spelling in p.opts]
+        assert len(params) == 1 and params[0].hidden and "Old spelling of" in params[0].help, (path, spelling)
+
+
+def test_the_top_help_maps_every_command_to_a_line_of_work():
+    words = set(re.findall(r"[a-z]+", ROOT.help.split("The three lines of work", 1)[1]))
+    assert {"scan", "search", "layers", "describe", "ccs", "prune"} <= words
+    assert set(ROOT.commands) <= words, set(ROOT.commands) - words

@@ -165,3 +165,13 @@ def test_eval_by_clip_benchmark_dataset_name(model_dir: Path, data: Path):
     result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--dataset",
                                       "flickr8k", "--dataset-root", str(root)])
     assert "clip_benchmark expects 'flickr8k' (split 'test') at" in str(result.exception)
+
+
+@pytest.mark.parametrize("split", ["none", "all"])
+def test_eval_split_none_uses_the_whole_file_as_scan_does(model_dir: Path, data: Path, split: str):
+    out = data / f"{split}.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--task", "retrieval", "--data",
+                                      str(data / "dataset_coco.json"),
+                                      "--split", split, "--batch-size", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["dataset"]["n_images"] == 4

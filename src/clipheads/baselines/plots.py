@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from clipheads.baselines.compare import ComparisonResult
-from clipheads.report.figures import pyplot, save_figure
+from clipheads.report.figures import new_figure, save_figure
 
 _COLOURS = {"reference": "#7f8c8d", "ablation": "#c0392b", "fine-tuning": "#2471a3"}
 _LINES = {"vanilla": ("#7f8c8d", ":"), "aat-ga": ("#c0392b", "--"), "aat-bp": ("#e67e22", "-.")}
@@ -16,8 +16,8 @@ _MARKERS = {"reference": "s", "ablation": "*", "fine-tuning": "o"}
 
 
 def _scatter(result: ComparisonResult, path: str | os.PathLike, x_of, xlabel: str, log_x: bool) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig = new_figure((5.6, 3.8))
+    ax = fig.add_subplot()
     for row in result.rows:
         x = x_of(row)
         ax.scatter([x], [100 * row.test_mean_recall], color=_COLOURS[row.family], marker=_MARKERS[row.family],
@@ -46,8 +46,8 @@ def plot_recall_vs_time(result: ComparisonResult, path: str | os.PathLike) -> Pa
 
 def plot_epoch_curves(result: ComparisonResult, path: str | os.PathLike) -> Path:
     """Validation mean-R after every epoch of each fine-tuning run; vanilla and AAT masks as horizontal lines."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    fig = new_figure((5.6, 3.8))
+    ax = fig.add_subplot()
     vanilla = next((r for r in result.rows if r.method == "vanilla"), None)
     curves = iter(_CURVES * len(result.rows))
     for row in result.rows:

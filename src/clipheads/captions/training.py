@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from clipheads.captions.prefix import PrefixCaptioner
 from clipheads.errors import ClipHeadsError
+from clipheads.eval.features import encode_pixel_batches
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,11 @@ class CaptionTrainResult:
         return data
 
 
-@torch.no_grad()
 def encode_images(backend, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 64,
                   progress: bool = False) -> torch.Tensor:
-    """CLIP image embeddings ``[N, D]`` (float32, CPU) of ``[N, 3, H, W]`` pixels or an iterable of pixel batches."""
-    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
-    features = [backend.encode_image(batch).float().cpu()
-                for batch in tqdm(batches, desc="encoding images", unit="batch", disable=not progress)]
-    if not features:
-        raise ClipHeadsError("no images to encode")
-    return torch.cat(features)
+    """CLIP image embeddings ``[N, D]`` (float32, CPU, not normalised) of ``[N, 3, H, W]`` pixels or an iterable of
+    pixel batches: :func:`clipheads.eval.features.encode_pixel_batches`. Raises ClipHeadsError when empty."""
+    return encode_pixel_batches(backend, images, batch_size, progress=progress)
 
 
 def train_captioner(captioner: PrefixCaptioner, image_features: torch.Tensor, captions: Sequence[str],

@@ -22,7 +22,12 @@ app = typer.Typer(
     help=("Find the attention heads of CLIP's image encoder that hurt, ablate them at virtually no cost, and "
           "explain what each head does. Heads are written L{layer}.H{head}, 0-based. Every command uses the "
           "small CLIP bundled with clipheads unless you give --model (a Hugging Face id or folder, or "
-          "open_clip:ARCH[/TAG])."),
+          "open_clip:ARCH[/TAG]).\n\n"
+          "\b\nThe three lines of work, and their commands:\n"
+          "  AAT search (find the heads that hurt):  scan, search, bake; finetune compares with fine-tuning\n"
+          "  layer-wise cancellation:                layers, captioner\n"
+          "  head explanations:                      describe, ccs, prune\n"
+          "Around them: demo (all of it on the bundled model), info, mask, eval, world."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -10,7 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import MODELS, Device, ModelName, Threads, finite
+from clipheads.cli.options import (
+    MODELS,
+    Device,
+    ImageRoot,
+    ModelName,
+    Threads,
+    finite,
+    old_spelling,
+    prefer_old,
+)
 from clipheads.errors import DataError
 
 console = Console()
@@ -93,15 +102,16 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the captioner to."),
     split: str = typer.Option("train", help="Split to train on ('train' also takes 'restval')."),
     model: ModelName = "bundled",
-    images_root: Path = typer.Option(None, exists=True,
-                                     help="Folder the image paths are relative to (default: the JSON's)."),
-    epochs: int = typer.Option(10, min=1),
-    batch_size: int = typer.Option(32, min=1),
+    image_root: ImageRoot = None,
+    epochs: int = typer.Option(10, min=1, help="Passes over the training captions."),
+    batch_size: int = typer.Option(32, min=1, help="Captions per training step."),
     lr: float = typer.Option(1e-3, callback=finite(above=0), help="AdamW learning rate."),
     prefix_length: int = typer.Option(10, min=1, help="Decoder input embeddings made from the image embedding."),
     width: int = typer.Option(256, min=8, help="Decoder width (GPT-2 n_embd)."),
-    layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
-    seed: int = typer.Option(0, min=0),
+    decoder_layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
+    images_root: Path = old_spelling("--images-root", "--image-root", exists=True),
+    layers: int = old_spelling("--layers", "--decoder-layers", min=1),
+    seed: int = typer.Option(0, min=0, help="Random seed (weights, batch order, dropout)."),
     device: Device = "cpu",
     threads: Threads = None,
 ) -> None:
@@ -112,8 +122,9 @@ def train(
     from clipheads.files import check_output_dir, write_json_atomic
     from clipheads.runtime import run_meta
 
+    layers = prefer_old(decoder_layers, layers)
     check_output_dir(out, {CONFIG_FILE: "json", "train.json": "json", DECODER_DIR: "dir"}, marker=CONFIG_FILE)
-    files, captions, index = read_karpathy_pairs(data, split, images_root)
+    files, captions, index = read_karpathy_pairs(data, split, prefer_old(image_root, images_root))
     backend = clipheads.load(model, device=device).eval()
     features = encode_images(backend, _pixel_batches(backend.preprocess, files, batch_size), progress=True)
     n_heads = 4 if width % 4 == 0 else 1
@@ -142,10 +153,10 @@ def generate(
                                       help="Image file or folder; repeat for more."),
     prefix: str = typer.Option("", help="Text every caption starts with, e.g. 'a photo of a'."),
     beams: int = typer.Option(1, min=1, help="Beam width (1 = greedy)."),
-    max_new_tokens: int = typer.Option(20, min=1),
+    max_new_tokens: int = typer.Option(20, min=1, help="Most tokens generated per caption."),
     model: str = typer.Option(None, "--model", "-m",
                               help="CLIP model: " + MODELS + " Default: the model the captioner was trained on."),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: int = typer.Option(32, min=1, help="Images per batch."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the captions to this JSON file."),
     device: Device = "cpu",
     threads: Threads = None,

@@ -14,11 +14,15 @@ from clipheads.cli.options import (
     Alpha,
     Device,
     ImageColumn,
+    ImageRoot,
     LabelColumn,
     ModelName,
     NumWorkers,
+    SkewK,
     TextColumn,
     Threads,
+    old_spelling,
+    prefer_old,
 )
 from clipheads.errors import ClipHeadsError
 
@@ -76,10 +80,9 @@ def eval_command(
                                                        "folder, parquet), webdataset shards (file, folder, pattern) "
                                                        "or ImageNet folder (paths inside are relative to it)."),
     model: ModelName = "bundled",
-    split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'all' keeps "
-                                           "every image."),
-    image_root: Path = typer.Option(None, exists=True, help="Folder the image paths of a retrieval or selection file "
-                                                            "are relative to (SugarCrepe: COCO's val2017/)."),
+    split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'none' (or "
+                                           "'all') uses the whole file, as in scan and search."),
+    image_root: ImageRoot = None,
     mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
     op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
                                             "mask) or scale (with --alpha)."),
@@ -89,7 +92,8 @@ def eval_command(
                                               "used when not given)."),
     classnames: Path = typer.Option(None, exists=True, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
-    k: int = typer.Option(10, "--k", min=1, help="bias: K of MaxSkew@K."),
+    skew_k: SkewK = 10,
+    k: int = old_spelling("--k", "--skew-k", min=1),
     batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
@@ -127,12 +131,13 @@ def eval_command(
         dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
         data = Path(f"clip_benchmark:{dataset_name}")
     else:
-        dataset = _load_data(task, data, None if split == "all" else split, image_root, templates, classnames,
+        whole = split.lower() in ("none", "all", "")  # as scan and search read it
+        dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
                              {"image": image_column, "text": text_column, "label": label_column})
     backend = clipheads.load(model, device=device)
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
-    task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": k}}.get(task, {})
+    task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": prefer_old(skew_k, k)}}.get(task, {})
     result = EVALUATORS[task](backend, dataset, head_mask, op, alpha=alpha, options=options, **task_args)
     wall = time.perf_counter() - started
 

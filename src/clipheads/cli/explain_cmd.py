@@ -11,7 +11,18 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, MeansKind, ModelName, Precision, SkipBad, Threads, finite
+from clipheads.cli.options import (
+    Device,
+    MeansKind,
+    ModelName,
+    Precision,
+    SkewK,
+    SkipBad,
+    Threads,
+    finite,
+    old_spelling,
+    prefer_old,
+)
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.files import check_output_dir
 from clipheads.runtime import run_meta
@@ -317,13 +328,15 @@ def prune(
     means_from: Path = typer.Option(None, exists=True, help="Folder of reference images for the mean operator."),
     means_kind: MeansKind = "per-position",
     seeds: int = typer.Option(3, min=1, help="Random head sets of the same size to compare with (one per seed)."),
-    retrieval: Path = typer.Option(None, exists=True, help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
+    data: Path = typer.Option(None, "--data", "-d", exists=True,
+                              help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
+    retrieval: Path = old_spelling("--retrieval", "--data", exists=True),
     split: str = typer.Option(None, help="Split of the retrieval JSON."),
     zeroshot: Path = typer.Option(None, exists=True, help="Zero-shot classification: ImageFolder or CSV image,label."),
     templates: Path = typer.Option(None, exists=True, help="Prompt templates for zero-shot, one with {} per line."),
     bias: list[Path] = typer.Option(None, exists=True,
                                     help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
-    skew_k: int = typer.Option(10, min=1, help="K of MaxSkew@K."),
+    skew_k: SkewK = 10,
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
     batch_size: ImageBatch = 32,
     device: Device = "cpu",
@@ -341,7 +354,12 @@ def prune(
 
     check_output_dir(out, {"prune.json": "json", "prune.png": "png"})
     check_means_kind(means_kind)
+    data = prefer_old(data, retrieval)
+    # the datasets given are read before the CCS file, so that a broken file is named whichever it is
+    tasks = _tasks(data, split, zeroshot, templates, bias or [], skew_k, batch_size) if (
+        data is not None or zeroshot is not None or bias) else None
     result = CCSResult.load(ccs_file)
+    tasks = tasks or _tasks(data, split, zeroshot, templates, bias or [], skew_k, batch_size)  # none given: says so
     heads = select_heads(result, group=group, top=top)
     backend = _load(model, device, precision)
     means = None
@@ -351,7 +369,6 @@ def prune(
         paths = _image_paths(means_from, None, 2000, 0)
         means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad, least=1),
                                              kind=means_kind)
-    tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
     name = f"CCS {group}" if group else f"CCS top {top}"
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
                              progress=lambda run: console.print(f"evaluating: {run}"))

@@ -11,7 +11,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, ModelName, NumWorkers, SkipBad, Threads, finite
+from clipheads.cli.options import (
+    Device,
+    ModelName,
+    NumWorkers,
+    SkipBad,
+    Threads,
+    finite,
+    old_spelling,
+    prefer_old,
+)
 
 console = Console()
 
@@ -37,7 +46,8 @@ def finetune_command(
     method: str = typer.Option("lora", help="What to train: lora (low-rank adapters on the image encoder's attention "
                                             "projections), ia3 (learned scaling vectors) or full (every weight of the "
                                             "image encoder). Ignored with --compare (see --methods)."),
-    rank: int = typer.Option(8, min=1, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
+    lora_rank: int = typer.Option(8, min=1, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
+    rank: int = old_spelling("--rank", "--lora-rank", min=1),
     epochs: int = typer.Option(3, min=1,
                                help="Passes over the training images (each with one of its captions at random)."),
     lr: float = typer.Option(None, help="Learning rate (AdamW, cosine decay); default 1e-3 for lora/ia3, 1e-5 for "
@@ -87,8 +97,9 @@ def finetune_command(
 
     if method not in ("lora", "ia3", "full"):
         raise ClipHeadsError(f"unknown --method {method!r}; choose lora, ia3 or full")
+    rank = prefer_old(lora_rank, rank)
     if rank < 1:
-        raise ClipHeadsError(f"--rank must be at least 1 (got {rank})")
+        raise ClipHeadsError(f"--lora-rank must be at least 1 (got {rank})")
     name = f"lora-r{rank}" if method == "lora" else method
     chosen = parse_methods(methods) if compare else ["vanilla", name]
     require_peft(chosen)

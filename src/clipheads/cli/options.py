@@ -106,3 +106,20 @@ MemoryBudget = Annotated[str | None, typer.Option(
 CachePrecision = Annotated[str | None, typer.Option(
     help="dtype of the search's cached residuals: fp32, bf16 or fp16 (default: the model's; lower saves memory and "
          "changes scores slightly).")]
+
+
+def old_spelling(name: str, replaced_by: str, **checks):
+    """A hidden option under an option's old spelling, kept for one release; its value (when given) wins over the
+    new option's (:func:`prefer_old`). ``checks`` are typer's (``min=``, ``exists=``)."""
+    return typer.Option(None, name, hidden=True, help=f"Old spelling of {replaced_by}, kept for one release.",
+                        **checks)
+
+
+def prefer_old(new, old):
+    """The value of an option given under its new or (see :func:`old_spelling`) its old spelling."""
+    return new if old is None else old
+
+
+SkewK = Annotated[int, typer.Option("--skew-k", min=1, help="bias: K of MaxSkew@K.")]
+ImageRoot = Annotated[Path | None, typer.Option("--image-root", exists=True, help="Folder the dataset file's image "
+                                                "paths are relative to (default: the file's own folder).")]

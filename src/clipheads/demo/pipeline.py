@@ -25,6 +25,7 @@ from clipheads.demo.cue import cue_share
 from clipheads.demo.data import RetrievalSet, load_retrieval_set
 from clipheads.files import check_output_dir, write_json_atomic
 from clipheads.heads import parse_layer_ranges
+from clipheads.metrics.matching import caption_selection_metrics
 from clipheads.progress import StageEvent, Stages
 from clipheads.runtime import run_meta
 from clipheads.search import (
@@ -99,21 +100,15 @@ def load_selection_set(backend, path: Path, limit: int | None = None) -> Selecti
 
 @torch.inference_mode()
 def caption_selection(backend, data: SelectionSet, mask=None, op: str = "identity") -> dict:
-    """Pick the best of each image's candidate captions; accuracy, CLIP score (100*max(cos,0)) and raw cosine of the
-    selected caption, and every candidate's logit."""
+    """Pick the best of each image's candidate captions (:func:`clipheads.metrics.caption_selection_metrics`):
+    accuracy (%), CLIP score (100*max(cos,0)) and raw cosine of the selected caption, and every candidate's logit."""
     with clipheads.ablate(backend, mask, op=op) if mask is not None else nullcontext():
         images = backend.encode_image(data.pixels, normalize=True).float()
-    correct, cosines, logits = 0, [], []
-    for image, texts, item in zip(images, data.candidates, data.items, strict=True):
-        cos = texts @ image
-        choice = int(cos.argmax())
-        correct += choice == item["answer"]
-        cosines.append(float(cos[choice]))
-        logits.append((backend.logit_scale * cos).tolist())
-    first = data.items[0]["candidates"][int(torch.tensor(logits[0]).argmax())]
-    return {"accuracy": 100 * correct / len(data.items),
-            "clip_score": sum(100 * max(c, 0) for c in cosines) / len(cosines),
-            "cosine": sum(cosines) / len(cosines), "logits": logits, "selected_first": first}
+    candidate_image = [i for i, texts in enumerate(data.candidates) for _ in range(len(texts))]
+    result = caption_selection_metrics(images, torch.cat(data.candidates), candidate_image,
+                                       [item["answer"] for item in data.items], backend.logit_scale)
+    return {"accuracy": 100 * result.acc, "clip_score": result.clip_score, "cosine": result.cosine,
+            "logits": result.logits, "selected_first": data.items[0]["candidates"][result.predictions[0]]}
 
 
 def stage_plan(config: DemoConfig) -> dict[str, float]:

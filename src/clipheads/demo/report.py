@@ -10,7 +10,7 @@ import torch
 from clipheads.explain.plots import ccs_figure
 from clipheads.heads import head_label, parse_head
 from clipheads.report import Report
-from clipheads.report.figures import new_figure
+from clipheads.report.figures import heads_heatmap, new_figure
 from clipheads.search.plots import head_effects_figure
 
 SPLITS = ("val_ood", "test_ood", "test_iid", "test_anti")
@@ -20,23 +20,13 @@ SPLIT_NOTES = {"val_ood": "search split, cue random", "test_ood": "held out, cue
 
 def heatmap(values: torch.Tensor, title: str, label: str = ""):
     """A layers x heads heat map of non-negative values (e.g. shares) on a sequential scale from 0, values written in
-    the cells."""
+    the cells (:func:`clipheads.report.figures.heads_heatmap`)."""
     n_layers, n_heads = values.shape
-    fig = new_figure((1.4 + 0.6 * n_heads, 0.9 + 0.45 * n_layers))
-    ax = fig.add_subplot()
     top = float(values.max()) if float(values.max()) > 0 else 1.0
-    image = ax.imshow(values.numpy(), cmap="Purples", vmin=min(0.0, float(values.min())), vmax=top, aspect="auto")
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            value = float(values[layer, head])
-            ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=6.5,
-                    color="white" if value > 0.6 * top else "black")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(n_heads))
-    ax.set_yticks(range(n_layers))
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=label)
+    fig, _, _, _ = heads_heatmap(values, (1.4 + 0.6 * n_heads, 0.9 + 0.45 * n_layers), title, label,
+                                 scale={"cmap": "Purples", "vmin": min(0.0, float(values.min())), "vmax": top},
+                                 fmt=lambda value: f"{value:.2f}",
+                                 text_color=lambda value, _: "white" if value > 0.6 * top else "black")
     return fig
 
 

@@ -19,7 +19,7 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -266,6 +266,25 @@ def warn_unknown_words(backend: CLIPBackend, texts: Sequence[str]) -> None:
                    what, 100 * fraction)
 
 
+@torch.no_grad()
+def encode_pixel_batches(backend: CLIPBackend, batches: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 64,
+                         *, normalize: bool = False, progress: bool = False) -> torch.Tensor:
+    """``[N, D]`` float32 CPU image features of ``[N, 3, H, W]`` preprocessed pixels (split into ``batch_size``
+    batches) or of an iterable of pixel batches, uncached, with whatever ablation is active on ``backend``.
+
+    The one image encoder behind :func:`encode_images` (files, cached), the captioner's and the world's.
+    ``normalize`` L2-normalises each row. Runs under ``no_grad`` (not inference mode), so the features can feed a
+    model in training. Raises :class:`DataError` when there is no image.
+    """
+    if isinstance(batches, torch.Tensor):
+        batches = batches.split(batch_size)
+    features = [backend.encode_image(batch, normalize=normalize).float().cpu()
+                for batch in tqdm(batches, desc="encoding images", unit="batch", disable=not progress, leave=False)]
+    if not features:
+        raise DataError("no images to encode")
+    return torch.cat(features)
+
+
 @torch.inference_mode()
 def encode_texts(model: CLIPBackend | nn.Module, texts: Sequence[str], options: EncodeOptions | None = None,
                  **overrides) -> torch.Tensor:
@@ -347,7 +366,7 @@ def _encode_images(backend: CLIPBackend, paths: list[Path], mask: HeadMask | Non
     ablation = ablate(backend, mask, operator) if mask is not None else nullcontext()
     with ablation, precision_context(backend.device, opts.precision):
         for batch in iter_pixels(loader, opts.skip_bad, skipped, opts.progress):
-            features = backend.encode_image(batch.pixels, normalize=True).float().cpu()
+            features = encode_pixel_batches(backend, [batch.pixels], normalize=True)
             rows.update(zip(batch.indices.tolist(), features, strict=True))
     if not rows:
         raise DataError(f"none of the {len(unique)} images could be read (first: {str(unique[0])!r})")

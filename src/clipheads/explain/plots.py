@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clipheads.report.figures import new_figure, save_figure
+from clipheads.report.figures import heads_heatmap, new_figure, outline_heads, save_figure
 
 
 def ccs_figure(scores: torch.Tensor, k: int, title: str = "Concept Consistency Score",
@@ -17,31 +17,15 @@ def ccs_figure(scores: torch.Tensor, k: int, title: str = "Concept Consistency S
     fixed range 0..``k``, each described head's score written in its cell; ``marked`` heads (``L{l}.H{h}``) are
     outlined. Returns a ``matplotlib.figure.Figure`` (value texts have gid ``"value:<head>"``)."""
     from matplotlib import colormaps
-    from matplotlib.patches import Rectangle
-
-    from clipheads.heads import head_label, parse_head
 
     n_layers, n_heads = scores.shape
-    fig = new_figure((max(4.0, 0.5 * n_heads + 1.8), max(2.5, 0.42 * n_layers + 1.2)))
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(scores.float().numpy(), cmap=cmap, vmin=0, vmax=k, aspect="auto")
-    for layer in range(n_layers):
-        for head in range(n_heads):
-            value = float(scores[layer, head])
-            if value == value:  # not NaN
-                ax.text(head, layer, f"{value:g}", ha="center", va="center", fontsize=7,
-                        color="white" if value < 0.6 * k else "black", gid=f"value:{head_label(layer, head)}")
-    for label in marked:
-        layer, head = parse_head(label)
-        ax.add_patch(Rectangle((head - 0.47, layer - 0.47), 0.94, 0.94, fill=False, edgecolor="#c0392b",
-                               linewidth=1.6, gid=f"marked:{head_label(layer, head)}"))
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(n_heads))
-    ax.set_yticks(range(n_layers))
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=f"CCS (0..{k}; grey: not described)", ticks=range(k + 1))
+    fig, ax, _, _ = heads_heatmap(
+        scores, (max(4.0, 0.5 * n_heads + 1.8), max(2.5, 0.42 * n_layers + 1.2)), title,
+        f"CCS (0..{k}; grey: not described)", scale={"cmap": colormaps["viridis"].with_extremes(bad="#dddddd"),
+                                                    "vmin": 0, "vmax": k},
+        fmt=lambda value: f"{value:g}", text_color=lambda value, _: "white" if value < 0.6 * k else "black",
+        ticks=range(k + 1), fontsize=7)
+    outline_heads(ax, marked, "marked:", inset=0.03, edgecolor="#c0392b")
     return fig
 
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from clipheads.errors import DataError
 
@@ -87,3 +88,13 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         top_texts = scores.T.topk(min(k, n_texts), dim=1).indices  # [N_img, k]
         text_recall[k] = int(positive.T.gather(1, top_texts).any(1).sum()) / n_images
     return RetrievalResult(image_recall, text_recall, n_images, n_texts)
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float | torch.Tensor
+              ) -> torch.Tensor:
+    """Symmetric CLIP contrastive loss (a scalar) of matched rows of ``[B, D]`` image and text features, which are
+    L2-normalised first: open_clip's own :class:`open_clip.loss.ClipLoss` on one process (the AAT-BP search
+    gathers its rows across ranks itself). ``logit_scale`` is the exponentiated scale (e.g. 100)."""
+    from open_clip.loss import ClipLoss
+
+    return ClipLoss()(F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), logit_scale)

@@ -310,10 +310,19 @@ def _local_first(arch: str, pretrained: str | None) -> tuple[str, str | None, di
     return arch, pretrained, {}
 
 
-def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
+TINY_OPEN_CLIP = "ClipHeads-Tiny-ViT"
+
+
+def register_open_clip_configs() -> None:
+    """Make open_clip know the tiny test architecture shipped with clipheads (``ClipHeads-Tiny-ViT``)."""
     import open_clip
 
-    from clipheads.models.random_init import register_open_clip_configs
+    if TINY_OPEN_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).resolve().parent.parent / "assets" / "open_clip_configs")
+
+
+def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
+    import open_clip
 
     register_open_clip_configs()
     arch, tag = parse_open_clip_name(name)

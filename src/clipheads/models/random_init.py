@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from clipheads.models.hf import HFBackend, SiglipBackend
-from clipheads.models.openclip import OpenCLIPBackend
+from clipheads.models.openclip import TINY_OPEN_CLIP, OpenCLIPBackend, register_open_clip_configs
 
 # vision settings of real models (hidden, layers, heads, mlp, patch, image)
 VISION_PRESETS = {
@@ -93,17 +93,6 @@ def random_siglip(preset: str = "tiny", seed: int = 0, text_layers: int = 2,
     torch.manual_seed(seed)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     return SiglipBackend(model.eval(), f"random-siglip-{preset}", tokenizer=tokenizer)
-
-
-TINY_OPEN_CLIP = "ClipHeads-Tiny-ViT"
-
-
-def register_open_clip_configs() -> None:
-    """Make open_clip know the tiny test architecture shipped with clipheads (``ClipHeads-Tiny-ViT``)."""
-    import open_clip
-
-    if TINY_OPEN_CLIP not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).resolve().parent.parent / "assets" / "open_clip_configs")
 
 
 def random_open_clip(arch: str = "ViT-B-32", seed: int = 0) -> OpenCLIPBackend:

@@ -15,13 +15,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from clipheads.errors import require
 from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask, ablate
-from clipheads.metrics.retrieval import captions_by_image
+from clipheads.metrics.retrieval import captions_by_image, clip_loss
 from clipheads.models.base import frozen_parameters
 from clipheads.search.distributed import Distributed
 from clipheads.search.engine import MaskEvaluator
@@ -62,13 +61,6 @@ class BPConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Symmetric CLIP contrastive loss of matched rows of ``[B, D]`` image and text features."""
-    logits = logit_scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def threshold_mask(gates: torch.Tensor, threshold: float, target) -> HeadMask:

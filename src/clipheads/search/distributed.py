@@ -7,6 +7,7 @@ next generation depends on the fitness of the whole population. Only the main ra
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Sequence
@@ -19,6 +20,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _destroy_process_group() -> None:
+    """Tear down the process group at exit (an undestroyed group warns, and can abort the process, at shutdown)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class Distributed:
             if on_cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+            atexit.register(_destroy_process_group)  # the group we created is ours to tear down
         log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
         return cls(dist.get_rank(), dist.get_world_size())
 

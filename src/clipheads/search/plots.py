@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from clipheads.report.figures import new_figure, save_figure
+from clipheads.report.figures import heads_heatmap, new_figure, outline_heads, save_figure
 
 MARK_STYLES = ({"linestyle": "-", "inset": 0.03}, {"linestyle": "--", "inset": 0.10}, {"linestyle": ":", "inset": 0.17})
 
@@ -46,14 +46,9 @@ def head_effects_figure(delta: torch.Tensor, title: str = "Single-head ablation"
     """
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
-
-    from clipheads.heads import head_label, parse_head
 
     values = delta.detach().float().cpu()
     n_layers, n_heads = values.shape
-    fig = new_figure((max(4.0, 0.6 * n_heads + 2.2), max(2.5, 0.45 * n_layers + 1.3)))
-    ax = fig.add_subplot()
     finite = values[torch.isfinite(values)]
     if gates:
         scale = {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0}
@@ -64,24 +59,12 @@ def head_effects_figure(delta: torch.Tensor, title: str = "Single-head ablation"
         # both sides need a range; a side without values mirrors the other
         norm = TwoSlopeNorm(vcenter=0.0, vmin=low if low < 0 else -bound, vmax=high if high > 0 else bound)
         scale = {"cmap": "RdBu_r", "norm": norm}
-    image = ax.imshow(values.numpy(), aspect="auto", **scale)
-    if annotate if annotate is not None else n_layers * n_heads <= 400:
-        digits = 2 if gates else _decimals(finite)
-        for layer in range(n_layers):
-            for head in range(n_heads):
-                value = float(values[layer, head])
-                if value != value:  # NaN
-                    continue
-                shade = image.norm(value)
-                ax.text(head, layer, f"{value:.{digits}f}" if gates else f"{value:+.{digits}f}", ha="center",
-                        va="center", fontsize=6.5, color="white" if (shade < 0.4 if gates else abs(shade - 0.5) > 0.3)
-                        else "black", gid=f"value:{head_label(layer, head)}")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(n_heads))
-    ax.set_yticks(range(n_layers))
-    ax.set_title(title)
-    bar = fig.colorbar(image, ax=ax, label=label)
+    digits = 2 if gates else _decimals(finite)
+    write = annotate if annotate is not None else n_layers * n_heads <= 400
+    fig, ax, _, bar = heads_heatmap(
+        values, (max(4.0, 0.6 * n_heads + 2.2), max(2.5, 0.45 * n_layers + 1.3)), title, label, scale=scale,
+        fmt=(lambda value: f"{value:.{digits}f}" if gates else f"{value:+.{digits}f}") if write else None,
+        text_color=lambda _, shade: "white" if (shade < 0.4 if gates else abs(shade - 0.5) > 0.3) else "black")
     if not gates:  # each sign gets half of the bar, as in the cells (ticks stay in data units)
         bar.ax.set_yscale("function", functions=(norm, norm.inverse))
         bar.set_ticks([norm.vmin, norm.vmin / 2, 0.0, norm.vmax / 2, norm.vmax])
@@ -91,12 +74,7 @@ def head_effects_figure(delta: torch.Tensor, title: str = "Single-head ablation"
         raise ValueError(f"at most {len(MARK_STYLES)} marked masks per heat map (got {len(groups)})")
     handles = []
     for (name, heads), style in zip(groups.items(), MARK_STYLES, strict=False):
-        inset = style["inset"]
-        for head in heads:
-            layer, h = parse_head(head)
-            ax.add_patch(Rectangle((h - 0.5 + inset, layer - 0.5 + inset), 1 - 2 * inset, 1 - 2 * inset, fill=False,
-                                   edgecolor="black", linewidth=1.6, linestyle=style["linestyle"],
-                                   gid=f"ablated:{name}:{head_label(layer, h)}"))
+        outline_heads(ax, heads, f"ablated:{name}:", inset=style["inset"], linestyle=style["linestyle"])
         if heads:
             handles.append(Line2D([], [], color="black", linewidth=1.6, linestyle=style["linestyle"],
                                   label=f"ablated by {name}" if name else "ablated"))

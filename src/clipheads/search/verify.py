@@ -17,7 +17,7 @@ import torch
 from clipheads.errors import ClipHeadsError
 from clipheads.heads import head_label, parse_head
 from clipheads.interventions import HeadMask
-from clipheads.report.figures import pyplot, save_figure
+from clipheads.report.figures import new_figure, save_figure
 from clipheads.search.engine import MaskEvaluator
 
 
@@ -95,8 +95,8 @@ def verify_attribution(evaluator: MaskEvaluator, estimated_delta: torch.Tensor, 
 
 def plot_estimate_vs_exact(verification: Verification, path: str | os.PathLike) -> Path:
     """Scatter of estimated (x) vs exact (y) change per verified head, each point labelled with its head."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    fig = new_figure((5.2, 4.2))
+    ax = fig.add_subplot()
     colours = {"harmful": "#c0392b", "beneficial": "#2e86c1"}
     for group, colour in colours.items():
         points = [(e, x) for g, e, x in zip(verification.groups, verification.estimated, verification.exact,

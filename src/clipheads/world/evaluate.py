@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipheads.eval.features import encode_text_batches
+from clipheads.eval.features import encode_pixel_batches, encode_text_batches
 from clipheads.metrics import retrieval_metrics
 from clipheads.models.base import CLIPBackend
 from clipheads.world.grammar import positional_caption, shape_swapped_caption
@@ -69,14 +69,12 @@ def _caption_with_first_shape(objects: list[WorldObject], shape: str) -> str:
     return positional_caption(scene)
 
 
-@torch.inference_mode()
 def encode_images(backend: CLIPBackend, images: Sequence[Image.Image], batch_size: int = 250) -> torch.Tensor:
-    """``[N, D]`` L2-normalised image features through the backend's own preprocessing and encoder."""
-    features = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.stack([backend.preprocess(im) for im in images[start:start + batch_size]])
-        features.append(backend.encode_image(pixels, normalize=True).float().cpu())
-    return torch.cat(features)
+    """``[N, D]`` L2-normalised image features through the backend's own preprocessing and encoder
+    (:func:`clipheads.eval.features.encode_pixel_batches`, preprocessed ``batch_size`` images at a time)."""
+    batches = (torch.stack([backend.preprocess(im) for im in images[start:start + batch_size]])
+               for start in range(0, len(images), batch_size))
+    return encode_pixel_batches(backend, batches, normalize=True)
 
 
 @dataclass

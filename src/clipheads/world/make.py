@@ -429,20 +429,24 @@ def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = No
 
 
 def read_split(retrieval_json: str | Path, split: str) -> list[dict]:
-    """Entries of one split of a world's Karpathy JSON, with ``path`` (absolute) added to each."""
+    """Entries of one split of a world's Karpathy JSON, with ``path`` (absolute) added to each; the paths and
+    captions are read by the general reader, :func:`clipheads.data.retrieval.read_karpathy` (the entries add the
+    world's scene metadata). A split without images gives ``[]``."""
+    from clipheads.data.io import read_json
+    from clipheads.data.retrieval import read_karpathy
+
     retrieval_json = Path(retrieval_json)
     if retrieval_json.is_dir():
         retrieval_json = retrieval_json / RETRIEVAL_FILE
     if not retrieval_json.exists():
         raise DataError(f"{retrieval_json} not found: write a world first with `clipheads world make --out DIR`")
-    import json
-
-    try:
-        data = json.loads(retrieval_json.read_text())
-        images = data["images"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{retrieval_json} is not a Karpathy-style JSON with an 'images' list ({exc})") from None
+    data = read_json(retrieval_json)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list) or not all(isinstance(e, dict) for e in images):
+        raise DataError(f"{retrieval_json} is not a Karpathy-style JSON with an 'images' list")
     entries = [dict(e) for e in images if e.get("split") == split]
-    for entry in entries:
-        entry["path"] = str(retrieval_json.parent / entry.get("filepath", "") / entry["filename"])
+    if entries:
+        dataset = read_karpathy(retrieval_json, split, retrieval_json.parent)
+        for entry, path in zip(entries, dataset.image_paths, strict=True):
+            entry["path"] = str(path)
     return entries
