@@ -35,8 +35,15 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-                    for row in csv.DictReader(handle, delimiter=delimiter)]
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader puts the cells past the header's under the key None, as a list
+                    raise DataError(f"{str(path)!r} line {reader.line_num} has more cells than its header has "
+                                    f"columns ({len(reader.fieldnames or ())}): is it a "
+                                    f"{'TSV' if delimiter == chr(9) else 'CSV'} file with a header row? (quote cells "
+                                    "that hold the delimiter)")
+                rows.append({(k or "").strip().lower(): (v or "").strip() for k, v in row.items()})
     except (csv.Error, UnicodeDecodeError) as exc:
         raise DataError(f"cannot parse {str(path)!r} as {'TSV' if delimiter == chr(9) else 'CSV'} ({exc})") from None
     return rows

@@ -1,0 +1,58 @@
+"""Inputs of the kinds issues 16 and 17 list, but not the examples they named (found by trying to break the CLI):
+each is refused with one ``error:`` line and exit code 2, before any work, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipheads.runtime import available_cores
+
+
+def test_zeroshot_given_a_json_file_is_one_line(tmp_path, run_main):
+    """A JSON file read as a CSV table (``--task zeroshot --data retrieval.json``): its rows have more cells than
+    its header, which ``csv.DictReader`` hides under the key None (a list): it was an AttributeError."""
+    data = tmp_path / "retrieval.json"
+    data.write_text(json.dumps({"images": [{"filename": "a.png", "sentences": [{"raw": "a cat"}]}]}, indent=1))
+    code, out, err = run_main("eval", "--task", "zeroshot", "--data", data, "--out", tmp_path / "e.json")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "more cells than its header" in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_csv_row_longer_than_its_header_is_one_line(tmp_path):
+    from clipheads.data.io import read_table
+    from clipheads.errors import DataError
+
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\na.png,a cat, sitting\n")
+    with pytest.raises(DataError, match="line 2 has more cells than its header has columns"):
+        read_table(table)
+
+
+def test_threads_above_the_cores_is_one_line(tmp_path, run_main):
+    """``--threads 100000`` started 100000 torch threads: loading the model then failed with 'unable to mmap ...:
+    Cannot allocate memory' (a wrong message), and the next command of the same process too."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_main("eval", "--task", "retrieval", "--data", tmp_path, "--out", tmp_path / "e.json",
+                                "--threads", available_cores() + 1, forbid_load=True)
+    finally:
+        torch.set_num_threads(before)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert f"is more than the {available_cores()} cores" in err
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("sweep", ["0.1,nan", "inf", "0,-inf"])
+def test_beta_sweep_refuses_non_finite_betas_before_work(tmp_path, run_main, sweep):
+    """``--beta-sweep 0.1,nan`` (``--beta nan`` is refused at parse) wrote a run folder, scanned every head, then
+    ended in a ValueError traceback while writing the nan fitness as JSON."""
+    code, _, err = run_main("search", "--data", tmp_path, "--beta-sweep", sweep, "--out", tmp_path / "s",
+                            forbid_load=True)
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "--beta-sweep takes finite numbers" in err
+    assert not (tmp_path / "s").exists()
