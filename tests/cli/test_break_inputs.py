@@ -56,3 +56,13 @@ def test_beta_sweep_refuses_non_finite_betas_before_work(tmp_path, run_main, swe
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     assert "--beta-sweep takes finite numbers" in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_dataset_of_another_task_names_the_task_it_was_read_as(tmp_path, run_main):
+    """``clipheads layers --data retrieval.json`` (layers' default task is selection, scan's is retrieval) said only
+    "item 0 needs 'image', 'candidates' and 'answer'", not that the file was read as a caption-selection dataset."""
+    data = tmp_path / "retrieval.json"
+    data.write_text(json.dumps({"images": [{"filename": "a.png", "split": "val", "sentences": [{"raw": "a cat"}]}]}))
+    code, _, err = run_main("layers", "--data", data, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "needs 'image', 'candidates' and 'answer' (read as a selection dataset: --task selection)" in err

@@ -13,7 +13,7 @@ console = Console()
 
 
 def bake_command(
-    mask: Path = typer.Option(..., "--mask", help="Head mask JSON (clipheads mask / search / scan)."),
+    mask: Path = typer.Option(..., "--mask", exists=True, help="Head mask JSON (clipheads mask / search / scan)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the baked model to (new or empty)."),
     op: str = typer.Option("zero", help="Operator folded into the output projections: zero (default), mean (head "
                                          "means stored in the mask: clipheads mask --means-from) or scale."),
