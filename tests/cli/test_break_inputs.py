@@ -66,3 +66,12 @@ def test_a_dataset_of_another_task_names_the_task_it_was_read_as(tmp_path, run_m
     code, _, err = run_main("layers", "--data", data, "--out", tmp_path / "out")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "needs 'image', 'candidates' and 'answer' (read as a selection dataset: --task selection)" in err
+
+
+def test_means_from_a_file_says_it_is_a_file(tmp_path, run_main):
+    """``mask --means-from retrieval.json`` said "no images (.png/.jpg/...) found under 'retrieval.json'"."""
+    data = tmp_path / "retrieval.json"
+    data.write_text("{}")
+    code, _, err = run_main("mask", "--out", tmp_path / "m.json", "--heads", "L0.H1", "--means-from", data)
+    assert code == 2 and err.count("\n") == 1 and "is a file; give a folder of reference images" in err
+    assert not (tmp_path / "m.json").exists()
