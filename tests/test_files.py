@@ -152,12 +152,23 @@ def _one_error_line(code: int, err: str) -> str:
     return lines[0]
 
 
+@pytest.fixture()
+def inputs(tmp_path, monkeypatch):
+    """The commands' input paths of COMMANDS, present in the working folder: input paths are checked while the
+    command line is parsed, so the output check is reached only when they exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("{}")
+    (tmp_path / "ccs.json").write_text("{}")
+    for folder in ("images", "world", "cap"):
+        (tmp_path / folder).mkdir()
+
+
 def _args(name: str, bad: Path, ok: Path) -> list[str]:
     return [part.replace("{bad}", str(bad)).replace("{ok}", str(ok)) for part in COMMANDS[name]]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, run_main, name):
+def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, run_main, inputs, name):
     (tmp_path / "file").write_text("mine")
     code, _, err = run_main(*_args(name, tmp_path / "file" / "out", tmp_path), forbid_load=True)
     assert "is a file, not a folder" in _one_error_line(code, err)
@@ -165,7 +176,7 @@ def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, run_main, n
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_every_writing_command_refuses_an_unwritable_folder(tmp_path, run_main, monkeypatch, name):
+def test_every_writing_command_refuses_an_unwritable_folder(tmp_path, run_main, inputs, monkeypatch, name):
     locked = tmp_path / "locked"
     locked.mkdir()
     _deny_writes(monkeypatch, locked)
@@ -177,7 +188,7 @@ def test_every_writing_command_refuses_an_unwritable_folder(tmp_path, run_main, 
 
 
 @pytest.mark.parametrize("name", [n for n in COMMANDS if n != "eval --cache-dir"])
-def test_a_folder_where_a_file_is_expected_and_a_file_where_a_folder_is(tmp_path, run_main, name):
+def test_a_folder_where_a_file_is_expected_and_a_file_where_a_folder_is(tmp_path, run_main, inputs, name):
     if name in FILE_OUTPUTS:
         (tmp_path / "bad").mkdir()
         expected = "it is a folder"

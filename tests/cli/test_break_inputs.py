@@ -75,3 +75,22 @@ def test_means_from_a_file_says_it_is_a_file(tmp_path, run_main):
     code, _, err = run_main("mask", "--out", tmp_path / "m.json", "--heads", "L0.H1", "--means-from", data)
     assert code == 2 and err.count("\n") == 1 and "is a file; give a folder of reference images" in err
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("target", ["data", "mask", "data-by-symlink"])
+def test_eval_never_writes_its_result_over_an_input(tmp_path, run_main, target):
+    """``eval --data w/retrieval.json --out w/retrieval.json`` replaced the dataset by its result (rc 0): the output
+    is checked against the command's own input files, also when it reaches one through a symlink."""
+    data = tmp_path / "retrieval.json"
+    data.write_text(json.dumps({"images": [{"filename": "a.png", "split": "val", "sentences": [{"raw": "a cat"}]}]}))
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps({"ablated": ["L0.H1"]}))
+    out = {"data": data, "mask": mask, "data-by-symlink": tmp_path / "link.json"}[target]
+    if target == "data-by-symlink":
+        out.symlink_to(data)
+    before = {p: p.read_bytes() for p in (data, mask)}
+    code, _, err = run_main("eval", "--task", "retrieval", "--data", data, "--mask", mask, "--out", out,
+                            forbid_load=True)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"is the input file of --{'mask' if target == 'mask' else 'data'}" in err
+    assert {p: p.read_bytes() for p in (data, mask)} == before

@@ -76,7 +76,8 @@ def eval_command(
 
     if task not in EVALUATORS:
         raise clipheads.ClipHeadsError(f"unknown --task {task!r}; choose one of {', '.join(EVALUATORS)}")
-    out = check_output_file(out or Path(f"eval-{task}.json"), "json")
+    out = check_output_file(out or Path(f"eval-{task}.json"), "json",
+                            {"--data": data, "--mask": mask, "--templates": templates, "--classnames": classnames})
     if cache_dir is not None:
         check_output_dir(cache_dir)
     started = time.perf_counter()
