@@ -157,3 +157,14 @@ def test_ccs_k_and_layers_select_from_descriptions(setup, tmp_path, run_main):
     assert "Concept Consistency Score (0..2)" in out
     code, _, err = run_main(*ccs, "--k", 4)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "3 texts per head" in err
+
+
+def test_prune_means_from_a_bad_path_names_means_from(setup, world, tmp_path, run_main):
+    """``prune --op mean --means-from notes.txt`` said "--data 'notes.txt': give a folder of images ...": an option
+    the command does not have."""
+    ccs = _ccs_file(tmp_path / "ccs.json", [[3, 3, 2, 2], [2, 1, 0, 2]])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run_main("prune", "--ccs", ccs, "--group", "low", "--op", "mean", "--means-from", notes, "--model",
+                            setup / "model", "--bias", world.counterfactual["cue"], "--out", tmp_path / "p")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --means-from {str(notes)!r}: give a folder")

@@ -42,7 +42,8 @@ def _load(model: str, device: str, precision: str):
     return clipheads.load(model, device=device, dtype=precision)
 
 
-def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> list[Path]:
+def _image_paths(data: Path, split: str | None, max_images: int, seed: int, option: str = "--data",
+                 least: int = 2, purpose: str = "describing heads") -> list[Path]:
     if data.is_dir():
         paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     elif data.suffix.lower() == ".json":
@@ -51,9 +52,9 @@ def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> l
         dataset = load_retrieval(data, split=split)
         paths = list(dict.fromkeys(Path(p) for p in dataset.image_paths))
     else:
-        raise DataError(f"--data {str(data)!r}: give a folder of images or a retrieval JSON")
-    if len(paths) < 2:
-        raise DataError(f"--data {str(data)!r}: found {len(paths)} images; describing heads needs at least 2")
+        raise DataError(f"{option} {str(data)!r}: give a folder of images or a retrieval JSON")
+    if len(paths) < least:
+        raise DataError(f"{option} {str(data)!r}: found {len(paths)} images; {purpose} needs at least {least}")
     if len(paths) > max_images:  # a fixed random subset, not the first files of the first folders
         keep = np.random.default_rng(seed).choice(len(paths), max_images, replace=False)
         paths = [paths[i] for i in sorted(keep.tolist())]
@@ -352,7 +353,7 @@ def prune(
     if op == "mean":
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
-        paths = _image_paths(means_from, None, 2000, 0)
+        paths = _image_paths(means_from, None, 2000, 0, "--means-from", 1, "the mean operator")
         means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad, least=1),
                                              kind=means_kind)
     tasks = _tasks(retrieval, split, zeroshot, templates, bias or [], skew_k, batch_size)
