@@ -152,26 +152,23 @@ def _one_error_line(code: int, err: str) -> str:
     return lines[0]
 
 
-INPUTS = {"d.json": "file", "ccs.json": "file", "images": "folder", "cap": "folder", "world": "folder"}
+@pytest.fixture()
+def inputs(tmp_path, monkeypatch):
+    """The commands' input paths of COMMANDS, present in the working folder: input paths are checked while the
+    command line is parsed, so the output check is reached only when they exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("{}")
+    (tmp_path / "ccs.json").write_text("{}")
+    for folder in ("images", "world", "cap"):
+        (tmp_path / folder).mkdir()
 
 
 def _args(name: str, bad: Path, ok: Path) -> list[str]:
-    """The command line of ``name`` with its bad output path; its inputs exist (input paths are checked while the
-    command line is parsed) but are placeholders: the output check must come before they are read."""
-    inputs = ok / "inputs"
-    for input_name, kind in INPUTS.items():
-        if kind == "file":
-            inputs.mkdir(exist_ok=True)
-            (inputs / input_name).write_text("{}")
-        else:
-            (inputs / input_name).mkdir(parents=True, exist_ok=True)
-    parts = COMMANDS[name]
-    return [str(inputs / part) if part in INPUTS and i and parts[i - 1].startswith("-")
-            else part.replace("{bad}", str(bad)).replace("{ok}", str(ok)) for i, part in enumerate(parts)]
+    return [part.replace("{bad}", str(bad)).replace("{ok}", str(ok)) for part in COMMANDS[name]]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, run_main, name):
+def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, run_main, inputs, name):
     (tmp_path / "file").write_text("mine")
     code, _, err = run_main(*_args(name, tmp_path / "file" / "out", tmp_path), forbid_load=True)
     assert "is a file, not a folder" in _one_error_line(code, err)
@@ -179,7 +176,7 @@ def test_every_writing_command_refuses_a_path_under_a_file(tmp_path, run_main, n
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_every_writing_command_refuses_an_unwritable_folder(tmp_path, run_main, monkeypatch, name):
+def test_every_writing_command_refuses_an_unwritable_folder(tmp_path, run_main, inputs, monkeypatch, name):
     locked = tmp_path / "locked"
     locked.mkdir()
     _deny_writes(monkeypatch, locked)
@@ -191,7 +188,7 @@ def test_every_writing_command_refuses_an_unwritable_folder(tmp_path, run_main, 
 
 
 @pytest.mark.parametrize("name", [n for n in COMMANDS if n != "eval --cache-dir"])
-def test_a_folder_where_a_file_is_expected_and_a_file_where_a_folder_is(tmp_path, run_main, name):
+def test_a_folder_where_a_file_is_expected_and_a_file_where_a_folder_is(tmp_path, run_main, inputs, name):
     if name in FILE_OUTPUTS:
         (tmp_path / "bad").mkdir()
         expected = "it is a folder"

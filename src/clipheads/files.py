@@ -188,24 +188,31 @@ def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = 
     return path
 
 
-def check_output_file(path: str | os.PathLike, kind: str = "json") -> Path:
+def check_output_file(path: str | os.PathLike, kind: str = "json",
+                      inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
     """Check, before any work, that an output file can be written; create nothing.
 
     Args:
         path: the file to write.
         kind: what clipheads writes there (``"json"``, ``"png"``, ``"html"``, ``"text"``): an existing file is
             replaced only if it is of this kind (never a user's image written over by a JSON, say).
+        inputs: the command's input files, ``{option: path}`` (``None`` values skipped): the output may not be one
+            of them (``eval --data w/retrieval.json --out w/retrieval.json`` replaced the dataset by its result).
 
     Returns:
         ``path`` as given.
 
     Raises:
-        OutputError: ``path`` is a folder, lies under a file, its folder is not writable, or it holds a file of
-            another kind.
+        OutputError: ``path`` is a folder, lies under a file, its folder is not writable, holds a file of another
+            kind, or is one of ``inputs``.
     """
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"cannot write file {str(path)!r}: it is a folder; give a file path", path=path)
+    for option, source in (inputs or {}).items():
+        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise OutputError(f"the output {str(path)!r} is the input file of {option}; clipheads does not overwrite "
+                              "its inputs: choose another output path", path=path)
     if os.path.lexists(path):
         if not _is_kind(path, kind):
             raise OutputError(f"{str(path)!r} exists and is not {_KIND_TEXT[kind]}; clipheads does not overwrite it: "

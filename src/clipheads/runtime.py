@@ -40,11 +40,12 @@ def resolve_threads(threads: int | str | None = None) -> int:
     """The number of intra-op threads to use.
 
     Args:
-        threads: a positive count; ``0`` or ``"auto"``: :func:`available_cores`; ``None``: ``$CLIPHEADS_THREADS``,
+        threads: a positive count, at most :func:`available_cores` (an environment variable may give more);
+            ``0`` or ``"auto"``: :func:`available_cores`; ``None``: ``$CLIPHEADS_THREADS``,
             else ``$OMP_NUM_THREADS``, else :data:`DEFAULT_THREADS` (1).
 
     Raises:
-        ClipHeadsError: a negative or unreadable count.
+        ClipHeadsError: a negative or unreadable count, or an explicit count above :func:`available_cores`.
     """
     source = "--threads"
     if threads is None:
@@ -63,7 +64,13 @@ def resolve_threads(threads: int | str | None = None) -> int:
             raise ClipHeadsError(f"{source} must be a number of threads or 'auto' (got {threads!r})") from None
     if threads < 0:
         raise ClipHeadsError(f"{source} must be 0 (auto) or a positive number of threads (got {threads})")
-    return threads or available_cores()
+    cores = available_cores()
+    if source == "--threads" and threads > cores:
+        # torch starts that many threads: beyond the cores they only cost CPU time, and a count in the tens of
+        # thousands exhausts memory (then loading a model fails with a misleading mmap error)
+        raise ClipHeadsError(f"--threads {threads} is more than the {cores} cores this process may use; give at most "
+                             f"{cores} (0 = all of them)")
+    return threads or cores
 
 
 def set_threads(threads: int | str | None = None) -> int:

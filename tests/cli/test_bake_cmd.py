@@ -48,7 +48,6 @@ def test_bake_writes_a_model_that_loads_and_equals_the_python_bake(model_dir, ma
 @pytest.mark.parametrize(("args", "message"), [
     (["--op", "identity"], "cannot be folded"),
     (["--op", "zero", "--alpha", "0.5"], "--alpha is the factor of --op scale"),
-    (["--mask", "missing.json"], "does not exist"),
 ])
 def test_bake_refuses_bad_arguments_before_loading(model_dir, mask_file, tmp_path, args, message):
     base = ["bake", "--model", str(model_dir), "--mask", str(mask_file), "--out", str(tmp_path / "o")]
@@ -57,6 +56,14 @@ def test_bake_refuses_bad_arguments_before_loading(model_dir, mask_file, tmp_pat
         assert failed.exit_code == 2 and message in failed.output
     else:
         assert isinstance(failed.exception, ClipHeadsError) and message in str(failed.exception)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bake_refuses_a_missing_mask_while_parsing(model_dir, tmp_path):
+    """--mask is checked like every other input path (exists=True): a usage error naming the option, exit code 2."""
+    failed = CliRunner().invoke(app, ["bake", "--model", str(model_dir), "--mask", str(tmp_path / "missing.json"),
+                                      "--out", str(tmp_path / "o")])
+    assert failed.exit_code == 2 and "--mask" in failed.output and "does not exist" in failed.output
     assert not (tmp_path / "o").exists()
 
 

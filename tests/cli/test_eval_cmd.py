@@ -79,7 +79,7 @@ def test_eval_refuses_empty_split_and_unknown_task(model_dir: Path, data: Path):
     base = ["eval", "--model", str(model_dir), "--data", str(data / "dataset_coco.json")]
     result = CliRunner().invoke(app, [*base, "--task", "retrieval", "--split", "val"])
     assert isinstance(result.exception, DataError)
-    assert str(result.exception).endswith("has no images in split 'val' (splits present: test, train)")
+    assert "has no images in split 'val' (splits present: test, train)" in str(result.exception)
     result = CliRunner().invoke(app, [*base, "--task", "captioning"])
     assert "unknown task 'captioning'" in str(result.exception)
 

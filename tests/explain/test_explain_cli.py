@@ -135,3 +135,36 @@ def test_prune_groups_and_an_empty_group(setup, world, tmp_path):
     result = runner.invoke(app, ["prune", "--group", "low", "--out", str(tmp_path / "x"), "--ccs", str(ccs),
                                  "--model", str(setup / "model")])
     assert "give at least one of --retrieval, --zeroshot, --bias" in str(result.exception)
+
+
+def test_ccs_k_and_layers_select_from_descriptions(setup, tmp_path, run_main):
+    """``ccs --descriptions F --k 2`` scored the file's k (3) texts per head and printed CCS 0..3, and a re-run into
+    the same folder with another --k returned the same result: --k and --layers were ignored with --descriptions."""
+    base = ["--model", setup / "model", "--data", setup / "images", "--layers", "0-1", "--batch-size", 4]
+    assert run_main("describe", *base, "--k", 3, "--out", tmp_path / "k3")[0] == 0
+    assert run_main("describe", *base, "--k", 2, "--out", tmp_path / "k2")[0] == 0
+    three = json.loads((tmp_path / "k3" / "descriptions.json").read_text())["heads"]
+    two = json.loads((tmp_path / "k2" / "descriptions.json").read_text())["heads"]
+    assert [h["texts"][:2] for h in three] == [h["texts"] for h in two]  # greedy: the first k are a k-run's
+
+    ccs = ["ccs", "--model", setup / "model", "--descriptions", tmp_path / "k3" / "descriptions.json", "--judge",
+           "clip", "--out", tmp_path / "ccs"]
+    code, out, err = run_main(*ccs, "--k", 2, "--layers", 0)
+    assert code == 0, err
+    scored = json.loads((tmp_path / "ccs" / "ccs.json").read_text())
+    assert scored["k"] == 2 and [h["head"] for h in scored["heads"]] == ["L0.H0", "L0.H1", "L0.H2", "L0.H3"]
+    assert [h["descriptions"] for h in scored["heads"]] == [h["texts"] for h in two if h["head"].startswith("L0")]
+    assert "Concept Consistency Score (0..2)" in out
+    code, _, err = run_main(*ccs, "--k", 4)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "3 texts per head" in err
+
+
+def test_prune_means_from_a_bad_path_names_means_from(setup, world, tmp_path, run_main):
+    """``prune --op mean --means-from notes.txt`` said "--data 'notes.txt': give a folder of images ...": an option
+    the command does not have."""
+    ccs = _ccs_file(tmp_path / "ccs.json", [[3, 3, 2, 2], [2, 1, 0, 2]])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = run_main("prune", "--ccs", ccs, "--group", "low", "--op", "mean", "--means-from", notes, "--model",
+                            setup / "model", "--bias", world.counterfactual["cue"], "--out", tmp_path / "p")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --means-from {str(notes)!r}: give a folder")

@@ -317,7 +317,7 @@ def test_cli_refuses_a_timeout_that_is_not_positive_before_any_work(tmp_path):
         result = CliRunner().invoke(app, ["ccs", "--judge", "llm", "--llm-timeout", bad, "--model",
                                           str(tmp_path / "missing"), "--descriptions", str(tmp_path / "d.json")])
         assert result.exit_code == 2 and "Invalid value for '--llm-timeout'" in result.output, result.output
-        assert ("must be greater than 0" in result.output or "not a finite number" in result.output)
+        assert ("must be greater than 0" in result.output or "is not a finite number" in result.output)
         assert "Traceback" not in result.output
 
 

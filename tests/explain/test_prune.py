@@ -42,6 +42,21 @@ def test_groups_top_and_random_heads():
     assert all(len(set(d)) == 3 for d in draws) and draws[0] == random_heads(3, (2, 4), 0) and draws[0] != draws[1]
 
 
+def test_top_beyond_the_scored_heads_and_no_choice_are_refused():
+    """``prune --top 1000`` pruned all 48 heads and compared them with 'random' sets that were the same 48 heads;
+    ``prune`` without --group or --top said 'not both'."""
+    result = _ccs([[5, 0, 3, 1], [5, 2, 4, 5]])
+    assert len(select_heads(result, top=7)) == 7
+    for top in (8, 1000):
+        with pytest.raises(ClipHeadsError, match=f"--top {top} is out of range: 8 heads were scored .* at most 7"):
+            select_heads(result, top=top)
+    partial = CCSResult(result.heads[:3], 5, (2, 4), ["fake"], "fake")  # only some heads scored (describe --layers)
+    with pytest.raises(ClipHeadsError, match="at most 3"):
+        select_heads(partial, top=4)
+    with pytest.raises(ClipHeadsError, match="choose the heads to prune: a CCS group"):
+        select_heads(result)
+
+
 def _similarity_task(images: torch.Tensor):
     """A stand-in task: mean cosine between each image embedding and the first one."""
 

@@ -39,3 +39,21 @@ def test_anything_else_is_one_line_saying_what_is_expected(tiny_hf, bad):
     with pytest.raises(ClipHeadsError, match="expected a PIL image, a list of PIL images") as failed:
         tiny_hf.encode_image(bad)
     assert "\n" not in str(failed.value)
+
+
+def test_preprocessed_pixels_of_another_size_are_one_line(tiny_backend):
+    """Float pixels not resized by ``model.preprocess`` ended in the library's ValueError (HF: 'Input image size
+    (65*65) doesn't match model') or a shape error deep in open_clip's embeddings."""
+    size = tiny_backend.image_size
+    with pytest.raises(ClipHeadsError, match=rf"pixels of {size + 1}x{size + 1}; .* takes {size}x{size}"):
+        tiny_backend.encode_image(torch.rand(2, 3, size + 1, size + 1))
+
+
+def test_encode_text_takes_one_string_as_one_text(tiny_backend):
+    """``encode_text("a cat")`` encoded five one-letter texts ([5, D]) without a word."""
+    with torch.inference_mode():
+        one = tiny_backend.encode_text("a red circle")
+        assert one.shape[0] == 1
+        assert torch.equal(one, tiny_backend.encode_text(["a red circle"]))
+    with pytest.raises(ClipHeadsError, match="no texts"):
+        tiny_backend.encode_text([])  # was an IndexError inside the tokenizer

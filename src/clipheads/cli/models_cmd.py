@@ -80,6 +80,8 @@ def mask(
 def _image_batches(backend, folder: Path, batch_size: int, skip_bad: bool = False, skipped: list[str] | None = None):
     from clipheads.data import image_loader, iter_pixels
 
+    if not Path(folder).is_dir():  # rglob finds nothing under a file: 'no images found under' would mislead
+        raise DataError(f"--means-from {str(folder)!r} is a file; give a folder of reference images")
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images (.png/.jpg/...) found under {str(folder)!r}")

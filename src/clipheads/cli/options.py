@@ -88,8 +88,9 @@ def _apply_threads(threads: int | None) -> int | None:
 THREADS_HELP = ("torch CPU threads (default 1, or $CLIPHEADS_THREADS / $OMP_NUM_THREADS when set; 0 = every core "
                 "this process may use). More threads than free cores cost CPU time on a shared machine: see README.")
 # Applied by its callback while the command line is parsed: a command only declares ``threads: Threads = None``.
+# is_eager: set before the other options are checked (an input path that does not exist is refused after it).
 Threads = Annotated[int | None, typer.Option("--threads", min=0, callback=_apply_threads, show_default=False,
-                                             help=THREADS_HELP)]
+                                             is_eager=True, help=THREADS_HELP)]
 
 
 ImageColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the image column (default: image).")]

@@ -6,6 +6,7 @@ re-running the same command continues where it stopped) and runs under ``torchru
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from functools import cached_property
@@ -182,6 +183,9 @@ def _parse_betas(spec: str) -> list[float]:
         raise ClipHeadsError(f"--beta-sweep takes comma-separated numbers, e.g. 0,0.01,0.05; got {spec!r}") from None
     if not betas:
         raise ClipHeadsError(f"--beta-sweep names no beta: {spec!r}")
+    bad = [b for b in betas if not math.isfinite(b)]
+    if bad:  # as --beta (options.finite): a nan fitness ranks nothing and cannot be written as JSON
+        raise ClipHeadsError(f"--beta-sweep takes finite numbers; got {bad[0]} in {spec!r}")
     return betas
 
 

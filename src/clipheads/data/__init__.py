@@ -54,13 +54,21 @@ LOADERS: dict[str, Callable] = {
 
 def load_dataset(task: str, path: str | Path, **options):
     """The dataset of ``task`` (a key of :data:`LOADERS`, or clip_benchmark's name of one) read from ``path``;
-    ``options`` go to its loader."""
+    ``options`` go to its loader.
+
+    Raises:
+        DataError: the file is not a dataset of ``task`` (the message names the task: a command's default task may
+            not be the one the user had in mind, e.g. ``layers`` reads caption selection).
+    """
     from clipheads.eval.benchmark import CLIP_BENCHMARK_TASKS
 
     task = CLIP_BENCHMARK_TASKS.get(task, task)
     if task not in LOADERS:
         raise DataError(f"unknown task {task!r}; choose one of {', '.join(LOADERS)}")
-    return LOADERS[task](path, **options)
+    try:
+        return LOADERS[task](path, **options)
+    except DataError as exc:
+        raise DataError(f"{exc} (read as a {task} dataset: --task {task})") from None
 
 
 __all__ = ["DEFAULT_TEMPLATES", "LOADERS", "RETRIEVAL_READERS", "CaptionSelectionDataset", "ClassificationDataset",

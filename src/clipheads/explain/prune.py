@@ -29,8 +29,16 @@ Task = Callable[[CLIPBackend, HeadMask | None, Operator], Mapping[str, float]]
 
 def select_heads(result: CCSResult, group: str | None = None, top: int | None = None) -> list[tuple[int, int]]:
     """The heads of a CCS group (``high``, ``moderate``, ``low``) or the ``top`` heads by CCS."""
-    if (group is None) == (top is None):
+    if group is None and top is None:
+        raise ClipHeadsError("choose the heads to prune: a CCS group (--group high|moderate|low) or the top n heads by "
+                             "CCS (--top n)")
+    if group is not None and top is not None:
         raise ClipHeadsError("choose the heads to prune by a CCS group or by --top n, not both")
+    total = result.shape[0] * result.shape[1]
+    if top is not None and top > min(len(result.heads), total - 1):
+        # more than were scored would silently prune fewer; every head leaves no other set to compare with at random
+        raise ClipHeadsError(f"--top {top} is out of range: {len(result.heads)} heads were scored in a model of "
+                             f"{total}; prune at most {min(len(result.heads), total - 1)}")
     heads = result.group(group) if group is not None else result.top(top)
     if not heads:
         if not group:

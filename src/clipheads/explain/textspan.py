@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,6 +81,23 @@ class TextSpanResult:
     def descriptions(self) -> dict[str, list[str]]:
         """``{"L3.H7": [text, ...]}`` for every head."""
         return {d.label: d.texts for d in self.heads}
+
+    def select(self, k: int | None = None, layers: list[int] | None = None) -> TextSpanResult:
+        """The first ``k`` texts of each head (TextSpan picks greedily, so they are what a run with ``k`` picks) and
+        only the heads of ``layers`` (``None``: keep all).
+
+        Raises:
+            DataError: ``k`` is more than the result has, or no head is in ``layers``.
+        """
+        if k is not None and k > self.k:
+            raise DataError(f"these descriptions have {self.k} texts per head, fewer than k={k}: describe the heads "
+                            f"again with --k {k} (or use k <= {self.k})")
+        k = self.k if k is None else k
+        heads = [replace(d, texts=d.texts[:k], explained=d.explained[:k]) for d in self.heads
+                 if layers is None or d.layer in layers]
+        if not heads:
+            raise DataError(f"these descriptions have no head in layers {layers}")
+        return replace(self, heads=heads, k=k)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "k": self.k, "rank": self.rank, "n_images": self.n_images,

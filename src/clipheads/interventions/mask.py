@@ -217,8 +217,9 @@ class HeadMask:
             fields = MaskFile.model_validate(data)
         except ValidationError as exc:
             error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]  # without pydantic's union-member tags
-                             if not (isinstance(part, str) and "[" in part)) or "mask"
+            # a union's member ('list[float]') is not a place in the file
+            where = ".".join(str(part) for part in error["loc"] if not (isinstance(part, str) and "[" in part))
+            where = where or "mask"
             raise MaskError(f"{source}: malformed {where!r} ({error['msg']}, got {_short(error.get('input'))})"
                             ) from None
         arch = Architecture(**fields.architecture.model_dump()) if fields.architecture is not None else None
@@ -244,10 +245,10 @@ class HeadMask:
             shape = next(iter(values.values())).shape
             kind = data.get("means_kind", "pooled")  # files before per-position means held pooled ones
             shapes = sorted({tuple(v.shape) for v in values.values()})
-            if len(shapes) != 1:
-                raise MaskError(f"{source}: the head means have different lengths ({shapes})")
+            if len(shapes) > 1:
+                raise MaskError(f"{source}: head means of different lengths/shapes ({', '.join(map(str, shapes))})")
             if len(shape) != (2 if kind == "per-position" else 1):
-                raise MaskError(f"{source}: head means do not match their kind {kind!r}")
+                raise MaskError(f"{source}: head means of shape {tuple(shape)} do not match their kind {kind!r}")
             means = torch.zeros(*gates.shape, *shape)
             for (layer, head), value in values.items():
                 if not (0 <= layer < gates.shape[0] and 0 <= head < gates.shape[1]):

@@ -175,6 +175,10 @@ class CLIPBackend(ABC):
         if not (isinstance(pixels, torch.Tensor) and pixels.dim() == 4 and pixels.shape[1] == 3
                 and pixels.is_floating_point()):
             pixels = self.as_pixels(pixels)
+        size = self.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):  # the library's own error is a traceback deep in its embeddings
+            raise ClipHeadsError(f"encode_image got pixels of {pixels.shape[-2]}x{pixels.shape[-1]}; {self.name} takes "
+                                 f"{size}x{size}: resize them with model.preprocess (or pass PIL images)")
         intervention = self.intervention
         calls = getattr(intervention, "calls", 0)
         features = self._encode_image(pixels.to(self.device, self.dtype))
@@ -184,8 +188,20 @@ class CLIPBackend(ABC):
         return nn.functional.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, texts: Sequence[str] | dict[str, torch.Tensor], normalize: bool = False) -> torch.Tensor:
-        """Texts (or tokenized inputs) -> ``[B, D]`` through the library's own text encoder."""
-        tokens = self.tokenize(list(texts)) if not isinstance(texts, dict) else texts
+        """Texts (or tokenized inputs) -> ``[B, D]`` through the library's own text encoder.
+
+        ``texts``: a list of strings (``B`` of them), one string (``B = 1``), or the tokenizer's output.
+
+        Raises:
+            ClipHeadsError: no texts.
+        """
+        if isinstance(texts, str):  # list("a cat") would encode five one-letter texts
+            texts = [texts]
+        if not isinstance(texts, dict):
+            texts = list(texts)
+            if not texts:
+                raise ClipHeadsError("encode_text got no texts; give a string or a list of strings")
+        tokens = self.tokenize(texts) if not isinstance(texts, dict) else texts
         tokens = {k: v.to(self.device) for k, v in tokens.items()}
         features = self._encode_text(tokens)
         return nn.functional.normalize(features, dim=-1) if normalize else features

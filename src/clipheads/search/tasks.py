@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipheads.data import image_loader, iter_pixels, load_caption_selection, load_classification, load_retrieval
+from clipheads.data import image_loader, iter_pixels, load_dataset  # load_dataset: errors name the task
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.eval import encode_texts
 from clipheads.metrics import caption_selection_metrics, zeroshot_classifier, zeroshot_metrics
@@ -68,7 +68,7 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
     label = split_label(path, split if task == "retrieval" else None)  # only retrieval files carry splits
     encode = {"batch_size": batch_size, "progress": progress}
     if task == "retrieval":
-        dataset = load_retrieval(path, split=split)
+        dataset = load_dataset(task, path, split=split)
         pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
         position = torch.full((len(dataset),), -1, dtype=torch.long)
         position[kept] = torch.arange(len(kept))
@@ -78,7 +78,7 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
         return SearchData(label, pixels, retrieval_objective(texts, text_to_image[keep], metric),
                           (texts, text_to_image[keep]), skipped=skipped, source=str(path))
     if task == "selection":
-        dataset = load_caption_selection(path)
+        dataset = load_dataset(task, path)
         pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
         kept_list = kept.tolist()
         candidates = [c for i in kept_list for c in dataset.candidates[i]]
@@ -102,7 +102,7 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
         right = features[torch.tensor([offsets[n] + a for n, a in enumerate(answers)])]
         return SearchData(label, pixels, Objective(lambda f: metric_value(selection(f), metric), metric),
                           (right, torch.arange(len(kept_list))), details, skipped, str(path))
-    dataset = load_classification(path, templates=templates)
+    dataset = load_dataset(task, path, templates=templates)
     pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
     prompts = encode_texts(backend, dataset.prompts(), **encode)
     classifier = zeroshot_classifier(prompts.view(len(dataset.classnames), len(dataset.templates), -1))
@@ -122,10 +122,5 @@ def dataset_key(task: str, path: str | os.PathLike, templates: str | os.PathLike
 
     if task not in TASKS:
         raise ClipHeadsError(f"the search supports the tasks {', '.join(TASKS)}; got {task!r}")
-    if task == "retrieval":
-        dataset = load_retrieval(path)
-    elif task == "selection":
-        dataset = load_caption_selection(path)
-    else:
-        dataset = load_classification(path, templates=templates)
+    dataset = load_dataset(task, path, **({"templates": templates} if task == "zeroshot" else {}))
     return DatasetKey.of(path, dataset.image_paths)
