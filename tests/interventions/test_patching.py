@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 import clipheads
 from clipheads.interventions import patch_effects, record_head_outputs
 
-
-def _parts(backend, layer: int):
-    if backend.kind == "hf":
-        block = backend.model.vision_model.encoder.layers[layer]
-        attn = block.self_attn
-
-        def qkv(h):
-            return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-
-        return block.layer_norm1, qkv, attn.out_proj, block.layer_norm2, block.mlp, (lambda t: t), (lambda t: t)
-    block = backend.model.visual.transformer.resblocks[layer]
-
-    def qkv(h):
-        return torch.nn.functional.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
-
-    return block.ln_1, qkv, block.attn.out_proj, block.ln_2, block.mlp, block.ls_1, block.ls_2
+_spec = importlib.util.spec_from_file_location("interventions_layer_parts", Path(__file__).with_name("layer_parts.py"))
+_layer_parts_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_layer_parts_module)
+_layer_parts = _layer_parts_module.layer_parts
 
 
 def naive_patched(backend, source, destination, heads):
@@ -32,7 +23,7 @@ def naive_patched(backend, source, destination, heads):
     n_heads, d = backend.n_heads, backend.head_dim
     xs, xd = backend.embed(source), backend.embed(destination)
     for layer in range(backend.n_layers):
-        ln1, qkv, out_proj, ln2, mlp, ls1, ls2 = _parts(backend, layer)
+        ln1, qkv, out_proj, ln2, mlp, ls1, ls2 = _layer_parts(backend, layer)
         zs_zd = []
         for x in (xs, xd):
             b, t, w = x.shape
