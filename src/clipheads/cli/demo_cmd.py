@@ -16,7 +16,8 @@ console = Console()
 def demo(
     out: Path = typer.Option(Path("clipheads-demo"), "--out", "-o", help="Output folder (report.html, summary.json, "
                                                                          "masks, the generated world)."),
-    quick: bool = typer.Option(False, help="A reduced run (fewer images, shorter searches), about 3 minutes."),
+    quick: bool = typer.Option(False, help="A reduced run (fewer images, shorter searches): about 1.5 minutes on 2 "
+                                           "cores, the full demo about 6."),
     model: str = typer.Option("bundled", "--model", "-m", help="The CLIP to analyse (default: the bundled one, "
                                                                  "trained on the same world)."),
     seed: int = typer.Option(0, min=0, help="World and search seed."),
