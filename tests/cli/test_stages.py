@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from clipheads.cli import app
 from clipheads.world.scene import COLOURS, SHAPES
+
 LINE = re.compile(r"^\[(\d+)/(\d+)\] (.+) done in (\d+\.\d) s(?:; about ((?:\d+ min )?\d+ s) left)?$")
 
 
