@@ -57,7 +57,7 @@ def invoke(*args):
 def test_scan_prints_its_stages(world, tmp_path):
     result = invoke("scan", "--data", world / "karpathy.json", "--batch-size", 16, "--top-k", 2,
                     "--out", tmp_path / "scan")
-    check_order(stage_lines(result), ["load model", "held-out split", "search split", "single-head scan",
+    check_order(stage_lines(result), ["held-out split", "search split", "single-head scan",
                                       "held-out evaluation", "write results"])
     assert "Most harmful heads" in result.stdout  # the results stay on stdout, the stages go to stderr
 
@@ -65,7 +65,7 @@ def test_scan_prints_its_stages(world, tmp_path):
 def test_search_ga_prints_a_line_per_generation(world, tmp_path):
     result = invoke("search", "--data", world / "karpathy.json", "--batch-size", 16, "--strategy", "ga",
                     "--population", 4, "--generations", 3, "--report-split", "none", "--out", tmp_path / "ga")
-    check_order(stage_lines(result), ["load model", "search split", "single-head scan", "AAT-GA generation 1/3",
+    check_order(stage_lines(result), ["search split", "single-head scan", "AAT-GA generation 1/3",
                                       "AAT-GA generation 2/3", "AAT-GA generation 3/3",
                                       "held-out evaluation and results"])
 
@@ -74,11 +74,11 @@ def test_search_beta_sweep_prints_a_line_per_beta(world, tmp_path):
     result = invoke("search", "--data", world / "karpathy.json", "--batch-size", 16, "--strategy", "ga",
                     "--population", 4, "--generations", 1, "--beta-sweep", "0,0.05", "--seed-from", "none",
                     "--report-split", "none", "--out", tmp_path / "sweep")
-    check_order(stage_lines(result), ["load model", "search split", "AAT-GA beta 0 (1/2)", "AAT-GA beta 0.05 (2/2)",
+    check_order(stage_lines(result), ["search split", "AAT-GA beta 0 (1/2)", "AAT-GA beta 0.05 (2/2)",
                                       "sweep results"])
 
 
 def test_describe_prints_its_stages(world, tmp_path):
     result = invoke("describe", "--data", world / "karpathy.json", "--split", "val", "--k", 2, "--layers", "5",
                     "--batch-size", 8, "--out", tmp_path / "describe")
-    check_order(stage_lines(result), ["load model", "text pool", "decompose images", "write results"])
+    check_order(stage_lines(result), ["text pool", "decompose images", "write results"])

@@ -131,20 +131,17 @@ def eval_command(
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import command_stages
 
-    stages = command_stages({"read dataset": cost.WRITE, "load model": cost.LOAD_MODEL,
-                             "evaluate": cost.PER_IMAGE * cost.GUESS_IMAGES, "write results": cost.WRITE})
-    with stages.stage("read dataset"):
-        if dataset_name is not None:
-            dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
-            data = Path(f"clip_benchmark:{dataset_name}")
-        else:
-            whole = split.lower() in ("none", "all", "")  # as scan and search read it
-            dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
-                                 {"image": image_column, "text": text_column, "label": label_column})
-        n_images = len(getattr(dataset, "image_paths", None) or ())  # the images to encode, where listed
-        stages.expect("evaluate", cost.PER_IMAGE * (n_images or cost.GUESS_IMAGES))
-    with stages.stage("load model"):
-        backend = clipheads.load(model, device=device)
+    if dataset_name is not None:
+        dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
+        data = Path(f"clip_benchmark:{dataset_name}")
+    else:
+        whole = split.lower() in ("none", "all", "")  # as scan and search read it
+        dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
+                             {"image": image_column, "text": text_column, "label": label_column})
+    backend = clipheads.load(model, device=device)
+    # the stages: the dataset and the model are read first, so that their errors come before any stage line
+    n_images = len(getattr(dataset, "image_paths", None) or ())  # the images to encode, where listed
+    stages = command_stages({"evaluate": cost.PER_IMAGE * (n_images or cost.GUESS_IMAGES), "write results": cost.WRITE})
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
     task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": prefer_old(skew_k, k)}}.get(task, {})

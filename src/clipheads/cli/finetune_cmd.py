@@ -115,12 +115,10 @@ def finetune_command(
     splits = {"train": train_split, "val": val_split, "test": report_split}
     methods_work = _method_work(chosen, epochs, bp_epochs if bp_epochs is not None else epochs, population,
                                 generations, 144)  # ViT-B's heads until the model is loaded
-    stages = command_stages({"load model": cost.LOAD_MODEL,
-                             **{f"{role} split": cost.PER_IMAGE * cost.GUESS_IMAGES for role in splits},
+    stages = command_stages({**{f"{role} split": cost.PER_IMAGE * cost.GUESS_IMAGES for role in splits},
                              **{m: per * cost.GUESS_IMAGES for m, per in methods_work.items()},
                              "write results": cost.WRITE})
-    with stages.stage("load model"):
-        backend = clipheads.load(model, device=device)
+    backend = clipheads.load(model, device=device)
     sets = {}
     for role, split in splits.items():
         with stages.stage(f"{role} split"):

@@ -175,7 +175,7 @@ def _data_stages(task: str, report_data: Path | None, report_split: str | None) 
     """The first stages of every command here: the model, the held-out split (when asked for), the search split."""
     from clipheads.cli import stages as cost
 
-    plan = {"load model": cost.LOAD_MODEL}
+    plan = {}
     if _has_report(task, report_data, report_split):
         plan["held-out split"] = cost.PER_IMAGE * cost.GUESS_IMAGES
     plan["search split"] = cost.PER_IMAGE * cost.GUESS_IMAGES
@@ -351,9 +351,8 @@ def scan_command(
     stages = command_stages({**_data_stages(task, report_data, report_split),
                              **{name: per * cost.GUESS_IMAGES for name, per in work.items()},
                              **({} if method == "attribution" else {"write results": cost.WRITE})})
-    with stages.stage("load model"):
-        run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
-                   templates, memory_budget, cache_precision)
+    run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
+               templates, memory_budget, cache_precision)
     stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
     work = _scan_work(method, run.backend.n_layers * run.backend.n_heads, top_k, verify_top, run.backend.n_heads)
@@ -516,9 +515,8 @@ def layers_command(
     check_means_kind(means)
     stages = command_stages({**_data_stages(task, None, None), **({"captioner": cost.LOAD_MODEL} if generate else {}),
                              "layer scan": cost.PER_LAYER_IMAGE * cost.GUESS_IMAGES})
-    with stages.stage("load model"):
-        run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates,
-                   memory_budget, cache_precision)
+    run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates,
+               memory_budget, cache_precision)
     stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
     groups = run.backend.n_layers
@@ -704,9 +702,8 @@ def search_command(
     stages = command_stages({**_data_stages(task, report_data, report_split),
                              **{name: per * cost.GUESS_IMAGES  # ViT-B's 144 heads until the model is loaded
                                 for name, per in _search_work(strategy, config, betas, seeded, 144).items()}})
-    with stages.stage("load model"):
-        run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
-                   templates, memory_budget, cache_precision)
+    run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
+               templates, memory_budget, cache_precision)
     stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,

@@ -4,7 +4,8 @@ about 1 min 4 s left``), by :class:`clipheads.progress.Stages`, as ``clipheads d
 Each command lists its stages with an expected cost in seconds from the work it will do (images, masks, epochs)
 times the per-unit costs below; only the ratios matter, since :class:`~clipheads.progress.Stages` scales the time
 spent so far. Costs that depend on data not yet read are revised with :meth:`~clipheads.progress.Stages.expect`
-once it is.
+once it is. The stages start after the model is loaded and the arguments are checked against it, so that a bad
+argument is still reported in one line (the load's time counts in the time spent, not in a stage).
 """
 
 from __future__ import annotations
