@@ -141,7 +141,7 @@ COMMANDS = {
 FILE_OUTPUTS = ("eval", "mask", "captioner generate")
 
 
-PROGRESS = re.compile(r"\d+%\|")  # tqdm bars on stderr
+PROGRESS = re.compile(r"\d+%\||^\[\d+/\d+\] .+ done in ")  # tqdm bars and finished stages on stderr
 
 
 def _one_error_line(code: int, err: str) -> str:

@@ -35,3 +35,18 @@ def test_stages_log_without_a_callback(caplog):
 
 def test_format_seconds():
     assert (format_seconds(42.4), format_seconds(185), format_seconds(-3)) == ("42 s", "3 min 5 s", "0 s")
+
+
+def test_stage_times_a_block_and_expect_revises_the_plan(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 3.0, 3.5, 4.0, 4.0])  # start; enter/leave/done of each block
+    monkeypatch.setattr("clipheads.progress.time.perf_counter", lambda: next(clock))
+    events: list[StageEvent] = []
+    stages = Stages({"data": 1.0, "scan": 1.0}, events.append)
+    with stages.stage("data"):
+        stages.expect("scan", 0.5)  # the data counted: the scan is half as much work as first thought
+    assert events[0].seconds == 2.0 and events[0].remaining == pytest.approx(3.0 * 0.5 / 1.0)
+    with pytest.raises(RuntimeError), stages.stage("scan"):
+        raise RuntimeError("a failed stage is not reported")
+    assert len(events) == 1 and "scan" not in stages.seconds
+    with pytest.raises(KeyError, match="not in the plan"):
+        stages.expect("CCS", 1.0)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,19 @@ class Stages:
         self.report = report
         self.seconds: dict[str, float] = {}
         self.started = time.perf_counter()
+
+    def expect(self, name: str, cost: float) -> None:
+        """Revise the expected cost of stage ``name`` before it ends, e.g. once the data it works on is counted."""
+        if name not in self.plan:
+            raise KeyError(f"stage {name!r} is not in the plan ({', '.join(self.plan)})")
+        self.plan[name] = cost
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as stage ``name`` and report it when the block ends (not when it raises)."""
+        t0 = time.perf_counter()
+        yield
+        self.done(name, time.perf_counter() - t0)
 
     def done(self, name: str, seconds: float) -> StageEvent:
         """Record that stage ``name`` (a key of ``plan``) took ``seconds``; report and return its event."""

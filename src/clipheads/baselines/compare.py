@@ -17,6 +17,7 @@ import copy
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -158,8 +159,12 @@ def _score(backend: CLIPBackend, data: SearchData, batch_size: int) -> float:
 
 def compare_baselines(backend: CLIPBackend, train: SearchData, val: SearchData, test: SearchData,
                       config: CompareConfig | None = None, checkpoint_dir: str | Path | None = None,
-                      allow_same_split: bool = False) -> ComparisonResult:
+                      allow_same_split: bool = False,
+                      on_method: Callable[[str], None] | None = None) -> ComparisonResult:
     """Run every method of ``config.methods`` on ``train`` and score it on ``val`` and ``test``.
+
+    ``on_method`` is called with each method's name once its row is done (the first one also covers encoding the
+    validation and held-out splits).
 
     ``backend`` is never modified: each fine-tuning run trains a deep copy. With ``checkpoint_dir``, each
     fine-tuned model is saved to ``checkpoint_dir/<method>`` by the libraries' own save functions (peft
@@ -183,6 +188,8 @@ def compare_baselines(backend: CLIPBackend, train: SearchData, val: SearchData, 
         if method == "vanilla":
             rows.append(ComparisonRow(method, "reference", 0, "parameters", 0.0, val_eval.baseline,
                                       test_eval.baseline))
+            if on_method is not None:
+                on_method(method)
             continue
         if method.startswith("aat-"):
             if train_eval is None:
@@ -209,8 +216,10 @@ def compare_baselines(backend: CLIPBackend, train: SearchData, val: SearchData, 
                                       {"ablated": mask.ablated, "n_ablated": mask.n_ablated,
                                        "train_mean_recall": result.search_metric,
                                        "train_vanilla": result.search_baseline}))
-            continue
-        rows.append(_finetune_row(backend, method, train, val, test, config, checkpoint_dir))
+        else:
+            rows.append(_finetune_row(backend, method, train, val, test, config, checkpoint_dir))
+        if on_method is not None:
+            on_method(method)
     n_texts = len(train.pairs[0])
     return ComparisonResult(val.objective.name, train.split, val.split, test.split, len(train.pixels), n_texts,
                             rows, config.to_dict(), backend.name)

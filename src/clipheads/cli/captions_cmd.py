@@ -125,16 +125,25 @@ def train(
     layers = prefer_old(decoder_layers, layers)
     check_output_dir(out, {CONFIG_FILE: "json", "train.json": "json", DECODER_DIR: "dir"}, marker=CONFIG_FILE)
     files, captions, index = read_karpathy_pairs(data, split, prefer_old(image_root, images_root))
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages
+
+    # work counts: one image-tower forward per image; a decoder forward and backward per caption and epoch
+    stages = command_stages({"encode images": cost.PER_IMAGE * len(files),
+                             "train": cost.PER_BP_EPOCH_IMAGE * epochs * len(captions), "write results": cost.WRITE})
     backend = clipheads.load(model, device=device).eval()
-    features = encode_images(backend, _pixel_batches(backend.preprocess, files, batch_size), progress=True)
-    n_heads = 4 if width % 4 == 0 else 1
-    captioner = build_captioner(captions, features.shape[-1], prefix_length=prefix_length, width=width,
-                                n_layers=layers, n_heads=n_heads, clip_model=backend.name, seed=seed).to(device)
-    config = CaptionTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    result = train_captioner(captioner, features, captions, image_index=index, config=config)
-    captioner.save(out)
-    write_json_atomic(out / "train.json", {"data": str(data), "split": split, "model": backend.name,
-                                           **result.to_dict(), "run": run_meta()})
+    with stages.stage("encode images"):
+        features = encode_images(backend, _pixel_batches(backend.preprocess, files, batch_size), progress=True)
+    with stages.stage("train"):
+        n_heads = 4 if width % 4 == 0 else 1
+        captioner = build_captioner(captions, features.shape[-1], prefix_length=prefix_length, width=width,
+                                    n_layers=layers, n_heads=n_heads, clip_model=backend.name, seed=seed).to(device)
+        config = CaptionTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        result = train_captioner(captioner, features, captions, image_index=index, config=config)
+    with stages.stage("write results"):
+        captioner.save(out)
+        write_json_atomic(out / "train.json", {"data": str(data), "split": split, "model": backend.name,
+                                               **result.to_dict(), "run": run_meta()})
     table = Table(title=f"captioner on {len(files)} images, {len(captions)} captions ({result.seconds:.0f} s)")
     table.add_column("epoch", justify="right")
     table.add_column("loss", justify="right")

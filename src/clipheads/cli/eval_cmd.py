@@ -128,6 +128,9 @@ def eval_command(
     head_mask = clipheads.HeadMask.load(mask) if mask is not None else None  # a bad mask file fails before any work
     if (data is None) == (dataset_name is None):
         raise clipheads.ClipHeadsError("give --data PATH, or --dataset NAME --dataset-root DIR (clip_benchmark)")
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages
+
     if dataset_name is not None:
         dataset = _load_clip_benchmark(task, dataset_name, dataset_root, split, templates)
         data = Path(f"clip_benchmark:{dataset_name}")
@@ -136,10 +139,14 @@ def eval_command(
         dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
                              {"image": image_column, "text": text_column, "label": label_column})
     backend = clipheads.load(model, device=device)
+    # the stages: the dataset and the model are read first, so that their errors come before any stage line
+    n_images = len(getattr(dataset, "image_paths", None) or ())  # the images to encode, where listed
+    stages = command_stages({"evaluate": cost.PER_IMAGE * (n_images or cost.GUESS_IMAGES), "write results": cost.WRITE})
     options = EncodeOptions(batch_size=batch_size, num_workers=num_workers, precision=precision, skip_bad=skip_bad,
                             progress=True, cache=FeatureCache(cache_dir) if cache_dir is not None else None)
     task_args = {"zeroshot": {"per_class": per_class}, "bias": {"k": prefer_old(skew_k, k)}}.get(task, {})
-    result = EVALUATORS[task](backend, dataset, head_mask, op, alpha=alpha, options=options, **task_args)
+    with stages.stage("evaluate"):
+        result = EVALUATORS[task](backend, dataset, head_mask, op, alpha=alpha, options=options, **task_args)
     wall = time.perf_counter() - started
 
     ablated = head_mask is not None and head_mask.n_ablated > 0
@@ -155,12 +162,14 @@ def eval_command(
         "options": {"batch_size": batch_size, "num_workers": num_workers, "device": device, "precision": precision},
         "wall_time_s": wall, "versions": package_versions(), "run": run_meta(),
     }
-    write_json_atomic(out, report)
+    with stages.stage("write results"):
+        write_json_atomic(out, report)
+        benchmark = clip_benchmark_result(task, dataset.name or data.stem, model, result.metrics)
+        if benchmark is not None:  # the same metrics as clip_benchmark writes them, for `clip_benchmark build`
+            write_json_atomic(clip_benchmark_path(out), benchmark)
     _print(report)
     console.print(f"-> {out}")
-    benchmark = clip_benchmark_result(task, dataset.name or data.stem, model, result.metrics)
-    if benchmark is not None:  # the same metrics as clip_benchmark writes them, for `clip_benchmark build`
-        write_json_atomic(clip_benchmark_path(out), benchmark)
+    if benchmark is not None:
         console.print(f"-> {clip_benchmark_path(out)} (clip_benchmark)")
 
 

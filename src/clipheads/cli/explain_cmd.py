@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -91,9 +92,17 @@ def _pixel_batches(backend, paths: list[Path], batch_size: int, skip_bad: bool =
                         f"at least {least} are needed")
 
 
+def _describe_plan(max_images: int) -> dict[str, float]:
+    """The stages of :func:`_describe` -> expected seconds (revised in it once the texts and images are counted)."""
+    from clipheads.cli import stages as cost
+
+    guess = min(max_images, cost.GUESS_IMAGES)
+    return {"text pool": cost.PER_TEXT * guess, "decompose images": cost.PER_DESCRIBE_IMAGE * guess}
+
+
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
               max_images: int, batch_size: int, seed: int, convention: str = "textspan",
-              skip_bad: bool = False):
+              skip_bad: bool = False, stages=None):
     from clipheads.eval.features import encode_text_batches
     from clipheads.explain.decomposition import check_convention
     from clipheads.explain.pipeline import describe_model
@@ -103,14 +112,22 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
     check_convention(convention)
     if layers is not None:
         parse_layers(layers, backend.n_layers)  # a bad spec fails before any image is read
-    paths = _image_paths(data, split, max_images, seed)
-    pool = known_texts(backend, get_pool(texts, seed=seed))
-    console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
-    features = encode_text_batches(backend, pool.texts)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages
+
+    stages = stages or command_stages(_describe_plan(max_images), show=False)
+    with stages.stage("text pool"):
+        paths = _image_paths(data, split, max_images, seed)
+        pool = known_texts(backend, get_pool(texts, seed=seed))
+        stages.expect("text pool", cost.PER_TEXT * len(pool))
+        stages.expect("decompose images", cost.PER_DESCRIBE_IMAGE * len(paths))
+        console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
+        features = encode_text_batches(backend, pool.texts)
     skipped: list[str] = []
-    result = describe_model(backend, _pixel_batches(backend, paths, batch_size, skip_bad, skipped), pool, k=k,
-                            layers=layers, rank=rank, pool_features=features,
-                            convention=convention)
+    with stages.stage("decompose images"):
+        result = describe_model(backend, _pixel_batches(backend, paths, batch_size, skip_bad, skipped), pool, k=k,
+                                layers=layers, rank=rank, pool_features=features,
+                                convention=convention)
     result.meta["data"] = str(data)
     if skip_bad:
         result.meta["skipped_images"] = skipped
@@ -152,12 +169,17 @@ def describe(
     from clipheads.explain.decomposition import check_convention
 
     check_convention(convention)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages
+
+    stages = command_stages({**_describe_plan(max_images), "write results": cost.WRITE})
     backend = _load(model, device, precision)
     result, _, _ = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size, seed,
-                             convention, skip_bad)
+                             convention, skip_bad, stages)
     _print_descriptions(result)
-    result.meta["run"] = run_meta()
-    path = result.save(out / "descriptions.json")
+    with stages.stage("write results"):
+        result.meta["run"] = run_meta()
+        path = result.save(out / "descriptions.json")
     console.print(f"-> {path}")
 
 
@@ -224,7 +246,14 @@ def ccs(
     check_output_dir(out, {"descriptions.json": "json", "ccs.json": "json", "ccs_progress.json": "json",
                            "ccs_heatmap.png": "png"})
     check_convention(convention)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages
+
+    stages = command_stages({**(_describe_plan(max_images) if descriptions is None
+                                                                else {}),
+                             "judging": cost.PER_JUDGED_HEAD * 144, "write results": cost.WRITE})
     backend = _load(model, device, precision)
+    stages.expect("judging", cost.PER_JUDGED_HEAD * backend.n_layers * backend.n_heads)
     pool = features = None
     if descriptions is not None:  # --k and --layers select from it (they were ignored: another k was scored)
         from clipheads.heads import parse_layers
@@ -233,10 +262,12 @@ def ccs(
             k, parse_layers(layers, backend.n_layers) if layers is not None else None)
     elif data is not None:
         result, pool, features = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size,
-                                           seed, convention, skip_bad)
+                                           seed, convention, skip_bad, stages)
         result.meta["run"] = run_meta()
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")
+    stages.expect("judging", cost.PER_JUDGED_HEAD * len(result.heads))
+    judging = time.perf_counter()  # the judges' set-up (calibration) counts in the judging stage
     judges = _judges(judge, backend, pool, features, llm_base_url, llm_model, llm_timeout, threshold)
     try:
         check_checkpoint(out / "ccs_progress.json", judges)  # progress by other judging is refused, nothing written
@@ -249,10 +280,12 @@ def ccs(
     finally:
         for closing in judges:  # the LLM judges' connections
             getattr(closing, "close", lambda: None)()
+    stages.done("judging", time.perf_counter() - judging)
     _print_ccs(scored)
-    scored.meta["run"] = run_meta()
-    path = scored.save(out / "ccs.json")
-    plot_ccs_heatmap(scored.scores(), out / "ccs_heatmap.png", scored.k, title=f"CCS of {backend.name}")
+    with stages.stage("write results"):
+        scored.meta["run"] = run_meta()
+        path = scored.save(out / "ccs.json")
+        plot_ccs_heatmap(scored.scores(), out / "ccs_heatmap.png", scored.k, title=f"CCS of {backend.name}")
     for name, calibration in scored.meta.get("calibration", {}).items():
         console.print(f"{name} judge: threshold {calibration['threshold']:.4f} (balanced accuracy "
                       f"{calibration['balanced_accuracy']:.2f} on held-out tagged texts)")
@@ -367,17 +400,34 @@ def prune(
     result = CCSResult.load(ccs_file)
     tasks = tasks or _tasks(data, split, zeroshot, templates, bias or [], skew_k, batch_size)  # none given: says so
     heads = select_heads(result, group=group, top=top)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import Laps, command_stages
+
+    name = f"CCS {group}" if group else f"CCS top {top}"
+    # every evaluation (unpruned, pruned, each random set) runs the same tasks: one share of work each
+    runs = ["baseline", name, *(f"random seed {seed}" for seed in range(seeds))]
+    evaluation = cost.PER_IMAGE * cost.GUESS_IMAGES
+    stages = command_stages({**({"head means": cost.PER_IMAGE * cost.GUESS_IMAGES} if op == "mean" else {}),
+                             **{run: evaluation for run in runs}, "write results": cost.WRITE})
     backend = _load(model, device, precision)
     means = None
     if op == "mean":
         if means_from is None:
             raise ClipHeadsError("--op mean needs --means-from (a folder of reference images)")
-        paths = _image_paths(means_from, None, 2000, 0, "--means-from", 1, "the mean operator")
-        means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad, least=1),
-                                             kind=means_kind)
-    name = f"CCS {group}" if group else f"CCS top {top}"
+        with stages.stage("head means"):
+            paths = _image_paths(means_from, None, 2000, 0, "--means-from", 1, "the mean operator")
+            stages.expect("head means", cost.PER_IMAGE * len(paths))
+            means = clipheads.compute_head_means(backend, _pixel_batches(backend, paths, batch_size, skip_bad,
+                                                                         least=1), kind=means_kind)
+    laps = Laps(stages)
+
+    def started(run: str) -> None:  # a run starts: the one before it (the baseline first) has ended
+        laps.end(runs[runs.index(run) - 1])
+        console.print(f"evaluating: {run}")
+
     report = compare_pruning(backend, heads, tasks, op=op, alpha=alpha, means=means, seeds=range(seeds), name=name,
-                             progress=lambda run: console.print(f"evaluating: {run}"))
+                             progress=started)
+    laps.end(runs[-1])
     report.meta.update({"model": backend.name, "ccs": str(ccs_file), "judges": result.judges, "group": group,
                         "top": top, **({"means": means_kind} if op == "mean" else {})})
     console.print(f"pruned ({name}): {', '.join(report.selected.heads)}")
@@ -402,9 +452,11 @@ def prune(
             table.add_row(attribute, f"{row['before']:.3f}", f"{row['after']:.3f}",
                           f"{row['random_after_mean']:.3f} +- {row['random_after_std']:.3f}")
         console.print(table)
-    report.meta["run"] = run_meta()
-    write_json_atomic(out / "prune.json", report.to_dict())
-    plot_metric_changes(report.changes(), out / "prune.png", list(report.baseline), title=f"Soft pruning: {name}")
+    with stages.stage("write results"):
+        report.meta["run"] = run_meta()
+        write_json_atomic(out / "prune.json", report.to_dict())
+        plot_metric_changes(report.changes(), out / "prune.png", list(report.baseline),
+                            title=f"Soft pruning: {name}")
     console.print(f"-> {out / 'prune.json'}, {out / 'prune.png'}")
 
 

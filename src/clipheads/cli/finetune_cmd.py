@@ -109,10 +109,28 @@ def finetune_command(
     check_output_dir(out, {"metrics.json": "json", "comparison.json": "json", "comparison.md": "text", "*.png": "png",
                            "checkpoints": "dir", **{method: "dir" for method in chosen}})
     started = time.perf_counter()
-    backend = clipheads.load(model, device=device)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import Laps, command_stages
+
     splits = {"train": train_split, "val": val_split, "test": report_split}
-    sets = {role: load_search_data(backend, "retrieval", data, split, batch_size=batch_size, num_workers=num_workers,
-                                   skip_bad=skip_bad, progress=True) for role, split in splits.items()}
+    methods_work = _method_work(chosen, epochs, bp_epochs if bp_epochs is not None else epochs, population,
+                                generations, 144)  # ViT-B's heads until the model is loaded
+    stages = command_stages({**{f"{role} split": cost.PER_IMAGE * cost.GUESS_IMAGES for role in splits},
+                             **{m: per * cost.GUESS_IMAGES for m, per in methods_work.items()},
+                             "write results": cost.WRITE})
+    backend = clipheads.load(model, device=device)
+    sets = {}
+    for role, split in splits.items():
+        with stages.stage(f"{role} split"):
+            sets[role] = load_search_data(backend, "retrieval", data, split, batch_size=batch_size,
+                                          num_workers=num_workers, skip_bad=skip_bad, progress=True)
+    n_train = len(sets["train"].pixels)
+    methods_work = _method_work(chosen, epochs, bp_epochs if bp_epochs is not None else epochs, population,
+                                generations, backend.n_layers * backend.n_heads)
+    for method, per_image in methods_work.items():
+        stages.expect(method, per_image * n_train)
+    stages.expect(chosen[0], methods_work[chosen[0]] * n_train
+                  + cost.PER_IMAGE * (len(sets["val"].pixels) + len(sets["test"].pixels)))
     config = CompareConfig(methods=tuple(chosen), epochs=epochs, batch_size=batch_size, lr=lr, full_lr=full_lr,
                            op=op, eval_batch_size=batch_size, seed=seed,
                            ga=GAConfig(beta=ga_beta, population=population, generations=generations, seed=seed),
@@ -121,13 +139,15 @@ def finetune_command(
     out.mkdir(parents=True, exist_ok=True)
     result = compare_baselines(backend, sets["train"], sets["val"], sets["test"], config,
                                checkpoint_dir=out / "checkpoints" if compare else out,
-                               allow_same_split=allow_same_split)
+                               allow_same_split=allow_same_split, on_method=Laps(stages).end)
+    write = time.perf_counter()
     about = {"command": "finetune --compare" if compare else "finetune", "model": model, "data": str(data),
              "wall_time_s": time.perf_counter() - started, "versions": package_versions(), "run": run_meta()}
     if compare:
         write_json_atomic(out / "comparison.json", {**about, **result.to_dict()})
         write_bytes_atomic(out / "comparison.md", result.markdown().encode())
         figures = plot_comparison(result, out)
+        stages.done("write results", time.perf_counter() - write)
         _print_table(result, "AAT against fine-tuning and PEFT")
         console.print(result.caption())
         console.print(f"-> {out}/comparison.json, {out}/comparison.md, " + ", ".join(str(f) for f in figures)
@@ -146,6 +166,7 @@ def finetune_command(
                "checkpoint": row.extra.get("checkpoint"), "config": config.finetune_config(name).__dict__}
     write_json_atomic(out / "metrics.json", metrics)
     plot_epoch_curves(result, out / "epoch_curves.png")
+    stages.done("write results", time.perf_counter() - write)
     table = Table(title=f"{name}: {row.trainable_params:,} trainable parameters, {result.n_train_images} training "
                         f"images ({result.train_split})")
     for column in ("epoch", "train loss", f"val mean-R ({result.val_split}, %)", "seconds"):
@@ -158,6 +179,26 @@ def finetune_command(
     console.print(f"held-out mean-R on {result.test_split}: vanilla {100 * vanilla.test_mean_recall:.1f} -> "
                   f"{name} {100 * row.test_mean_recall:.1f} ({100 * metrics['heldout']['change']:+.1f})")
     console.print(f"-> {out}/metrics.json, {out}/epoch_curves.png, checkpoint {row.extra.get('checkpoint')}")
+
+
+def _method_work(methods: list[str], epochs: int, bp_epochs: int, population: int, generations: int,
+                 heads: int) -> dict[str, float]:
+    """Each method's expected seconds per training image: fine-tuning and AAT-BP epochs (a forward and a backward
+    pass per image), AAT-GA's masks (the seeding scan's one per head, then population x generations); vanilla:
+    nothing to train (its stage encodes the validation and held-out splits)."""
+    from clipheads.cli import stages as cost
+
+    work = {}
+    for method in methods:
+        if method == "vanilla":
+            work[method] = 0.0
+        elif method == "aat-ga":
+            work[method] = cost.PER_MASK_IMAGE * (heads + population * generations)
+        elif method == "aat-bp":
+            work[method] = cost.PER_BP_EPOCH_IMAGE * bp_epochs
+        else:
+            work[method] = cost.PER_BP_EPOCH_IMAGE * epochs
+    return work
 
 
 def register(app: typer.Typer) -> None:

@@ -166,6 +166,83 @@ class _Run:
         return RunKey(options, inputs, runtime).to_dict()
 
 
+def _has_report(task: str, report_data: Path | None, report_split: str | None) -> bool:
+    """Whether :meth:`_Run.report` will load a held-out split (the same rule, without loading anything)."""
+    return report_data is not None or (task == "retrieval" and _split(report_split) is not None)
+
+
+def _data_stages(task: str, report_data: Path | None, report_split: str | None) -> dict[str, float]:
+    """The first stages of every command here: the model, the held-out split (when asked for), the search split."""
+    from clipheads.cli import stages as cost
+
+    plan = {}
+    if _has_report(task, report_data, report_split):
+        plan["held-out split"] = cost.PER_IMAGE * cost.GUESS_IMAGES
+    plan["search split"] = cost.PER_IMAGE * cost.GUESS_IMAGES
+    return plan
+
+
+def _load_splits(run: _Run, stages, data: Path, report_data: Path | None, report_split: str | None, op: str,
+                 alpha: float | None, allow_same_split: bool, work: dict[str, float]):
+    """Load and encode the held-out split (if any) and the search split as stages; then revise the expected cost of
+    the later stages from the number of search images: ``work`` maps stage -> seconds per search image."""
+    from clipheads.cli import stages as cost
+
+    report = None
+    if "held-out split" in stages.plan:
+        with stages.stage("held-out split"):
+            report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
+        n_held = report.n_images if report is not None else cost.GUESS_IMAGES
+        stages.expect("search split", cost.PER_IMAGE * n_held)  # the best guess before the search split is read
+    with stages.stage("search split"):
+        evaluator = run.evaluator(run.data, op, alpha)
+    n_images = len(run.data.pixels)
+    for name, per_image in work.items():
+        stages.expect(name, per_image * n_images)
+    return report, evaluator
+
+
+def _scan_work(method: str, heads: int, top_k: int | None, verify_top: int | None,
+               heads_per_layer: int = 12) -> dict[str, float]:
+    """The stages of ``clipheads scan`` after the data -> expected seconds per search image, from the masks evaluated:
+    every head, then the top-k masks (by default up to two layers' worth); attribution: one forward and a few
+    backward passes (about 8 masks' work), the top-k masks and twice ``verify_top`` single heads."""
+    from clipheads.cli import stages as cost
+
+    n_top = top_k if top_k is not None else 2 * heads_per_layer
+    if method == "attribution":
+        return {"attribution scan and results": cost.PER_MASK_IMAGE * (8 + n_top + 2 * (verify_top or 0))}
+    return {"single-head scan": cost.PER_MASK_IMAGE * (heads + n_top), "held-out evaluation": cost.PER_MASK_IMAGE}
+
+
+def _search_work(strategy: str, config, betas: list[float] | None, seeded: str | None,
+                 heads: int) -> dict[str, float]:
+    """The stages of ``clipheads search`` after the data -> expected seconds per search image: masks evaluated
+    (the scan: every head; a GA generation: its population; greedy: candidates x steps) or BP epochs."""
+    from clipheads.cli import stages as cost
+
+    work = {}
+    if seeded == "scan":
+        work["single-head scan"] = cost.PER_MASK_IMAGE * heads
+    elif seeded == "attribution":  # one forward and a few backward passes: about 8 masks' work
+        work["attribution estimate"] = cost.PER_MASK_IMAGE * 8
+    if strategy == "bp":
+        work["AAT-BP and held-out evaluation"] = cost.PER_BP_EPOCH_IMAGE * config.epochs
+    elif strategy == "greedy":  # steps: --max-heads, else the 6 steps of the demo's greedy run
+        steps = config.max_heads or 6
+        work["greedy and held-out evaluation"] = cost.PER_MASK_IMAGE * (config.candidates or heads) * steps
+    elif betas:
+        for i, beta in enumerate(betas):
+            work[f"AAT-GA beta {beta:g} ({i + 1}/{len(betas)})"] = (cost.PER_MASK_IMAGE * config.population
+                                                                   * config.generations)
+        work["sweep results"] = cost.PER_MASK_IMAGE
+    else:
+        for generation in range(config.generations):
+            work[f"AAT-GA generation {generation + 1}/{config.generations}"] = cost.PER_MASK_IMAGE * config.population
+        work["held-out evaluation and results"] = cost.PER_MASK_IMAGE
+    return work
+
+
 def _check_out(out: Path) -> None:
     """Before the model is loaded: ``--out`` must be writable and new, empty or an earlier run's folder."""
     from clipheads.files import check_output_dir
@@ -265,12 +342,20 @@ def scan_command(
         raise ClipHeadsError(f"unknown --surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     started = time.perf_counter()
     _check_out(out)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages, quiet
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
+    work = _scan_work(method, 144, top_k, verify_top)  # ViT-B's 144 heads until the model is loaded
+    stages = command_stages({**_data_stages(task, report_data, report_split),
+                             **{name: per * cost.GUESS_IMAGES for name, per in work.items()},
+                             **({} if method == "attribution" else {"write results": cost.WRITE})})
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates, memory_budget, cache_precision)
+    stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
+    work = _scan_work(method, run.backend.n_layers * run.backend.n_heads, top_k, verify_top, run.backend.n_heads)
     if method == "attribution":
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
                             method="attribution", surrogate=surrogate, order=order, probes=probes,
@@ -278,18 +363,22 @@ def scan_command(
     else:
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k)
     RunFolder.check(out, config)  # another run in --out is refused before anything is encoded
-    report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
     if method == "attribution":
         _require_pairs(run, "the attribution scan differentiates a smooth retrieval score")
-        _attribution_scan(run, config, report, allow_same_split, op, alpha, top_k, verify_top, out,
-                          surrogate=surrogate, order=order, probes=probes)
+    report, evaluator = _load_splits(run, stages, data, report_data, report_split, op, alpha, allow_same_split, work)
+    if method == "attribution":
+        with stages.stage("attribution scan and results"):
+            _attribution_scan(run, config, evaluator, report, allow_same_split, op, alpha, top_k, verify_top, out,
+                              surrogate=surrogate, order=order, probes=probes)
         return
-    evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
     folder = RunFolder(out, config, run.dist)
-    scan = scan_heads(evaluator, folder, checkpoint_every, top_k)
-    result = report_heldout(scan_search_result(scan, evaluator, time.perf_counter() - started), report)
-    write_result(result, folder)
+    with stages.stage("single-head scan"):
+        scan = scan_heads(evaluator, folder, checkpoint_every, top_k)
+    with stages.stage("held-out evaluation"):
+        result = report_heldout(scan_search_result(scan, evaluator, time.perf_counter() - started), report)
+    with stages.stage("write results"):
+        write_result(result, folder)
     if run.dist.is_main:
         table = Table(title=f"Most harmful heads ({scan.operator}) on {scan.split}: vanilla {scan.metric} "
                             f"{scan.baseline:.4f}")
@@ -304,8 +393,8 @@ def scan_command(
         _print_result(result, out)
 
 
-def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, op: str, alpha: float | None,
-                      top_k: int | None, verify_top: int | None, out: Path, **options) -> None:
+def _attribution_scan(run: _Run, config: dict, evaluator, report, allow_same_split: bool, op: str,
+                      alpha: float | None, top_k: int | None, verify_top: int | None, out: Path, **options) -> None:
     """``scan --method attribution``: estimate every head's effect; score the top-k masks of the estimate exactly
     (best one reported on the held-out split); optionally verify the extreme estimates one head at a time.
     ``options`` (surrogate, order, probes) go to :meth:`_Run.attribution`."""
@@ -323,7 +412,6 @@ def _attribution_scan(run: _Run, config: dict, report, allow_same_split: bool, o
 
     started = time.perf_counter()
     folder = RunFolder(out, config, run.dist)
-    evaluator = run.evaluator(run.data, op, alpha)
     check_splits(evaluator, report, allow_same_split)
     estimate = run.attribution(evaluator, op, alpha, **options)
     surrogate = estimate.surrogate_name
@@ -420,14 +508,20 @@ def layers_command(
         raise typer.BadParameter("--prefix-from-selection needs --task selection (or --no-prefix-from-selection)",
                                  param_hint="--prefix-from-selection")
     _check_out(out)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import command_stages, quiet
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
+    stages = command_stages({**_data_stages(task, None, None), **({"captioner": cost.LOAD_MODEL} if generate else {}),
+                             "layer scan": cost.PER_LAYER_IMAGE * cost.GUESS_IMAGES})
     run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates,
                memory_budget, cache_precision)
+    stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
+    groups = run.backend.n_layers
     if ranges:
-        parse_layer_ranges(ranges, run.backend.n_layers)  # a bad range fails before the data is encoded
+        groups = len(parse_layer_ranges(ranges, run.backend.n_layers))  # a bad range fails before the data is encoded
     extra = {"ranges": ranges}
     if generate:
         extra["generate"] = {"captioner": str(captioner.resolve()), "beams": beams, "max_new_tokens": max_new_tokens,
@@ -437,11 +531,17 @@ def layers_command(
     if generate:
         config["inputs"]["captioner"] = {"kind": "file", **FileKey.of(captioner).to_dict()}
     RunFolder.check(out, config)  # another run in --out is refused before anything is encoded
-    evaluator = run.evaluator(run.data, op, alpha)
+    _, evaluator = _load_splits(run, stages, data, None, None, op, alpha, False,
+                                {"layer scan": cost.PER_LAYER_IMAGE * (groups + 1)})
     folder = RunFolder(out, config, run.dist)
-    captioning = _layerwise_captioning(run, captioner, op, alpha, beams, max_new_tokens, prefix_from_selection,
-                                       prefix_words, generate_limit, num_workers, skip_bad) if generate else None
-    result = scan_layers(evaluator, ranges, run.data.details, folder, generate=captioning)
+    captioning = None
+    if generate:
+        with stages.stage("captioner"):
+            captioning = _layerwise_captioning(run, captioner, op, alpha, beams, max_new_tokens,
+                                               prefix_from_selection, prefix_words, generate_limit, num_workers,
+                                               skip_bad)
+    with stages.stage("layer scan"):
+        result = scan_layers(evaluator, ranges, run.data.details, folder, generate=captioning)
     if run.dist.is_main:
         table = Table(title=f"Layer scan ({result.operator}) on {result.split}")
         for column in ("layers cancelled", result.metric, "change"):
@@ -592,11 +692,19 @@ def search_command(
     else:
         config = GreedyConfig(beta, max_heads, candidates)
     _check_out(out)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import Laps, command_stages, quiet
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
+    seeded = seed_from if seed_from == "attribution" or (
+        seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates))) else None
+    stages = command_stages({**_data_stages(task, report_data, report_split),
+                             **{name: per * cost.GUESS_IMAGES  # ViT-B's 144 heads until the model is loaded
+                                for name, per in _search_work(strategy, config, betas, seeded, 144).items()}})
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates, memory_budget, cache_precision)
+    stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
                           strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
@@ -605,25 +713,33 @@ def search_command(
         _require_pairs(run, "AAT-BP trains its gates")
     if seed_from == "attribution":
         _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
-    report = run.report(data, report_data, report_split, op, alpha, allow_same_split)
-    evaluator = run.evaluator(run.data, op, alpha)
+    work = _search_work(strategy, config, betas, seeded, run.backend.n_layers * run.backend.n_heads)
+    report, evaluator = _load_splits(run, stages, data, report_data, report_split, op, alpha, allow_same_split, work)
     check_splits(evaluator, report, allow_same_split)
     folder = RunFolder(out, settings, run.dist)
     scan = None
-    if seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates)):
-        scan_folder = RunFolder(out / "scan", {**settings, "command": "scan"}, run.dist)
-        scan = scan_heads(evaluator, scan_folder, max_top_k=0)
-    elif seed_from == "attribution":
-        estimate = run.attribution(evaluator, op, alpha)
-        scan = estimate.as_scan(run.data.split)
-        folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
+    if seeded == "scan":
+        with stages.stage("single-head scan"):
+            scan_folder = RunFolder(out / "scan", {**settings, "command": "scan"}, run.dist)
+            scan = scan_heads(evaluator, scan_folder, max_top_k=0)
+    elif seeded == "attribution":
+        with stages.stage("attribution estimate"):
+            estimate = run.attribution(evaluator, op, alpha)
+            scan = estimate.as_scan(run.data.split)
+            folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
     if strategy == "bp":
-        result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split,
-                           seed_ranking=scan)
+        with stages.stage("AAT-BP and held-out evaluation"):
+            result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split,
+                               seed_ranking=scan)
     elif strategy == "greedy":
-        result = greedy_search(evaluator, config, folder, scan, report, allow_same_split)
+        with stages.stage("greedy and held-out evaluation"):
+            result = greedy_search(evaluator, config, folder, scan, report, allow_same_split)
     elif betas:
-        sweep = run_beta_sweep(evaluator, config, betas, folder, scan, report, allow_same_split)
+        names = [f"AAT-GA beta {b:g} ({i + 1}/{len(betas)})" for i, b in enumerate(betas)]
+        laps = Laps(stages)
+        sweep = run_beta_sweep(evaluator, config, betas, folder, scan, report, allow_same_split,
+                               on_beta=lambda i, _result: laps.end(names[i]))
+        laps.end("sweep results")
         if run.dist.is_main:
             table = Table(title=f"AAT-GA beta sweep ({evaluator.operator.describe()})")
             for column in ("beta", "heads", f"{evaluator.objective.name} search", "held-out"):
@@ -635,7 +751,11 @@ def search_command(
             console.print(f"-> {out}/beta_sweep.json, {out}/metric_vs_beta.png, {out}/beta_<beta>/mask.json")
         return
     else:
-        result = ga_search(evaluator, config, folder, scan, report, allow_same_split)
+        names = [f"AAT-GA generation {g + 1}/{config.generations}" for g in range(config.generations)]
+        laps = Laps(stages)  # a resumed run starts after the generations done before
+        result = ga_search(evaluator, config, folder, scan, report, allow_same_split,
+                           on_generation=lambda generation, _state: laps.end(names[generation], names[:generation]))
+        laps.end("held-out evaluation and results", names)
     if run.dist.is_main:
         _print_result(result, out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -39,11 +40,18 @@ def make(
 ) -> None:
     """Render a world and write it in the standard formats (retrieval JSON, ImageFolder, caption selection,
     compositional pairs, counterfactual groups)."""
-    from clipheads.world import WorldSizes, make_world
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import Laps, command_stages
+    from clipheads.world import MARKER_COLOURS, SPLITS, WorldSizes, make_world
+    from clipheads.world.scene import COLOURS
 
     sizes = WorldSizes(train=n_train, val_ood=n_val, test_ood=n_test, test_iid=n_test, test_anti=n_test,
                        compositional=n_pairs, counterfactual=n_groups)
-    paths = make_world(out, seed=seed, sizes=sizes)
+    # images rendered: every split's, then a pair's two images and a counterfactual group's variants
+    rendered = sum(sizes.split_size(split) for split in SPLITS)
+    tasks = 2 * n_pairs + n_groups * (len(MARKER_COLOURS) + len(COLOURS))
+    stages = command_stages({"render splits": cost.PER_IMAGE * rendered, "task datasets": cost.PER_IMAGE * tasks})
+    paths = make_world(out, seed=seed, sizes=sizes, on_stage=Laps(stages).end)
     table = Table(title=f"world (seed {seed}) in {paths.root}")
     table.add_column("dataset")
     table.add_column("format")
@@ -89,7 +97,18 @@ def train(
     check_output_dir(out, {TRAINING_FILE: "json", "README.md": "text"}, marker=TRAINING_FILE)
     cfg = TrainConfig(preset=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed, precision=precision,
                       device=device, eval_images=eval_images)
-    result = train_clip(data, out, cfg)
+    from clipheads.cli import stages as cost
+    from clipheads.cli.stages import Laps, command_stages
+    from clipheads.world import HELD_OUT
+
+    try:  # the training images, from the world's listing (a guess when it cannot be read: the library says why)
+        n_train = int(json.loads((data / "world.json").read_text())["sizes"]["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n_train = cost.GUESS_IMAGES
+    stages = command_stages({"read train split": cost.PER_IMAGE * n_train,
+                             "train": cost.PER_BP_EPOCH_IMAGE * steps * batch_size,
+                             "evaluate": cost.PER_IMAGE * eval_images * len(HELD_OUT), "write model card": cost.WRITE})
+    result = train_clip(data, out, cfg, on_stage=Laps(stages).end)
     table = Table(title=f"world CLIP ({config}) after {steps} steps, {result.seconds / 60:.1f} min")
     for column in ("split", "mean-R", "first shape read", "follows the marker"):
         table.add_column(column)

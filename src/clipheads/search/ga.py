@@ -208,17 +208,21 @@ class BetaSweepResult:
 
 def beta_sweep(evaluator: MaskEvaluator, config: GAConfig, betas: Sequence[float], out: RunFolder | None = None,
                scan: ScanResult | None = None, report: MaskEvaluator | None = None,
-               allow_same_split: bool = False) -> BetaSweepResult:
+               allow_same_split: bool = False,
+               on_beta: Callable[[int, SearchResult], None] | None = None) -> BetaSweepResult:
     """AAT-GA once per beta (each in ``out/beta_<beta>/``), sharing the evaluator's memo: the metric of a mask
-    does not depend on beta. Writes ``beta_sweep.json`` and ``metric_vs_beta.png``."""
+    does not depend on beta. Writes ``beta_sweep.json`` and ``metric_vs_beta.png``. ``on_beta`` is called after
+    each beta's search with its index in ``betas`` and its result."""
     results = []
-    for beta in betas:
+    for index, beta in enumerate(betas):
         run_config = GAConfig(**{**config.to_dict(), "beta": float(beta)})
         sub = None
         if out is not None:
             sub = RunFolder(out.file(f"beta_{beta:g}"), {**out.config, "beta": float(beta), "sweep": None},
                             out.distributed)
         results.append(ga_search(evaluator, run_config, sub, scan, report, allow_same_split))
+        if on_beta is not None:
+            on_beta(index, results[-1])
     sweep = BetaSweepResult([float(b) for b in betas], results)
     if out is not None and out.distributed.is_main:
         out.write_json("beta_sweep.json", sweep.to_dict())

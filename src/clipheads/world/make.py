@@ -11,7 +11,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -368,7 +368,7 @@ def _folders_of(files: list[str]) -> list[str]:
 
 
 def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = None,
-               progress: bool = True) -> WorldPaths:
+               progress: bool = True, on_stage: Callable[[str], None] | None = None) -> WorldPaths:
     """Render a world and write every dataset of it under ``out_dir``.
 
     Before anything is written, ``world.json`` lists every file and folder the world will write (``"complete":
@@ -381,6 +381,8 @@ def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = No
         seed: the world's seed; the same seed gives byte-identical files.
         sizes: images per split and pairs/groups per task (default :class:`WorldSizes`).
         progress: show a tqdm progress bar.
+        on_stage: called with each stage's name as it ends: ``"render splits"`` (the images of every split), then
+            ``"task datasets"`` (classification, caption selection, compositional pairs, counterfactual groups).
 
     Returns:
         :class:`WorldPaths` of everything written.
@@ -400,6 +402,8 @@ def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = No
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / MANIFEST, listing)  # first: an interrupted world is still known to be clipheads' own
     entries, held_out = _write_splits(root, scenes, progress)
+    if on_stage is not None:
+        on_stage("render splits")
     paths = WorldPaths(root=root, retrieval=root / RETRIEVAL_FILE)
     write_json_atomic(paths.retrieval, {"dataset": "clipheads-world", "seed": seed, "images": entries})
     for split, records in held_out.items():
@@ -425,6 +429,8 @@ def make_world(out_dir: str | Path, seed: int = 0, sizes: WorldSizes | None = No
         "paths": paths.to_dict(relative=True),
         "retrieval_sha256": hashlib.sha256(paths.retrieval.read_bytes()).hexdigest()})
     logger.info("wrote a world of %d images to %s", len(entries), root)
+    if on_stage is not None:
+        on_stage("task datasets")
     return paths
 
 

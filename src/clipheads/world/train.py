@@ -13,6 +13,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,7 +201,8 @@ def _lr_lambda(steps: int, warmup_fraction: float):
 
 
 def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None,
-               progress: bool = True, evaluate: bool = True) -> TrainResult:
+               progress: bool = True, evaluate: bool = True,
+               on_stage: Callable[[str], None] | None = None) -> TrainResult:
     """Train a world CLIP on the train split of ``data_dir`` and write an HF checkpoint folder to ``out_dir``.
 
     Args:
@@ -210,7 +212,13 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
         config: training options (default :class:`TrainConfig`).
         progress: show a tqdm progress bar with the loss.
         evaluate: measure held-out metrics for the model card (needs the world's held-out splits in ``data_dir``).
+        on_stage: called with each stage's name as it ends: ``"read train split"``, ``"train"``, ``"evaluate"``
+            (with ``evaluate``; it includes saving the weights), ``"write model card"``.
     """
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(name)
+
     from tqdm.auto import tqdm
 
     from clipheads.models.device import check_device
@@ -227,6 +235,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
     device = torch.device(config.device)
     model = backend.model.to(device).train()
     tokens = _tokenize_all(backend, captions)
+    stage("read train split")
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
@@ -260,6 +269,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     seconds = time.perf_counter() - start
     bar.close()
+    stage("train")
     model.eval()
     backend.to("cpu")
     out_dir = Path(out_dir)
@@ -270,9 +280,11 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
         result.metrics = evaluate_world(backend, n_per_split=config.eval_images, data=str(data_dir))
         if world_seed is not None:
             result.check_metrics = evaluate_world(backend, seed=world_seed, n_per_split=CHECK_IMAGES)
+        stage("evaluate")
     write_json_atomic(out_dir / TRAINING_FILE, result.to_dict())
     write_model_card(out_dir, result)
     write_checksums(out_dir)
+    stage("write model card")
     logger.info("trained %s for %d steps in %.0f s; checkpoint in %s", config.preset, config.steps, seconds, out_dir)
     return result
 
