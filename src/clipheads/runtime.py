@@ -86,9 +86,14 @@ def set_threads(threads: int | str | None = None) -> int:
 
 
 def run_meta() -> dict:
-    """Facts about this run for a results file: clipheads and torch versions, threads, cores, host, UTC time."""
+    """Facts about this run for a results file: clipheads and torch versions, threads, cores, host, UTC time, and,
+    inside a command that takes ``--precision`` (:func:`clipheads.precision.use_precision`), its precision
+    (:meth:`clipheads.precision.Precision.to_dict`)."""
     from clipheads import __version__
+    from clipheads.precision import current_precision
 
+    precision = current_precision()
     return {"clipheads": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cores_available": available_cores(), "python": platform.python_version(), "platform": sys.platform,
-            "machine": platform.machine(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "machine": platform.machine(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"precision": precision.to_dict()} if precision is not None else {})}

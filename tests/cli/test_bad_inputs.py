@@ -328,9 +328,11 @@ def test_options_of_the_same_name_parse_the_same_type():
     assert not clashes, clashes
 
 
-@pytest.mark.parametrize("name", ["--k", "--rank", "--skew-k", "--lora-rank", "--image-root"])
+@pytest.mark.parametrize("name", ["--k", "--rank", "--skew-k", "--lora-rank", "--image-root", "--precision",
+                                  "--no-report"])
 def test_renamed_options_have_one_meaning(name):
-    """--k is texts per head, --rank principal directions, --skew-k MaxSkew's K, --lora-rank a LoRA rank; the old
+    """--k is texts per head, --rank principal directions, --skew-k MaxSkew's K, --lora-rank a LoRA rank, --precision
+    open_clip's precision, --no-report no held-out report; the old
     spellings (eval --k, finetune --rank, captioner --images-root/--layers, prune --retrieval) are hidden aliases."""
     found = [(p.help, p.default, _kind(p)) for _, spelled, p in _visible_options() if spelled == name]
     assert found and len(set(found)) == 1, found

@@ -138,10 +138,12 @@ def test_already_ablated_model(tiny_hf, retrieval_set):
 
 def test_half_precision_autocast_close_to_fp32(tiny_hf, retrieval_set):
     fp32 = encode_images(tiny_hf, retrieval_set.image_paths, cache=FeatureCache()).features
-    bf16 = encode_images(tiny_hf, retrieval_set.image_paths, precision="bf16", cache=FeatureCache()).features
+    bf16 = encode_images(tiny_hf, retrieval_set.image_paths, precision="amp_bf16", cache=FeatureCache()).features
     assert bf16.dtype == torch.float32 and (fp32 - bf16).abs().max() < 0.05
     with pytest.raises(ClipHeadsError, match="unknown precision"):
         encode_images(tiny_hf, retrieval_set.image_paths, precision="int8")
+    with pytest.raises(ClipHeadsError, match="amp_bf16 for autocast"):  # bf16 is bf16 weights (open_clip's meaning)
+        encode_images(tiny_hf, retrieval_set.image_paths, precision="bf16")
 
 
 def test_zeroshot(tiny_hf, world: Path):

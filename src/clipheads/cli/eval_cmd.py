@@ -18,11 +18,13 @@ from clipheads.cli.options import (
     LabelColumn,
     ModelName,
     NumWorkers,
+    Precision,
     SkewK,
     TextColumn,
     Threads,
     old_spelling,
     prefer_old,
+    with_precision,
 )
 from clipheads.errors import ClipHeadsError
 
@@ -97,7 +99,7 @@ def eval_command(
     batch_size: int = typer.Option(64, min=1, help="Images per batch."),
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
-    precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast."),
+    precision: Precision = "fp32",
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) missing or corrupt images instead of "
                                                             "stopping."),
     cache_dir: Path = typer.Option(None, help="Keep features on disk here (safetensors + JSON), keyed by content."),
@@ -116,6 +118,7 @@ def eval_command(
     from clipheads.eval import EVALUATORS, EncodeOptions, FeatureCache
     from clipheads.eval.benchmark import clip_benchmark_path, clip_benchmark_result, task_name
     from clipheads.files import check_output_dir, check_output_file, write_json_atomic
+    from clipheads.precision import parse_precision
     from clipheads.runtime import run_meta
 
     task = task_name(task, list(EVALUATORS))
@@ -138,7 +141,7 @@ def eval_command(
         whole = split.lower() in ("none", "all", "")  # as scan and search read it
         dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
                              {"image": image_column, "text": text_column, "label": label_column})
-    backend = clipheads.load(model, device=device)
+    backend = clipheads.load(model, device=device, dtype=parse_precision(precision).weights)
     # the stages: the dataset and the model are read first, so that their errors come before any stage line
     n_images = len(getattr(dataset, "image_paths", None) or ())  # the images to encode, where listed
     stages = command_stages({"evaluate": cost.PER_IMAGE * (n_images or cost.GUESS_IMAGES), "write results": cost.WRITE})
@@ -199,4 +202,4 @@ def _print(report: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add ``clipheads eval``."""
-    app.command("eval")(eval_command)
+    app.command("eval")(with_precision(eval_command))  # --precision: autocast around the whole command

@@ -23,6 +23,7 @@ from clipheads.cli.options import (
     finite,
     old_spelling,
     prefer_old,
+    with_precision,
 )
 from clipheads.errors import ClipHeadsError, DataError
 from clipheads.files import check_output_dir
@@ -51,9 +52,11 @@ Convention = Annotated[str, typer.Option(help="Decomposition convention: textspa
 
 
 def _load(model: str, device: str, precision: str):
+    """The model with its weights in ``precision``'s dtype (its autocast: :func:`with_precision`)."""
     import clipheads
+    from clipheads.precision import parse_precision
 
-    return clipheads.load(model, device=device, dtype=precision)
+    return clipheads.load(model, device=device, dtype=parse_precision(precision).weights)
 
 
 def _image_paths(data: Path, split: str | None, max_images: int, seed: int, option: str = "--data",
@@ -474,6 +477,6 @@ def _max_skew_summary(report) -> dict[str, dict[str, float]]:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    app.command("describe")(describe)
-    app.command("ccs")(ccs)
-    app.command("prune")(prune)
+    app.command("describe")(with_precision(describe))  # --precision: autocast around the whole command
+    app.command("ccs")(with_precision(ccs))
+    app.command("prune")(with_precision(prune))

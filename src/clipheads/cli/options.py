@@ -68,7 +68,43 @@ Templates = Annotated[Path | None, typer.Option(exists=True, help="zeroshot: pro
 NumWorkers = Annotated[int, typer.Option(min=0, help="DataLoader workers reading images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ... (checked before anything is loaded).",
                                      callback=check_device_option)]
-Precision = Annotated[str, typer.Option(help="Model weights: fp32, bf16 or fp16.")]
+
+
+def check_precision_option(value: str | None) -> str | None:
+    """Typer callback of ``--precision``: its canonical open_clip name (:func:`clipheads.precision.parse_precision`),
+    or a usage error naming the known ones before anything is loaded."""
+    from clipheads.errors import ClipHeadsError
+    from clipheads.precision import parse_precision
+
+    if value is None:
+        return value
+    try:
+        return parse_precision(value).name
+    except ClipHeadsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+PRECISION_HELP = ("open_clip's precision: fp32; amp / amp_bf16 (fp32 weights, fp16 / bf16 autocast); fp16 / bf16 / "
+                  "pure_fp16 / pure_bf16 (weights and inputs in that dtype, no autocast). Recorded in the results.")
+Precision = Annotated[str, typer.Option(help=PRECISION_HELP, callback=check_precision_option)]
+NoReport = Annotated[bool, typer.Option("--no-report", help="No held-out report (also spelled --report-split none, "
+                                                            "kept for compatibility).")]
+
+
+def with_precision(command: Callable) -> Callable:
+    """A command run under its ``precision`` option's autocast on its ``device``'s type, with that precision
+    recorded by :func:`clipheads.runtime.run_meta` (:func:`clipheads.precision.use_precision`); typer reads the
+    wrapped function's options."""
+    import functools
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from clipheads.precision import use_precision
+
+        with use_precision(kwargs.get("precision"), kwargs.get("device") or "cpu"):
+            return command(*args, **kwargs)
+
+    return run
 Pretrained = Annotated[str | None, typer.Option(help="open_clip pretrained tag or checkpoint file for --model ARCH "
                                                    "(as clip_benchmark's --model ViT-B-32 --pretrained TAG).")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]

@@ -26,6 +26,7 @@ from clipheads.cli.options import (
     MeansKind,
     MemoryBudget,
     ModelName,
+    NoReport,
     NumWorkers,
     OperatorName,
     Precision,
@@ -35,6 +36,7 @@ from clipheads.cli.options import (
     Templates,
     Threads,
     finite,
+    with_precision,
 )
 
 console = Console()
@@ -45,6 +47,20 @@ def _split(split: str | None) -> str | None:
     return None if split is None or split.lower() in ("none", "all", "") else split
 
 
+REPORT_SPLIT_HELP = ("Held-out split to report on; 'none' is the whole --report-data file, or without --report-data "
+                     "no report (the old spelling of --no-report).")
+
+
+def _no_report(no_report: bool, report_data: Path | None, report_split: str) -> str:
+    """``--report-split`` as the run reads it: ``none`` under ``--no-report`` (the run key of the old spelling, so a
+    run started as ``--report-split none`` resumes)."""
+    from clipheads.errors import ClipHeadsError
+
+    if no_report and report_data is not None:
+        raise ClipHeadsError("--no-report and --report-data contradict each other; give one")
+    return "none" if no_report else report_split
+
+
 class _Run:
     """What every command sets up: the model, the process group, the search split and the held-out split."""
 
@@ -53,6 +69,7 @@ class _Run:
                  memory_budget: str | None = None, cache_precision: str | None = None):
         import clipheads
         from clipheads.models import parse_dtype
+        from clipheads.precision import parse_precision
         from clipheads.search import Distributed
         from clipheads.search.memory import parse_size
 
@@ -63,7 +80,7 @@ class _Run:
         self.dist = Distributed.from_env(device)
         if self.dist.active and device.startswith("cuda"):
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        self.backend = clipheads.load(model, device=device, dtype=precision)
+        self.backend = clipheads.load(model, device=device, dtype=parse_precision(precision).weights)
         self.task, self.metric, self.templates = task, metric, templates
         self.precision, self.device = precision, device
         self.loader = {"batch_size": batch_size, "num_workers": num_workers, "skip_bad": skip_bad}
@@ -296,7 +313,8 @@ def scan_command(
     task: TaskName = "retrieval",
     model: ModelName = "bundled",
     search_split: str = typer.Option("val", help="Split to scan on. " + SPLIT_HELP),
-    report_split: str = typer.Option("test", help="Held-out split for the best top-k mask ('none': no report)."),
+    report_split: str = typer.Option("test", help=REPORT_SPLIT_HELP),
+    no_report: NoReport = False,
     report_data: ReportData = None,
     allow_same_split: AllowSameSplit = False,
     op: OperatorName = "identity",
@@ -340,6 +358,7 @@ def scan_command(
         raise ClipHeadsError("--verify-top checks an attribution estimate; use it with --method attribution")
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown --surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
+    report_split = _no_report(no_report, report_data, report_split)
     started = time.perf_counter()
     _check_out(out)
     from clipheads.cli import stages as cost
@@ -613,7 +632,8 @@ def search_command(
     task: TaskName = "retrieval",
     model: ModelName = "bundled",
     search_split: str = typer.Option("val", help="Split to search on (BP trains on its pairs). " + SPLIT_HELP),
-    report_split: str = typer.Option("test", help="Held-out split to report on ('none': no report)."),
+    report_split: str = typer.Option("test", help=REPORT_SPLIT_HELP),
+    no_report: NoReport = False,
     report_data: ReportData = None,
     allow_same_split: AllowSameSplit = False,
     op: OperatorName = "identity",
@@ -691,6 +711,7 @@ def search_command(
                           **{key: value for key, value in given.items() if value is not None})
     else:
         config = GreedyConfig(beta, max_heads, candidates)
+    report_split = _no_report(no_report, report_data, report_split)
     _check_out(out)
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import Laps, command_stages, quiet
@@ -762,6 +783,6 @@ def search_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``clipheads scan``, ``clipheads layers`` and ``clipheads search``."""
-    app.command("scan")(scan_command)
-    app.command("layers")(layers_command)
-    app.command("search")(search_command)
+    app.command("scan")(with_precision(scan_command))  # --precision: autocast around the whole command
+    app.command("layers")(with_precision(layers_command))
+    app.command("search")(with_precision(search_command))

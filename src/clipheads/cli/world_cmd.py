@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, Threads, finite
+from clipheads.cli.options import Device, Precision, Threads, finite
 
 console = Console()
 
@@ -84,7 +84,7 @@ def train(
     batch_size: int = typer.Option(128, min=2, help="Image-caption pairs per step (contrastive batch)."),
     lr: float = typer.Option(1e-3, callback=finite(above=0), help="Peak learning rate (AdamW, warm-up then cosine)."),
     seed: int = typer.Option(0, min=0, help="Seed of the initialisation and of the batch order."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast (faster on GPUs; slower on some CPUs)."),
+    precision: Precision = "fp32",
     device: Device = "cpu",
     eval_images: int = typer.Option(1000, min=1, help="Images per held-out split for the model card's metrics."),
     threads: Threads = None,

@@ -16,7 +16,6 @@ Feature-level functions (for searches that cache their own features) are re-expo
 
 from clipheads.eval.features import (
     DEFAULT_CACHE,
-    PRECISIONS,
     EncodedImages,
     EncodeOptions,
     FeatureCache,
@@ -44,6 +43,7 @@ from clipheads.metrics import (
     zeroshot_classifier,
     zeroshot_metrics,
 )
+from clipheads.precision import PRECISIONS
 
 __all__ = ["DEFAULT_CACHE", "EVALUATORS", "PRECISIONS", "EncodeOptions", "EncodedImages", "FeatureCache",
            "bias_metrics", "caption_selection_metrics", "compositional_metrics", "encode_images", "encode_text_batches",

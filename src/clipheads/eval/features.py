@@ -36,11 +36,11 @@ from clipheads.files import write_bytes_atomic, write_json_atomic
 from clipheads.interventions import HeadMask, Operator, ablate
 from clipheads.interventions.operators import resolve_operator
 from clipheads.models import CLIPBackend, as_backend
+from clipheads.precision import parse_precision
 from clipheads.runkey import ImagesKey, WeightsKey
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CACHE_FORMAT = "clipheads.features/1"
 
 
@@ -51,14 +51,13 @@ class EncodeOptions:
     batch_size: int = 64  # images per batch
     text_batch_size: int = 256
     num_workers: int = 0  # DataLoader workers that read and preprocess images
-    precision: str = "fp32"  # fp32, or bf16/fp16 autocast
+    precision: str = "fp32"  # open_clip's names (clipheads.precision): amp / amp_bf16 autocast; fp16, bf16 ... weights
     skip_bad: bool = False  # leave out (and count) missing or corrupt images instead of stopping
     progress: bool = False  # tqdm progress bars
     cache: FeatureCache | None = None  # None: the process-wide in-memory cache
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ClipHeadsError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = parse_precision(self.precision).name  # one line for an unknown name; amp_bfloat16 -> amp_bf16
 
     @classmethod
     def make(cls, options: EncodeOptions | None = None, **overrides) -> EncodeOptions:
@@ -194,9 +193,19 @@ DEFAULT_CACHE = FeatureCache()
 
 
 def precision_context(device: torch.device, precision: str):
-    """Autocast for ``bf16``/``fp16``; nothing for ``fp32``."""
-    dtype = PRECISIONS[precision]
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    """``torch.autocast`` for ``amp`` (fp16) and ``amp_bf16``; nothing for the others (:mod:`clipheads.precision`)."""
+    return parse_precision(precision).autocast(device)
+
+
+def check_precision(backend: CLIPBackend, precision: str) -> None:
+    """Refuse (one line) a precision that holds the weights in fp16/bf16 on a model whose weights are not: the
+    features would claim a precision they were not computed in. ``fp32``/``amp``/``amp_bf16`` run the model as held."""
+    wanted = parse_precision(precision)
+    if wanted.weights != torch.float32 and backend.dtype != wanted.weights:
+        autocast = {torch.float16: "amp", torch.bfloat16: "amp_bf16"}[wanted.weights]
+        raise ClipHeadsError(f"precision {wanted.name} holds the weights in {wanted.weights} but this model's are "
+                             f"{backend.dtype}: load it with clipheads.load(..., dtype={wanted.name!r}), or use "
+                             f"{autocast} for autocast")
 
 
 def _ablation(backend: CLIPBackend, mask: HeadMask | None, op: str | Operator, alpha: float | None
@@ -291,6 +300,7 @@ def encode_texts(model: CLIPBackend | nn.Module, texts: Sequence[str], options: 
     """``[N, D]`` L2-normalised float32 text features (the text tower is never ablated; each text encoded once)."""
     backend = as_backend(model)
     opts = EncodeOptions.make(options, **overrides)
+    check_precision(backend, opts.precision)
     cache = opts.cache or DEFAULT_CACHE
     texts = list(texts)
     texts_sha = _sha(*texts)
@@ -332,6 +342,7 @@ def encode_images(model: CLIPBackend | nn.Module, paths: Sequence[str | Path], m
     """
     backend = as_backend(model)
     opts = EncodeOptions.make(options, **overrides)
+    check_precision(backend, opts.precision)
     cache = opts.cache or DEFAULT_CACHE
     paths = [as_source(p) for p in paths]  # files, or ImageRef (tar members, Hugging Face dataset cells)
     if not paths:

@@ -50,7 +50,9 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             (ViT-Prisma); a bare open_clip architecture (``"ViT-B-32"``, clip_benchmark's ``--model``); or an already
             built library model, which is wrapped as is.
         device: where to put the model (default: where it is, CPU for new loads).
-        dtype: ``torch.dtype`` or ``"fp32"``/``"fp16"``/``"bf16"``.
+        dtype: ``torch.dtype``, ``"fp32"``/``"fp16"``/``"bf16"``, or an open_clip precision name (``"amp_bf16"``,
+            ``"pure_fp16"`` ..., :mod:`clipheads.precision`): the dtype it holds the weights in (an autocast is the
+            caller's: ``parse_precision(name).autocast(device)``).
         pretrained: an open_clip pretrained tag or checkpoint file (clip_benchmark's ``--pretrained``).
         tokenizer, preprocess: for an already built model, its text tokenizer and image transform (transformers: a
             tokenizer and an image processor; open_clip: ``open_clip.get_tokenizer(config)`` and the transform of
@@ -61,6 +63,15 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
         DeviceError: ``device`` is not a torch device or this machine does not have it (checked before loading).
         ModelLoadError: the model cannot be found or loaded.
     """
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        from clipheads.errors import ClipHeadsError
+        from clipheads.precision import parse_precision
+
+        try:
+            dtype = parse_precision(dtype).weights
+        except ClipHeadsError:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or an open_clip precision "
+                                 "(amp, amp_bf16, pure_fp16, pure_bf16)") from None
     dtype = parse_dtype(dtype)
     check_device(device)
     if isinstance(name_or_path, CLIPBackend):

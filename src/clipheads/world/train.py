@@ -83,7 +83,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.04
     seed: int = 0
-    precision: str = "fp32"  # or "bf16" autocast (measured slower than fp32 on the 2-core CPU)
+    precision: str = "fp32"  # or "amp_bf16": bf16 autocast (measured slower than fp32 on the 2-core CPU)
     device: str = "cpu"
     eval_images: int = 1000  # per held-out split, for the model card
 
@@ -227,8 +227,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
     config = config or TrainConfig()
     if config.steps < 1 or config.batch_size < 2:
         raise ClipHeadsError(f"need steps >= 1 and batch size >= 2 (got {config.steps}, {config.batch_size})")
-    if config.precision not in ("bf16", "fp32"):
-        raise ClipHeadsError(f"unknown precision {config.precision!r}; use bf16 or fp32")
+    precision = _training_precision(config.precision)
     check_device(config.device)
     backend = build_world_clip(config.preset, config.seed)
     images, captions, world_seed = load_train_split(data_dir, backend.image_size)
@@ -240,7 +239,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, config.warmup_fraction))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    autocast = precision.autocast(device)
     n = len(images)
     batch_size = min(config.batch_size, n)
     order = torch.randperm(n, generator=generator)
@@ -381,8 +380,24 @@ clipheads {__version__}, torch {torch.__version__}. Files and their sha256 are l
     return path
 
 
+def _training_precision(name: str):
+    """The precision training runs in (:mod:`clipheads.precision`): fp32, or amp_bf16 (fp32 weights, bf16 autocast).
+    The old spelling ``bf16`` meant bf16 autocast here and is read as amp_bf16 (a warning says so); other names are
+    refused in one line (low-precision weights cannot be trained by AdamW here; amp's fp16 needs a gradient scaler)."""
+    from clipheads.precision import PRECISIONS, parse_precision
+
+    precision = parse_precision(name)
+    if precision.name == "bf16":
+        logger.warning("world train: --precision bf16 is read as amp_bf16 (bf16 autocast, fp32 weights), as before; "
+                       "spell it amp_bf16 (bf16 means bf16 weights in open_clip and the other commands)")
+        return PRECISIONS["amp_bf16"]
+    if precision.name not in ("fp32", "amp_bf16"):
+        raise ClipHeadsError(f"world train runs in fp32 or amp_bf16 (fp32 weights, bf16 autocast); got {name!r}")
+    return precision
+
+
 def _precision_words(precision: str) -> str:
-    return "bf16 autocast" if precision == "bf16" else "fp32 (no autocast)"
+    return "bf16 autocast" if precision in ("bf16", "amp_bf16", "amp_bfloat16") else "fp32 (no autocast)"
 
 
 def _load_params(folder: Path) -> list[torch.Tensor]:
