@@ -40,6 +40,21 @@ def test_quick_demo_writes_report_and_summary(tmp_path):
     assert 0 < summary["selection_chance"] < 100
     for name in ("greedy", "aat_ga", "aat_bp"):
         assert json.loads((tmp_path / f"mask_{name}.json").read_text())["format"] == "clipheads.HeadMask/1"
+    # the head atlas: beside the report, linked from it, built from what the demo computed
+    assert '<a href="atlas.html">atlas.html</a>' in html
+    page = (tmp_path / "atlas.html").read_text()
+    atlas = json.loads(re.search(r'<script type="application/json" id="atlas-data">(.*?)</script>', page, re.S)[1])
+    assert atlas["format"] == "clipheads.Atlas/1" and len(atlas["images"]) == summary["atlas_images"] == 24
+    assert len(atlas["heads"]) == 48 and set(atlas["measures"]) == {"scan effect", "cue share", "CCS"}
+    described = {d["head"]: d["texts"] for d in summary["descriptions"]["heads"]}
+    for head in atlas["heads"]:
+        layer, h = head["layer"], head["index"]
+        assert head["measures"]["cue share"] == pytest.approx(summary["cue_share"][layer][h], abs=1e-6)
+        assert head["measures"]["scan effect"] == pytest.approx(summary["single_head_delta_val_ood"][layer][h],
+                                                                abs=1e-5)
+        assert [t["text"] for t in head["texts"]] == described[head["head"]]
+        assert len(head["spatial"]) == len(head["attention"]) == 3 and len(head["top"]) == 6
+    assert summary["timings_s"]["atlas"] > 0 and len(page) < 2_000_000
 
 
 def test_demo_refuses_a_folder_whose_world_is_not_its_own(tmp_path, run_main):
@@ -69,6 +84,10 @@ def test_a_demo_folder_passes_its_own_checks_and_keeps_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")  # another file beside the demo's is left alone
     assert check_output_dir(tmp_path, DEMO_OUTPUTS) == tmp_path
     assert check_world_folder(tmp_path / "world")  # its own world: replaced on the next run
+    (tmp_path / "atlas.html").write_text("my own atlas notes")  # the demo writes atlas.html too: never over this
+    with pytest.raises(OutputError, match="atlas.html.*is not an HTML file"):
+        check_output_dir(tmp_path, DEMO_OUTPUTS)
+    (tmp_path / "atlas.html").unlink()
     (tmp_path / "report.html").write_text("my own notes, not a clipheads report")
     with pytest.raises(OutputError, match="report.html.*is not an HTML file"):
         check_output_dir(tmp_path, DEMO_OUTPUTS)

@@ -57,3 +57,12 @@ def test_report_figures_are_pngs_with_alt_text_and_captions(tmp_path):
     # chance of caption selection among 4 and 2 candidates: (1/4 + 1/2) / 2
     assert selection_chance(_summary()["layer_scan"]) == 37.5
     assert "<td>chance</td><td class=\"num\">37.50</td>" in html and "chance = mean of 1 / number of candidates" in html
+
+
+def test_report_links_the_atlas_only_when_given(tmp_path):
+    deltas = torch.linspace(-15, 1, N_LAYERS * N_HEADS).reshape(N_LAYERS, N_HEADS)
+    share = torch.rand(N_LAYERS, N_HEADS)
+    linked = write_report(tmp_path / "linked.html", _summary(), deltas, share, _ccs(), atlas="atlas.html").read_text()
+    assert len(re.findall(r'<a href="atlas.html">atlas.html</a>', linked)) == 1 and "Head atlas" in linked
+    plain = write_report(tmp_path / "plain.html", _summary(), deltas, share, _ccs()).read_text()
+    assert "<a href=" not in plain and "Head atlas" not in plain

@@ -14,8 +14,8 @@ console = Console()
 
 
 def demo(
-    out: Path = typer.Option(Path("clipheads-demo"), "--out", "-o", help="Output folder (report.html, summary.json, "
-                                                                         "masks, the generated world)."),
+    out: Path = typer.Option(Path("clipheads-demo"), "--out", "-o", help="Output folder (report.html, atlas.html, "
+                                                                         "summary.json, masks, the generated world)."),
     quick: bool = typer.Option(False, help="A reduced run (fewer images, shorter searches): about 1.5 minutes on 2 "
                                            "cores, the full demo about 6."),
     model: str = typer.Option("bundled", "--model", "-m", help="The CLIP to analyse (default: the bundled one, "
@@ -47,6 +47,7 @@ def demo(
         table.add_row(name, *(f"{scores[s]:.1f}" for s in splits), shown or "-")
     console.print(table)
     console.print(f"report: {out / 'report.html'}  ({summary['wall_time_s']:.0f} s)")
+    console.print(f"head atlas: {out / 'atlas.html'}  (linked from the report)")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,8 @@
 
 vanilla held-out evaluation -> single-head scan (val_ood) -> greedy, AAT-GA and AAT-BP (all on val_ood) ->
 held-out evaluation of the found masks (test splits) -> which heads carry the planted cue -> layer scan with
-caption selection -> head descriptions (TextSpan) and CCS -> one self-contained HTML report plus JSON.
+caption selection -> head descriptions (TextSpan) and CCS -> the head atlas (``atlas.html``) and one self-contained
+HTML report that links it, plus JSON.
 
 Design on validation data, report on test data: masks are chosen on ``val_ood`` only.
 """
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 import clipheads
 from clipheads.demo.cue import cue_share
 from clipheads.demo.data import RetrievalSet, load_retrieval_set
+from clipheads.errors import ClipHeadsError
 from clipheads.files import check_output_dir, write_json_atomic
 from clipheads.heads import parse_layer_ranges
 from clipheads.metrics.matching import caption_selection_metrics
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 
 HELD_OUT = ("test_ood", "test_iid", "test_anti")
 # what the demo writes in its folder (name -> kind): an existing entry of another kind is never overwritten
-DEMO_OUTPUTS = {"summary.json": "json", "report.html": "html", "mask_*.json": "json", "world": "dir"}
+DEMO_OUTPUTS = {"summary.json": "json", "report.html": "html", "mask_*.json": "json", "world": "dir",
+                "atlas.html": "html"}
 
 
 @dataclass
@@ -63,10 +66,13 @@ class DemoConfig:
     bp: BPConfig = None  # type: ignore[assignment]
     layer_ranges: str = "0-1,2-3,4-5"
     k: int = 5
+    n_atlas: int = 24  # val_ood images in the head atlas (atlas.html): its top images; the first 3 get maps
 
     def __post_init__(self) -> None:
         self.ga = self.ga or GAConfig(population=24, generations=12, seed=self.seed)
         self.bp = self.bp or BPConfig(seed=self.seed)  # the library's defaults (10 epochs of 64 pairs)
+        if self.n_atlas < 2:
+            raise ClipHeadsError(f"the demo's head atlas needs at least 2 images; n_atlas is {self.n_atlas}")
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
@@ -116,7 +122,8 @@ def stage_plan(config: DemoConfig) -> dict[str, float]:
 
     Seconds per unit of work measured on one quick demo (bundled model, 1 thread, 2 shared cores, 2026-11-29; the
     search stages about 0.015 s per mask and image), times each stage's amount of work in ``config``: images, masks
-    (the scan: 2 splits x 64 masks, greedy: 6 steps x 12 candidates), GA population x generations, BP epochs.
+    (the scan: 2 splits x 64 masks, greedy: 6 steps x 12 candidates), GA population x generations, BP epochs. The report
+    stage includes the head atlas (0.5 s on one quick demo, 24 images).
     """
     n, per_mask_image = config.n_eval, 0.015
     return {"world and data": 0.077 * 4 * n, "vanilla evaluation": 0.067 * 4 * n,
@@ -124,7 +131,7 @@ def stage_plan(config: DemoConfig) -> dict[str, float]:
             "AAT-GA": per_mask_image * config.ga.population * config.ga.generations * n,
             "AAT-BP": 0.10 * config.bp.epochs * n, "held-out evaluation": 0.20 * n,
             "cue analysis": 0.38 * config.n_counterfactual, "layer scan": 0.43 * config.n_selection,
-            "describe (TextSpan)": 0.10 * config.n_describe, "CCS": 11.0, "report": 12.0}
+            "describe (TextSpan)": 0.10 * config.n_describe, "CCS": 11.0, "report": 12.5}
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bool = True,
@@ -226,6 +233,12 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bo
     ccs = score_heads(descriptions, ClipJudge(backend), (backend.n_layers, backend.n_heads))
     lap("CCS", t0)
 
+    # 7. the head atlas from what was computed (its time is part of the "report" stage)
+    t_report = time.perf_counter()
+    n_atlas = _write_atlas(out / "atlas.html", backend, world.retrieval, config.n_atlas, descriptions, ccs,
+                           {"scan effect": deltas, "cue share": share})
+    timings["atlas"] = round(time.perf_counter() - t_report, 1)
+
     summary = {
         "config": asdict(config), "model": backend.name, "world": world.to_dict(), "timings_s": timings,
         "mean_recall": results,
@@ -238,16 +251,34 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None, progress: bo
         "cue_share": share.tolist(), "cue_share_all_heads": share_all_heads,
         "layer_scan": layer_rows,
         "selection_chance": 100 * sum(1 / len(item["candidates"]) for item in selection.items) / len(selection.items),
-        "ccs": ccs.to_dict(), "descriptions": descriptions.to_dict(), "run": run_meta(),
+        "ccs": ccs.to_dict(), "descriptions": descriptions.to_dict(), "atlas_images": n_atlas, "run": run_meta(),
     }
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "summary.json", summary)
     from clipheads.demo.report import write_report
 
-    t0 = time.perf_counter()
-    write_report(out / "report.html", summary, deltas, share, ccs)
-    stages.done("report", time.perf_counter() - t0)
+    write_report(out / "report.html", summary, deltas, share, ccs, atlas="atlas.html")
+    stages.done("report", time.perf_counter() - t_report)
     return summary
+
+
+def _write_atlas(path: Path, backend, retrieval: Path, n_images: int, descriptions, ccs,
+                 measures: dict[str, torch.Tensor]) -> int:
+    """The head atlas (:mod:`clipheads.explain.atlas`) of the first ``n_images`` val_ood images, with the demo's
+    descriptions, CCS and per-head ``measures`` (``[n_layers, n_heads]``: scan effect in val_ood mean-R points, cue
+    share 0-1); returns the number of images."""
+    from clipheads.data import read_image
+    from clipheads.explain.atlas import AtlasInputs, build_atlas, write_atlas
+    from clipheads.world import read_split
+
+    entries = read_split(retrieval, "val_ood")[:n_images]
+    notes = {"scan effect": "change of val_ood mean-R (points) when the head alone is ablated",
+             "cue share": "share (0-1) of the cue-driven embedding change the head writes directly",
+             "CCS": f"Concept Consistency Score, 0..{ccs.k}"}
+    inputs = AtlasInputs(descriptions, ccs, {**measures, "CCS": ccs.scores()}, notes)
+    images = [read_image(entry["path"]) for entry in entries]
+    write_atlas(path, build_atlas(backend, images, [Path(entry["path"]).name for entry in entries], inputs))
+    return len(images)
 
 
 def _counterfactual_groups(backend, path: Path) -> list[torch.Tensor]:

@@ -83,7 +83,10 @@ def _scatter(deltas: torch.Tensor, deltas_test: torch.Tensor):
     return fig
 
 
-def write_report(path: str | Path, summary: dict, deltas: torch.Tensor, share: torch.Tensor, ccs) -> Path:
+def write_report(path: str | Path, summary: dict, deltas: torch.Tensor, share: torch.Tensor, ccs,
+                 atlas: str | None = None) -> Path:
+    """Write the report to ``path`` and its figures beside it; ``atlas``: the head atlas's file name beside the
+    report (``atlas.html``), linked from the report if given."""
     n_layers, n_heads = deltas.shape
     folder = Path(path).parent
     report = Report("clipheads demo: which heads of the bundled CLIP hurt, and why",
@@ -191,6 +194,12 @@ def write_report(path: str | Path, summary: dict, deltas: torch.Tensor, share: t
                "heads ablated by a search outlined.")
     rows = [[c.head_label, c.label, c.ccs, " | ".join(c.descriptions)] for c in ccs.heads]
     report.table(rows, ["head", "concept", "CCS", "TextSpan descriptions (most variance first)"])
+    if atlas is not None:
+        report.heading("Head atlas")
+        report.link(atlas, atlas, before="Browse every head (grid coloured by scan effect, CCS or cue share; per head "
+                    "its TextSpan texts, concept label, top images, spatial and attention maps) in the head atlas: ",
+                    after=f" (one self-contained page beside this report, {summary.get('atlas_images', 'a few')} "
+                          "val_ood images).")
     report.heading("Timings")
     report.table([[k, v] for k, v in summary["timings_s"].items()], ["stage", "seconds"])
     return report.save(path)

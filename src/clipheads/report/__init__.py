@@ -52,6 +52,13 @@ class Report:
         self.parts.append(f"<p{cls}>{html.escape(text)}</p>")
         return self
 
+    def link(self, text: str, href: str, before: str = "", after: str = "") -> Report:
+        """A paragraph ``before`` + a link with ``text`` to ``href`` (a file beside the report: a relative path)
+        + ``after``."""
+        self.parts.append(f'<p>{html.escape(before)}<a href="{html.escape(href)}">{html.escape(text)}</a>'
+                          f"{html.escape(after)}</p>")
+        return self
+
     def table(self, rows: Sequence[Sequence], columns: Sequence[str], caption: str = "") -> Report:
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
         body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
