@@ -128,10 +128,10 @@ def train(
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import command_stages
 
+    backend = clipheads.load(model, device=device).eval()
     # work counts: one image-tower forward per image; a decoder forward and backward per caption and epoch
     stages = command_stages({"encode images": cost.PER_IMAGE * len(files),
                              "train": cost.PER_BP_EPOCH_IMAGE * epochs * len(captions), "write results": cost.WRITE})
-    backend = clipheads.load(model, device=device).eval()
     with stages.stage("encode images"):
         features = encode_images(backend, _pixel_batches(backend.preprocess, files, batch_size), progress=True)
     with stages.stage("train"):

@@ -175,8 +175,8 @@ def describe(
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import command_stages
 
-    stages = command_stages({**_describe_plan(max_images), "write results": cost.WRITE})
     backend = _load(model, device, precision)
+    stages = command_stages({**_describe_plan(max_images), "write results": cost.WRITE})
     result, _, _ = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size, seed,
                              convention, skip_bad, stages)
     _print_descriptions(result)
@@ -252,11 +252,10 @@ def ccs(
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import command_stages
 
-    stages = command_stages({**(_describe_plan(max_images) if descriptions is None
-                                                                else {}),
-                             "judging": cost.PER_JUDGED_HEAD * 144, "write results": cost.WRITE})
     backend = _load(model, device, precision)
-    stages.expect("judging", cost.PER_JUDGED_HEAD * backend.n_layers * backend.n_heads)
+    stages = command_stages({**(_describe_plan(max_images) if descriptions is None else {}),
+                             "judging": cost.PER_JUDGED_HEAD * backend.n_layers * backend.n_heads,
+                             "write results": cost.WRITE})
     pool = features = None
     if descriptions is not None:  # --k and --layers select from it (they were ignored: another k was scored)
         from clipheads.heads import parse_layers
@@ -410,9 +409,9 @@ def prune(
     # every evaluation (unpruned, pruned, each random set) runs the same tasks: one share of work each
     runs = ["baseline", name, *(f"random seed {seed}" for seed in range(seeds))]
     evaluation = cost.PER_IMAGE * cost.GUESS_IMAGES
+    backend = _load(model, device, precision)
     stages = command_stages({**({"head means": cost.PER_IMAGE * cost.GUESS_IMAGES} if op == "mean" else {}),
                              **{run: evaluation for run in runs}, "write results": cost.WRITE})
-    backend = _load(model, device, precision)
     means = None
     if op == "mean":
         if means_from is None:

@@ -113,20 +113,18 @@ def finetune_command(
     from clipheads.cli.stages import Laps, command_stages
 
     splits = {"train": train_split, "val": val_split, "test": report_split}
+    backend = clipheads.load(model, device=device)
     methods_work = _method_work(chosen, epochs, bp_epochs if bp_epochs is not None else epochs, population,
-                                generations, 144)  # ViT-B's heads until the model is loaded
+                                generations, backend.n_layers * backend.n_heads)
     stages = command_stages({**{f"{role} split": cost.PER_IMAGE * cost.GUESS_IMAGES for role in splits},
                              **{m: per * cost.GUESS_IMAGES for m, per in methods_work.items()},
                              "write results": cost.WRITE})
-    backend = clipheads.load(model, device=device)
     sets = {}
     for role, split in splits.items():
         with stages.stage(f"{role} split"):
             sets[role] = load_search_data(backend, "retrieval", data, split, batch_size=batch_size,
                                           num_workers=num_workers, skip_bad=skip_bad, progress=True)
     n_train = len(sets["train"].pixels)
-    methods_work = _method_work(chosen, epochs, bp_epochs if bp_epochs is not None else epochs, population,
-                                generations, backend.n_layers * backend.n_heads)
     for method, per_image in methods_work.items():
         stages.expect(method, per_image * n_train)
     stages.expect(chosen[0], methods_work[chosen[0]] * n_train

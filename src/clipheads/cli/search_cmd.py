@@ -362,19 +362,18 @@ def scan_command(
     started = time.perf_counter()
     _check_out(out)
     from clipheads.cli import stages as cost
-    from clipheads.cli.stages import command_stages, quiet
+    from clipheads.cli.stages import command_stages
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
-    work = _scan_work(method, 144, top_k, verify_top)  # ViT-B's 144 heads until the model is loaded
-    stages = command_stages({**_data_stages(task, report_data, report_split),
-                             **{name: per * cost.GUESS_IMAGES for name, per in work.items()},
-                             **({} if method == "attribution" else {"write results": cost.WRITE})})
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates, memory_budget, cache_precision)
-    stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
     work = _scan_work(method, run.backend.n_layers * run.backend.n_heads, top_k, verify_top, run.backend.n_heads)
+    stages = command_stages({**_data_stages(task, report_data, report_split),
+                             **{name: per * cost.GUESS_IMAGES for name, per in work.items()},
+                             **({} if method == "attribution" else {"write results": cost.WRITE})},
+                            show=run.dist.is_main)
     if method == "attribution":
         config = run.config("scan", model, data, search_split, report_data, report_split, op, alpha, top_k=top_k,
                             method="attribution", surrogate=surrogate, order=order, probes=probes,
@@ -528,15 +527,14 @@ def layers_command(
                                  param_hint="--prefix-from-selection")
     _check_out(out)
     from clipheads.cli import stages as cost
-    from clipheads.cli.stages import command_stages, quiet
+    from clipheads.cli.stages import command_stages
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
-    stages = command_stages({**_data_stages(task, None, None), **({"captioner": cost.LOAD_MODEL} if generate else {}),
-                             "layer scan": cost.PER_LAYER_IMAGE * cost.GUESS_IMAGES})
     run = _Run(model, device, precision, task, data, split, metric, batch_size, num_workers, skip_bad, templates,
                memory_budget, cache_precision)
-    stages.report = stages.report if run.dist.is_main else quiet
+    stages = command_stages({**_data_stages(task, None, None), **({"captioner": cost.LOAD_MODEL} if generate else {}),
+                             "layer scan": cost.PER_LAYER_IMAGE * cost.GUESS_IMAGES}, show=run.dist.is_main)
     run.means_kind = means
     groups = run.backend.n_layers
     if ranges:
@@ -714,19 +712,18 @@ def search_command(
     report_split = _no_report(no_report, report_data, report_split)
     _check_out(out)
     from clipheads.cli import stages as cost
-    from clipheads.cli.stages import Laps, command_stages, quiet
+    from clipheads.cli.stages import Laps, command_stages
     from clipheads.interventions import check_means_kind
 
     check_means_kind(means)
     seeded = seed_from if seed_from == "attribution" or (
         seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates))) else None
-    stages = command_stages({**_data_stages(task, report_data, report_split),
-                             **{name: per * cost.GUESS_IMAGES  # ViT-B's 144 heads until the model is loaded
-                                for name, per in _search_work(strategy, config, betas, seeded, 144).items()}})
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates, memory_budget, cache_precision)
-    stages.report = stages.report if run.dist.is_main else quiet
     run.means_kind = means
+    work = _search_work(strategy, config, betas, seeded, run.backend.n_layers * run.backend.n_heads)
+    stages = command_stages({**_data_stages(task, report_data, report_split),
+                             **{name: per * cost.GUESS_IMAGES for name, per in work.items()}}, show=run.dist.is_main)
     settings = run.config("search", model, data, search_split, report_data, report_split, op, alpha,
                           strategy=strategy, beta_sweep=betas, seed_from=seed_from, **config.to_dict())
     RunFolder.check(out, settings)  # another run in --out is refused before anything is encoded
@@ -734,7 +731,6 @@ def search_command(
         _require_pairs(run, "AAT-BP trains its gates")
     if seed_from == "attribution":
         _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
-    work = _search_work(strategy, config, betas, seeded, run.backend.n_layers * run.backend.n_heads)
     report, evaluator = _load_splits(run, stages, data, report_data, report_split, op, alpha, allow_same_split, work)
     check_splits(evaluator, report, allow_same_split)
     folder = RunFolder(out, settings, run.dist)

@@ -5,7 +5,7 @@ Each command lists its stages with an expected cost in seconds from the work it 
 times the per-unit costs below; only the ratios matter, since :class:`~clipheads.progress.Stages` scales the time
 spent so far. Costs that depend on data not yet read are revised with :meth:`~clipheads.progress.Stages.expect`
 once it is. The stages start after the model is loaded and the arguments are checked against it, so that a bad
-argument is still reported in one line (the load's time counts in the time spent, not in a stage).
+argument is still reported in one line; the time spent, which the estimate scales, is counted from there.
 """
 
 from __future__ import annotations
