@@ -5,16 +5,13 @@ names the change; options that change no result (batch size, workers) do not blo
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from clipheads.cli import main
 from clipheads.models.random_init import random_hf_clip, save_hf
 
 WORDS = ["red", "green", "blue", "yellow", "black", "white"]
@@ -45,30 +42,9 @@ def model(tmp_path_factory):
     return path
 
 
-def cli(*args) -> tuple[int, str, str]:
-    """The console script (``clipheads.cli.main``): exit code, stdout, stderr."""
-    argv, level = sys.argv, logging.getLogger().level
-    sys.argv = ["clipheads", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    finally:
-        sys.argv = argv
-        logging.getLogger().setLevel(level)
-    return code
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    code = cli(*args)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def refused(capsys, *args) -> str:
+def refused(run_main, *args) -> str:
     """Run a command that must be refused: exit code 2 and exactly one ``error:`` line (returned)."""
-    code, out, err = run(capsys, *args)
+    code, out, err = run_main(*args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
     assert "Traceback" not in out + err
@@ -88,10 +64,10 @@ def scan_args(model, data, out, *extra):
             "--batch-size", 16, "--out", out, *extra]
 
 
-def test_unchanged_rerun_resumes_with_identical_results_and_a_changed_precision_is_refused(model, tmp_path, capsys):
+def test_unchanged_rerun_resumes_with_identical_results_and_a_changed_precision_is_refused(model, tmp_path, run_main):
     _world(tmp_path / "w", seed=0)
     args = scan_args(model, tmp_path / "w" / "data.json", tmp_path / "out")
-    code, out, err = run(capsys, *args)
+    code, out, err = run_main(*args)
     assert code == 0, err
     scan = scores(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -104,87 +80,87 @@ def test_unchanged_rerun_resumes_with_identical_results_and_a_changed_precision_
     state["scores"] = dict(list(state["scores"].items())[:3])
     (tmp_path / "out" / "state.json").write_text(json.dumps(state))
     (tmp_path / "out" / "scan.json").unlink()
-    code, out, err = run(capsys, *args)
+    code, out, err = run_main(*args)
     assert code == 0, err
     assert scores(tmp_path / "out") == scan
 
     # another batch size or worker count changes no result: it does not block the resume
-    code, out, err = run(capsys, *args[:-4], "--batch-size", 8, "--num-workers", 1, "--out", tmp_path / "out")
+    code, out, err = run_main(*args[:-4], "--batch-size", 8, "--num-workers", 1, "--out", tmp_path / "out")
     assert code == 0, err
     resumed = scores(tmp_path / "out")
     np.testing.assert_allclose(resumed["scores"], scan["scores"], atol=1e-6)  # recall: the same up to rounding
 
-    line = refused(capsys, *args, "--precision", "bf16")
+    line = refused(run_main, *args, "--precision", "bf16")
     assert "--precision changed from fp32 to bf16" in line and "weights" not in line
     assert scores(tmp_path / "out") == scan  # nothing was touched
 
 
-def test_a_changed_templates_file_is_refused(model, tmp_path, capsys):
+def test_a_changed_templates_file_is_refused(model, tmp_path, run_main):
     _world(tmp_path / "w", seed=0)
     templates = tmp_path / "w" / "templates.txt"
     args = ["scan", "--model", model, "--task", "zeroshot", "--data", tmp_path / "w" / "classes", "--templates",
             templates, "--search-split", "none", "--report-split", "none", "--batch-size", 16, "--out",
             tmp_path / "out"]
-    code, _, err = run(capsys, *args)
+    code, _, err = run_main(*args)
     assert code == 0, err
     templates.write_text("a photo of a {}\na drawing of a {}\n")  # same path, other content
-    assert "the templates file differs (content changed)" in refused(capsys, *args)
+    assert "the templates file differs (content changed)" in refused(run_main, *args)
     other = tmp_path / "other.txt"
     other.write_text("a sketch of a {}\n")
-    line = refused(capsys, *args[:8], other, *args[9:])
+    line = refused(run_main, *args[:8], other, *args[9:])
     assert f"the templates file differs (content changed: {templates.resolve()} -> {other.resolve()})" in line
-    line = refused(capsys, *args[:7], *args[9:])  # back to the default templates
+    line = refused(run_main, *args[:7], *args[9:])  # back to the default templates
     assert f"the templates file changed from {templates.resolve()} to (not given)" in line
 
 
 def test_the_same_relative_data_from_another_folder_is_refused_unless_it_is_the_same_content(model, tmp_path,
-                                                                                           capsys, monkeypatch):
+                                                                                           run_main, monkeypatch):
     _world(tmp_path / "a", seed=0)
     _world(tmp_path / "b", seed=1)  # same file names, same dataset file, other images
     _world(tmp_path / "c", seed=0, captions_suffix=" here")  # other captions
     shutil.copytree(tmp_path / "a", tmp_path / "copy")  # copy2: same bytes, same modification times
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path / "a")
-    code, _, err = run(capsys, *scan_args(model, "data.json", out))
+    code, _, err = run_main(*scan_args(model, "data.json", out))
     assert code == 0, err
     scan = scores(out)
 
     monkeypatch.chdir(tmp_path / "b")
-    line = refused(capsys, *scan_args(model, "data.json", out))
+    line = refused(run_main, *scan_args(model, "data.json", out))
     assert "the images it lists differ" in line and "dataset file differs" not in line
 
     monkeypatch.chdir(tmp_path / "c")
-    line = refused(capsys, *scan_args(model, "data.json", out))
+    line = refused(run_main, *scan_args(model, "data.json", out))
     assert f"the dataset file differs (content changed: {tmp_path.resolve() / 'a' / 'data.json'} -> " \
            f"{tmp_path.resolve() / 'c' / 'data.json'})" in line
 
     monkeypatch.chdir(tmp_path / "copy")  # the same dataset elsewhere: the same run, resumed
-    code, _, err = run(capsys, *scan_args(model, "data.json", out))
+    code, _, err = run_main(*scan_args(model, "data.json", out))
     assert code == 0, err
     assert scores(out) == scan
 
 
-def test_changed_weights_and_search_options_are_refused(model, tmp_path, capsys):
+def test_changed_weights_and_search_options_are_refused(model, tmp_path, run_main):
     _world(tmp_path / "w", seed=0)
     weights = tmp_path / "m"
     shutil.copytree(model, weights)
     args = ["search", "--model", weights, "--data", tmp_path / "w" / "data.json", "--strategy", "greedy",
             "--max-heads", 1, "--seed-from", "none", "--report-split", "none", "--batch-size", 16, "--out",
             tmp_path / "out"]
-    code, _, err = run(capsys, *args)
+    code, _, err = run_main(*args)
     assert code == 0, err
-    line = refused(capsys, *args, "--beta", 0.5)
+    line = refused(run_main, *args, "--beta", 0.5)
     assert "--beta changed from 0.01 to 0.5" in line
     save_hf(random_hf_clip("tiny", seed=4), weights)  # retrained in place: same folder, other weights
-    line = refused(capsys, *args)
+    line = refused(run_main, *args)
     assert "the model's weights differ" in line and "--model" not in line
 
 
-def test_a_folder_from_an_older_clipheads_is_refused(model, tmp_path, capsys):
+def test_a_folder_from_an_older_clipheads_is_refused(model, tmp_path, run_main):
     _world(tmp_path / "w", seed=0)
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"command": "scan", "model": str(model), "data": "data.json"}))
-    line = refused(capsys, *scan_args(model, tmp_path / "w" / "data.json", out))
+    line = refused(run_main, *scan_args(model, tmp_path / "w" / "data.json", out))
     assert "does not record what its results depend on" in line
     assert os.listdir(out) == ["config.json"]
