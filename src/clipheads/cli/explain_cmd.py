@@ -369,7 +369,7 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
         tasks[name] = lambda m, mask, op, groups=groups: _skews(evaluation.evaluate_bias(
             m, groups, mask=mask, op=op, k=skew_k, batch_size=batch_size))
     if not tasks:
-        raise ClipHeadsError("give at least one of --retrieval, --zeroshot, --bias to measure pruning on")
+        raise ClipHeadsError("give at least one of --data, --zeroshot, --bias to measure pruning on")
     return tasks
 
 
