@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Device, ModelName
+from clipheads.cli.options import Device, ModelName, with_load_options
 from clipheads.errors import DataError
 
 console = Console()
@@ -88,4 +88,4 @@ def atlas_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("atlas")(atlas_command)
+    app.command("atlas")(with_load_options(atlas_command))

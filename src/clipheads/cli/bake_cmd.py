@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Alpha, Device, ModelName
+from clipheads.cli.options import Alpha, Device, ModelName, with_load_options
 
 console = Console()
 
@@ -51,4 +51,4 @@ def bake_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bake")(bake_command)
+    app.command("bake")(with_load_options(bake_command))

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Alpha, Device, ModelName, OperatorName
+from clipheads.cli.options import Alpha, Device, ModelName, OperatorName, with_load_options
 
 console = Console()
 
@@ -81,4 +81,4 @@ def maps_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("maps")(maps_command)
+    app.command("maps")(with_load_options(maps_command))

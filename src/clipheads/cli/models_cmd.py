@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, MeansKind, ModelName, Pretrained, SkipBad, finite
+from clipheads.cli.options import Device, MeansKind, ModelName, Pretrained, SkipBad, finite, with_load_options
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -97,5 +97,5 @@ def _image_batches(backend, folder: Path, batch_size: int, skip_bad: bool = Fals
 
 
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("mask")(mask)
+    app.command("info")(with_load_options(info))
+    app.command("mask")(with_load_options(mask))

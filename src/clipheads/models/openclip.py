@@ -321,7 +321,12 @@ def register_open_clip_configs() -> None:
         open_clip.add_model_config(Path(__file__).resolve().parent.parent / "assets" / "open_clip_configs")
 
 
-def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
+def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None, *, precision: str | None = None,
+                   force_image_size: int | tuple[int, int] | None = None, force_quick_gelu: bool | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> OpenCLIPBackend:
+    """An open_clip model by name (see :func:`clipheads.load`); ``precision``, ``force_image_size``,
+    ``force_quick_gelu`` and ``cache_dir`` go to ``open_clip.create_model_and_transforms`` as they are, and the model
+    is built on ``device`` there."""
     import open_clip
 
     register_open_clip_configs()
@@ -337,6 +342,10 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
                                  f"{arch} (tags: {', '.join(known) or 'none'})")
     try:
         source, checkpoint, extra = _local_first(arch, pretrained)
+        options = dict(precision=precision, force_image_size=force_image_size, force_quick_gelu=force_quick_gelu,
+                       cache_dir=None if cache_dir is None else str(cache_dir),
+                       device=None if device is None else str(device))
+        extra.update({k: v for k, v in options.items() if v is not None})
         model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=checkpoint, **extra)
         tokenizer = open_clip.get_tokenizer(source)
         model_cfg = open_clip.get_model_config(arch)
