@@ -384,8 +384,8 @@ class Siglip2Backend(SiglipBackend):
       makes it). Padding patches are masked out of every attention, as the library does; the operators act on the
       heads' outputs at every position and the pooling head never reads the padding.
 
-    Fixed-resolution SigLIP 2 checkpoints on the Hub (e.g. ``google/siglip2-base-patch16-224``) are ``SiglipModel``
-    checkpoints and load as :class:`SiglipBackend`.
+    A SigLIP 2 checkpoint whose config says ``model_type: siglip`` is a ``SiglipModel`` and loads as
+    :class:`SiglipBackend`.
     """
 
     @property
