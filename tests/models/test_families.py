@@ -163,6 +163,15 @@ def test_demo_size_search_runs(baked_folders, world, tmp_path, name):
     assert summary["heldout"]["split"].endswith(":test") and (tmp_path / "ga" / "mask.json").is_file()
 
 
+def test_a_long_text_is_truncated_to_what_the_text_tower_takes(family):
+    """AltCLIP's RoBERTa positions start after the padding index: its last two positions hold no token."""
+    with torch.inference_mode():
+        long = family.encode_text(["a red circle " * 40])
+        cut = family.encode_text(family.tokenize(["a red circle " * 40]))
+    assert long.shape == (1, 64) and torch.equal(long, cut)
+    assert family.tokenize(["a red circle " * 40])["input_ids"].shape[1] <= family._text_positions()
+
+
 # ----------------------------------------------------------------- Siglip2: NaFlex inputs
 def naive_naflex(backend, inputs, gates, op: str, alpha: float = 0.0, means=None) -> torch.Tensor:
     """Explicit attention per head with the padding keys masked out, edited as the operators do (see

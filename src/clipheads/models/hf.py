@@ -119,8 +119,19 @@ class HFBackend(CLIPBackend):
                                 return_tensors="pt")
         return dict(tokens)
 
+    def _text_positions(self) -> int:
+        config = self.model.config.text_config
+        positions = int(getattr(config, "max_position_embeddings", 77))
+        if config.model_type == "altclip_text_model":  # RoBERTa: position ids start after the padding index
+            positions -= int(config.pad_token_id) + 1
+        return positions
+
     def _text_max_length(self) -> int:
-        return int(getattr(self.model.config.text_config, "max_position_embeddings", 77))
+        """Tokens per text: the text tower's positions, or the tokenizer's ``model_max_length`` when smaller (an
+        XLM-R tower such as AltCLIP's has 514 positions for 512 tokens)."""
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        positions = self._text_positions()
+        return int(limit) if isinstance(limit, int) and 0 < limit < positions else positions
 
     # ----------------------------------------------------- library paths
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -501,7 +512,7 @@ class HFTowersBackend(HFBackend):
     stages, search fast path, bake) is :class:`HFBackend`'s. ``logit_scale`` is ``TOWERS_LOGIT_SCALE`` (100; the
     towers do not carry CLIP's)."""
 
-    def _text_max_length(self) -> int:
+    def _text_positions(self) -> int:
         return int(getattr(self.model.text.config, "max_position_embeddings", 77))
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -580,8 +591,9 @@ def load_towers(vision: str | nn.Module, text: str | nn.Module, device=None, dty
     model = CLIPTowers(*towers).eval().to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)
-    backend = HFTowersBackend(model, name or f"{getattr(vision, 'name_or_path', vision)}", tokenizer=tokenizer,
-                              image_processor=image_processor)
+    if name is None:
+        name = f"({vision}, {text})" if isinstance(vision, str) and isinstance(text, str) else "CLIPTowers"
+    backend = HFTowersBackend(model, name, tokenizer=tokenizer, image_processor=image_processor)
     _check_processor_size(backend, backend.name)
     return backend
 
