@@ -132,3 +132,24 @@ def test_options_of_the_other_library_are_one_line(folder):
         with pytest.raises(clipheads.ModelLoadError, match=what) as info:
             clipheads.load(source, **options)
         assert "\n" not in str(info.value)
+
+
+def test_open_clip_hub_repo_is_read_from_the_cache_dir_given(tmp_path, pixels):
+    """``hf-hub:org/repo`` with ``cache_dir``: the snapshot in that cache (open_clip's own layout) is what loads."""
+    tiny = tiny_model("open_clip", seed=4)
+    repo = tmp_path / "cache" / "models--org--tiny-open-clip"
+    clipheads.save(tiny, repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    loaded = clipheads.load("hf-hub:org/tiny-open-clip", cache_dir=tmp_path / "cache")
+    with torch.inference_mode():
+        assert torch.equal(loaded.encode_image(pixels), tiny.encode_image(pixels))
+    with pytest.raises(clipheads.ModelLoadError) as info:
+        clipheads.load("hf-hub:org/tiny-open-clip", cache_dir=tmp_path / "elsewhere")
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_cache_dir_that_is_a_file_is_a_usage_error(tmp_path, run_main):
+    (tmp_path / "file").write_text("")
+    code, _, err = run_main("info", "--model-cache-dir", tmp_path / "file", forbid_load=True)
+    assert code == 2 and "--model-cache-dir" in err

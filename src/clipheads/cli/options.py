@@ -113,8 +113,9 @@ AttnImplementation = Annotated[str | None, typer.Option(
                                   "from_pretrained's attn_implementation).")]
 Revision = Annotated[str | None, typer.Option(help="transformers models: the Hub revision (branch, tag or commit).")]
 # not --cache-dir: eval's --cache-dir is its feature cache
-ModelCacheDir = Annotated[Path | None, typer.Option(help="Where downloaded model weights are cached "
-                                                         "(from_pretrained's / open_clip's cache_dir).")]
+ModelCacheDir = Annotated[Path | None, typer.Option(
+    file_okay=False, help="Where downloaded model weights are cached (from_pretrained's / open_clip's cache_dir; made "
+                          "if missing).")]
 
 
 def with_load_options(command: Callable) -> Callable:
@@ -138,6 +139,8 @@ def with_load_options(command: Callable) -> Callable:
     run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *added])
     run.__annotations__ = {**command.__annotations__, **extra}
     return run
+
+
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
               "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")
 MeansKind = Annotated[str, typer.Option("--means", help=MEANS_HELP)]
