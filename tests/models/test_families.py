@@ -163,6 +163,18 @@ def test_demo_size_search_runs(baked_folders, world, tmp_path, name):
     assert summary["heldout"]["split"].endswith(":test") and (tmp_path / "ga" / "mask.json").is_file()
 
 
+@pytest.mark.parametrize("name", ["altclip", "metaclip2", "towers"])
+def test_class_token_families_decompose_exactly(family_models, pixels, name):
+    """The per-head decomposition (TextSpan's convention) sums to the library's embedding, divided by its norm."""
+    from clipheads.explain.decomposition import decompose
+
+    backend = family_models[name]
+    with torch.inference_mode():
+        embedding = backend.encode_image(pixels)
+    total = decompose(backend, pixels).total()
+    assert (total - embedding / embedding.norm(dim=-1, keepdim=True)).abs().max() <= 1e-5
+
+
 def test_a_long_text_is_truncated_to_what_the_text_tower_takes(family):
     """AltCLIP's RoBERTa positions start after the padding index: its last two positions hold no token."""
     with torch.inference_mode():
