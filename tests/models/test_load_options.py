@@ -153,3 +153,12 @@ def test_a_model_cache_dir_that_is_a_file_is_a_usage_error(tmp_path, run_main):
     (tmp_path / "file").write_text("")
     code, _, err = run_main("info", "--model-cache-dir", tmp_path / "file", forbid_load=True)
     assert code == 2 and "--model-cache-dir" in err
+
+
+def test_results_record_the_loading_options():
+    from clipheads.models import load_options
+    from clipheads.runtime import run_meta
+
+    assert "load_options" not in run_meta()
+    with load_options(revision="v1", attn_implementation="eager", cache_dir="/somewhere"):
+        assert run_meta()["load_options"] == {"revision": "v1", "attn_implementation": "eager"}

@@ -63,6 +63,11 @@ def load_options(attn_implementation: str | None = None, revision: str | None = 
         _LOAD_DEFAULTS.reset(token)
 
 
+def current_load_options() -> dict:
+    """The options of the :func:`load_options` block running now (``{}`` outside one)."""
+    return dict(_LOAD_DEFAULTS.get() or {})
+
+
 def load(name_or_path: str | Path | nn.Module | CLIPBackend | tuple = BUNDLED, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, pretrained: str | None = None, tokenizer=None,
          preprocess=None, attn_implementation: str | None = None, revision: str | None = None,
