@@ -162,3 +162,9 @@ def test_results_record_the_loading_options():
     assert "load_options" not in run_meta()
     with load_options(revision="v1", attn_implementation="eager", cache_dir="/somewhere"):
         assert run_meta()["load_options"] == {"revision": "v1", "attn_implementation": "eager"}
+
+
+def test_an_unknown_attn_implementation_is_one_line(folder):
+    with pytest.raises(clipheads.ModelLoadError, match="nonsense") as info:
+        clipheads.load(str(folder), attn_implementation="nonsense")
+    assert "\n" not in str(info.value)

@@ -212,8 +212,9 @@ def open_clip_name(name: str, pretrained: str | None = None) -> str:
 
 def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, tokenizer=None, preprocess=None
                ) -> CLIPBackend:
-    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend (with its
-    ``tokenizer`` and image ``preprocess``, see :func:`load`)."""
+    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel``, ``AltCLIPModel``, ``MetaClip2Model``, ``SiglipModel``,
+    ``Siglip2Model``, :class:`CLIPTowers` or an open_clip ``CLIP``) in its backend (with its ``tokenizer`` and image
+    ``preprocess``, see :func:`load`)."""
     if isinstance(model, CLIPBackend):
         return model
     model_type = getattr(getattr(model, "config", None), "model_type", "")

@@ -66,7 +66,9 @@ def _get_features(output) -> torch.Tensor:
 
 
 class HFBackend(CLIPBackend):
-    """``transformers`` CLIP (``CLIPModel``) or Chinese-CLIP (``ChineseCLIPModel``)."""
+    """A ``transformers`` dual encoder that pools its class token: ``CLIPModel``, ``ChineseCLIPModel``, ``AltCLIPModel``
+    (XLM-R text tower), ``MetaClip2Model``; their vision towers share CLIP's layer and attention code (q/k/v/out_proj,
+    the attention interface)."""
 
     kind = "hf"
 
