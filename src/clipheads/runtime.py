@@ -88,12 +88,16 @@ def set_threads(threads: int | str | None = None) -> int:
 def run_meta() -> dict:
     """Facts about this run for a results file: clipheads and torch versions, threads, cores, host, UTC time, and,
     inside a command that takes ``--precision`` (:func:`clipheads.precision.use_precision`), its precision
-    (:meth:`clipheads.precision.Precision.to_dict`)."""
+    (:meth:`clipheads.precision.Precision.to_dict`), and the model's loading options given (``--revision``,
+    ``--attn-implementation``; :func:`clipheads.models.load_options`)."""
     from clipheads import __version__
+    from clipheads.models import current_load_options
     from clipheads.precision import current_precision
 
     precision = current_precision()
+    loading = {k: v for k, v in current_load_options().items() if k != "cache_dir"}  # where, not which weights
     return {"clipheads": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cores_available": available_cores(), "python": platform.python_version(), "platform": sys.platform,
             "machine": platform.machine(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **({"precision": precision.to_dict()} if precision is not None else {})}
+            **({"precision": precision.to_dict()} if precision is not None else {}),
+            **({"load_options": loading} if loading else {})}

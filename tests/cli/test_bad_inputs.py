@@ -233,7 +233,7 @@ def test_every_input_path_must_exist():
     """Options that read a file or folder check that it exists while parsing (typer's ``exists=True``)."""
     readers = [f"{' '.join(path)} {name}" for path, command in COMMANDS.items()
                for name, param in _options(command).items()
-               if _kind(param) == "path" and name not in ("--out", "--cache-dir")
+               if _kind(param) == "path" and name not in ("--out", "--cache-dir", "--model-cache-dir")
                and (path, name) not in NOT_ONLY_PATHS and not param.type_descriptor.parameter_info.exists]
     assert not readers, f"input paths not checked at parse time: {readers}"
 

@@ -22,6 +22,7 @@ from clipheads.cli.options import (
     Seed,
     old_spelling,
     prefer_old,
+    with_load_options,
 )
 from clipheads.errors import DataError
 
@@ -102,4 +103,4 @@ def atlas_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("atlas")(atlas_command)
+    app.command("atlas")(with_load_options(atlas_command))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Alpha, Device, MaskFile, ModelName, OperatorName, Out
+from clipheads.cli.options import (
+    Alpha,
+    Device,
+    MaskFile,
+    ModelName,
+    OperatorName,
+    Out,
+    with_load_options,
+)
 
 console = Console()
 
@@ -48,4 +56,4 @@ def bake_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bake")(bake_command)
+    app.command("bake")(with_load_options(bake_command))

@@ -33,6 +33,7 @@ from clipheads.cli.options import (
     Threads,
     old_spelling,
     prefer_old,
+    with_load_options,
     with_precision,
 )
 from clipheads.errors import ClipHeadsError
@@ -204,4 +205,4 @@ def _print(report: dict) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add ``clipheads eval``."""
-    app.command("eval")(with_precision(eval_command))  # --precision: autocast around the whole command
+    app.command("eval")(with_precision(with_load_options(eval_command)))  # --precision: autocast around it

@@ -37,6 +37,7 @@ from clipheads.cli.options import (
     old_spelling,
     prefer_old,
     split_or_whole,
+    with_load_options,
     with_precision,
 )
 from clipheads.errors import ClipHeadsError, DataError
@@ -492,6 +493,6 @@ def _max_skew_summary(report) -> dict[str, dict[str, float]]:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    app.command("describe")(with_precision(describe))  # --precision: autocast around the whole command
-    app.command("ccs")(with_precision(ccs))
-    app.command("prune")(with_precision(prune))
+    app.command("describe")(with_precision(with_load_options(describe)))  # --precision: autocast around it
+    app.command("ccs")(with_precision(with_load_options(ccs)))
+    app.command("prune")(with_precision(with_load_options(prune)))

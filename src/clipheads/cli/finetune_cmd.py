@@ -31,6 +31,7 @@ from clipheads.cli.options import (
     finite,
     old_spelling,
     prefer_old,
+    with_load_options,
 )
 
 console = Console()
@@ -213,4 +214,4 @@ def _method_work(methods: list[str], epochs: int, bp_epochs: int, population: in
 
 def register(app: typer.Typer) -> None:
     """Add ``clipheads finetune``."""
-    app.command("finetune")(finetune_command)
+    app.command("finetune")(with_load_options(finetune_command))

@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Alpha, Device, Heads, Images, MaskFile, ModelName, OperatorName, Out
+from clipheads.cli.options import (
+    Alpha,
+    Device,
+    Heads,
+    Images,
+    MaskFile,
+    ModelName,
+    OperatorName,
+    Out,
+    with_load_options,
+)
 
 console = Console()
 
@@ -81,4 +91,4 @@ def maps_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("maps")(maps_command)
+    app.command("maps")(with_load_options(maps_command))

@@ -21,6 +21,7 @@ from clipheads.cli.options import (
     Pretrained,
     SkipBad,
     finite,
+    with_load_options,
 )
 from clipheads.errors import DataError, MaskError
 
@@ -112,5 +113,5 @@ def _image_batches(backend, folder: Path, batch_size: int, skip_bad: bool = Fals
 
 
 def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("mask")(mask)
+    app.command("info")(with_load_options(info))
+    app.command("mask")(with_load_options(mask))

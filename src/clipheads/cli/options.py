@@ -116,6 +116,39 @@ Pretrained = Annotated[str | None, typer.Option(help="open_clip pretrained tag o
                                                    "(as clip_benchmark's --model ViT-B-32 --pretrained TAG).")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) missing or corrupt images instead of "
                                                           "stopping.")]
+AttnImplementation = Annotated[str | None, typer.Option(
+    "--attn-implementation", help="transformers models: the attention implementation to load with (sdpa, eager ...; "
+                                  "from_pretrained's attn_implementation).")]
+Revision = Annotated[str | None, typer.Option(help="transformers models: the Hub revision (branch, tag or commit).")]
+# not --cache-dir: eval's --cache-dir is its feature cache
+ModelCacheDir = Annotated[Path | None, typer.Option(
+    file_okay=False, help="Where downloaded model weights are cached (from_pretrained's / open_clip's cache_dir; made "
+                          "if missing).")]
+
+
+def with_load_options(command: Callable) -> Callable:
+    """``command`` with the options ``--attn-implementation``, ``--revision`` and ``--model-cache-dir``: every
+    ``clipheads.load`` of a model by name inside it takes them (:func:`clipheads.models.load_options`)."""
+    import functools
+    import inspect
+
+    extra = {"attn_implementation": AttnImplementation, "revision": Revision, "model_cache_dir": ModelCacheDir}
+
+    @functools.wraps(command)
+    def run(*args, attn_implementation=None, revision=None, model_cache_dir=None, **kwargs):
+        from clipheads.models import load_options
+
+        with load_options(attn_implementation=attn_implementation, revision=revision, cache_dir=model_cache_dir):
+            return command(*args, **kwargs)
+
+    signature = inspect.signature(command, eval_str=True)
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+             for name, annotation in extra.items()]
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *added])
+    run.__annotations__ = {**command.__annotations__, **extra}
+    return run
+
+
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
               "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")
 MeansKind = Annotated[str, typer.Option("--means", help=MEANS_HELP)]

@@ -9,7 +9,13 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, Heads, ModelName, Out
+from clipheads.cli.options import (
+    Device,
+    Heads,
+    ModelName,
+    Out,
+    with_load_options,
+)
 from clipheads.errors import DataError
 
 console = Console()
@@ -76,4 +82,4 @@ def patch_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("patch")(patch_command)
+    app.command("patch")(with_load_options(patch_command))

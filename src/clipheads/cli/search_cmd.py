@@ -51,6 +51,7 @@ from clipheads.cli.options import (
     finite,
     old_spelling,
     prefer_old,
+    with_load_options,
     with_precision,
 )
 
@@ -793,6 +794,6 @@ def search_command(
 
 def register(app: typer.Typer) -> None:
     """Add ``clipheads scan``, ``clipheads layers`` and ``clipheads search``."""
-    app.command("scan")(with_precision(scan_command))  # --precision: autocast around the whole command
-    app.command("layers")(with_precision(layers_command))
-    app.command("search")(with_precision(search_command))
+    app.command("scan")(with_precision(with_load_options(scan_command)))  # --precision: autocast around it
+    app.command("layers")(with_precision(with_load_options(layers_command)))
+    app.command("search")(with_precision(with_load_options(search_command)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,15 @@ from torch import nn
 from clipheads.errors import ModelLoadError
 from clipheads.models.base import Architecture, CLIPBackend, HeadHook
 from clipheads.models.device import check_device
-from clipheads.models.hf import VISION_ONLY, HFBackend, SiglipBackend, load_hf
+from clipheads.models.hf import (
+    VISION_ONLY,
+    CLIPTowers,
+    HFBackend,
+    HFTowersBackend,
+    Siglip2Backend,
+    SiglipBackend,
+    load_hf,
+)
 from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
 from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
 from clipheads.models.saving import OPEN_CLIP_CONFIG, save
@@ -36,9 +45,34 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: str | torch.device | None = None,
+LOAD_OPTIONS = ("attn_implementation", "revision", "cache_dir")
+_LOAD_DEFAULTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("clipheads_load_options", default=None)
+
+
+@contextmanager
+def load_options(attn_implementation: str | None = None, revision: str | None = None,
+                 cache_dir: str | Path | None = None) -> Iterator[dict]:
+    """Inside, :func:`load` of a model by name or folder takes these options where its call does not give them (the
+    CLI's ``--attn-implementation``, ``--revision`` and ``--cache-dir`` reach every load of a command this way)."""
+    given = {k: v for k, v in dict(attn_implementation=attn_implementation, revision=revision,
+                                   cache_dir=cache_dir).items() if v is not None}
+    token = _LOAD_DEFAULTS.set(given)
+    try:
+        yield given
+    finally:
+        _LOAD_DEFAULTS.reset(token)
+
+
+def current_load_options() -> dict:
+    """The options of the :func:`load_options` block running now (``{}`` outside one)."""
+    return dict(_LOAD_DEFAULTS.get() or {})
+
+
+def load(name_or_path: str | Path | nn.Module | CLIPBackend | tuple = BUNDLED, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, *, pretrained: str | None = None, tokenizer=None,
-         preprocess=None) -> CLIPBackend:
+         preprocess=None, attn_implementation: str | None = None, revision: str | None = None,
+         cache_dir: str | Path | None = None, precision: str | None = None,
+         force_image_size: int | tuple[int, int] | None = None, force_quick_gelu: bool = False) -> CLIPBackend:
     """Load a CLIP model and return its backend.
 
     Args:
@@ -48,7 +82,10 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             ``"open_clip:ARCH/TAG"`` (pretrained tag), ``"open_clip:ARCH/path/to/ckpt.pt"``,
             ``"open_clip:hf-hub:org/repo"``, also spelled ``"hf-hub:org/repo"`` and ``"open-clip:org/repo"``
             (ViT-Prisma); a bare open_clip architecture (``"ViT-B-32"``, clip_benchmark's ``--model``); or an already
-            built library model, which is wrapped as is.
+            built library model, which is wrapped as is. Also ``AltCLIPModel``, ``MetaClip2Model``, ``SiglipModel``
+            and ``Siglip2Model`` folders/ids. A CLIP's towers used apart: ``(vision, text)``, a
+            ``CLIPVisionModelWithProjection`` and a ``CLIPTextModelWithProjection`` (models, or their folders / hub
+            ids), or a folder holding them as ``vision/`` and ``text/`` (what :func:`clipheads.save` writes for them).
         device: where to put the model (default: where it is, CPU for new loads).
         dtype: ``torch.dtype``, ``"fp32"``/``"fp16"``/``"bf16"``, or an open_clip precision name (``"amp_bf16"``,
             ``"pure_fp16"`` ..., :mod:`clipheads.precision`): the dtype it holds the weights in (an autocast is the
@@ -58,10 +95,15 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             tokenizer and an image processor; open_clip: ``open_clip.get_tokenizer(config)`` and the transform of
             ``create_model_and_transforms``). Without them an open_clip model uses its own preprocessing config
             and CLIP's BPE only if its text tower has CLIP's vocabulary, else refuses in one line when used.
+        attn_implementation, revision, cache_dir: transformers' ``from_pretrained`` options, passed as they are
+            (``attn_implementation``: ``"sdpa"``, ``"eager"`` ...; ``dtype`` is passed too, so the weights are created
+            in it). open_clip takes ``cache_dir`` only.
+        precision, force_image_size, force_quick_gelu: open_clip's ``create_model_and_transforms`` options, passed as
+            they are (``precision``: ``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16`` ...).
 
     Raises:
         DeviceError: ``device`` is not a torch device or this machine does not have it (checked before loading).
-        ModelLoadError: the model cannot be found or loaded.
+        ModelLoadError: the model cannot be found or loaded; an option of one library given for the other's model.
     """
     if isinstance(dtype, str) and dtype not in _DTYPES:
         from clipheads.errors import ClipHeadsError
@@ -74,10 +116,33 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
                                  "(amp, amp_bf16, pure_fp16, pure_bf16)") from None
     dtype = parse_dtype(dtype)
     check_device(device)
+    defaults = _LOAD_DEFAULTS.get() or {}
+    if defaults and isinstance(name_or_path, str | Path | tuple | list) and not (
+            isinstance(name_or_path, tuple | list) and any(isinstance(m, nn.Module) for m in name_or_path)):
+        attn_implementation = attn_implementation or defaults.get("attn_implementation")
+        revision = revision or defaults.get("revision")
+        cache_dir = cache_dir or defaults.get("cache_dir")
+    hf_options = dict(attn_implementation=attn_implementation, revision=revision, cache_dir=cache_dir)
+    open_clip_options = dict(precision=precision, force_image_size=force_image_size,
+                             force_quick_gelu=force_quick_gelu or None)
+    if isinstance(name_or_path, CLIPBackend | nn.Module) or (isinstance(name_or_path, tuple | list)
+                                                            and all(isinstance(m, nn.Module) for m in name_or_path)):
+        given = [k for k, v in {**hf_options, **open_clip_options}.items() if v is not None]
+        if given:
+            raise ModelLoadError(f"{', '.join(given)} are loading options; this model is already built (give them "
+                                 "to the library's from_pretrained / create_model_and_transforms)")
     if isinstance(name_or_path, CLIPBackend):
         return name_or_path.to(device, dtype)
     if isinstance(name_or_path, nn.Module):
         return as_backend(name_or_path, tokenizer=tokenizer, preprocess=preprocess).to(device, dtype)
+    if isinstance(name_or_path, tuple | list):
+        if len(name_or_path) != 2:
+            raise ModelLoadError(f"a model given as a tuple is (vision, text): two towers, not {len(name_or_path)}")
+        from clipheads.models.hf import load_towers
+
+        vision, text = (m if isinstance(m, nn.Module) else str(m) for m in name_or_path)
+        return load_towers(vision, text, device=device, dtype=dtype, tokenizer=tokenizer, image_processor=preprocess,
+                           attn_implementation=attn_implementation, revision=revision, cache_dir=cache_dir)
     name = str(name_or_path)
     if name == BUNDLED:
         path = bundled_model_path()
@@ -85,18 +150,32 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend = BUNDLED, device: s
             raise ModelLoadError(f"the bundled model is missing from {path}; reinstall clipheads or run "
                                  "`clipheads world train` to rebuild it")
         with _no_transformers_progress_bar():  # a 6 MB local model: a "Loading weights" bar is only noise
-            backend = load_hf(str(path), device=device, dtype=dtype)
+            _refuse_options(name, "open_clip", **open_clip_options)
+            backend = load_hf(str(path), device=device, dtype=dtype, attn_implementation=attn_implementation)
         backend.name = BUNDLED
         return backend
     name = open_clip_name(name, pretrained)
     if name.startswith(OPEN_CLIP_PREFIX):
-        return load_open_clip(name, device=device, dtype=dtype, pretrained=pretrained)
+        _refuse_options(name, "transformers", attn_implementation=attn_implementation, revision=revision)
+        return load_open_clip(name, device=device, dtype=dtype, pretrained=pretrained, cache_dir=cache_dir,
+                              **open_clip_options)
     if pretrained:
         raise ModelLoadError(f"pretrained={pretrained!r} is for open_clip models, but {name!r} is not one "
                              "(spell it open_clip:ARCH)")
     if (Path(name) / OPEN_CLIP_CONFIG).is_file() and not (Path(name) / "config.json").is_file():
-        return load_open_clip(f"{OPEN_CLIP_PREFIX}local-dir:{name}", device=device, dtype=dtype)  # clipheads.save
-    return load_hf(name, device=device, dtype=dtype)
+        _refuse_options(name, "transformers", attn_implementation=attn_implementation, revision=revision)
+        return load_open_clip(f"{OPEN_CLIP_PREFIX}local-dir:{name}", device=device, dtype=dtype,  # clipheads.save
+                              cache_dir=cache_dir, **open_clip_options)
+    _refuse_options(name, "open_clip", **open_clip_options)
+    return load_hf(name, device=device, dtype=dtype, **hf_options)
+
+
+def _refuse_options(name: str, library: str, **options) -> None:
+    """One line naming the options of ``library`` given for a model of the other library."""
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise ModelLoadError(f"{', '.join(given)}: {library}'s loading option(s), but {name!r} is not a {library} "
+                             "model")
 
 
 @contextmanager
@@ -133,18 +212,23 @@ def open_clip_name(name: str, pretrained: str | None = None) -> str:
 
 def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, tokenizer=None, preprocess=None
                ) -> CLIPBackend:
-    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel`` or an open_clip ``CLIP``) in its backend (with its
-    ``tokenizer`` and image ``preprocess``, see :func:`load`)."""
+    """Wrap a library model (``CLIPModel``, ``ChineseCLIPModel``, ``AltCLIPModel``, ``MetaClip2Model``, ``SiglipModel``,
+    ``Siglip2Model``, :class:`CLIPTowers` or an open_clip ``CLIP``) in its backend (with its ``tokenizer`` and image
+    ``preprocess``, see :func:`load`)."""
     if isinstance(model, CLIPBackend):
         return model
     model_type = getattr(getattr(model, "config", None), "model_type", "")
-    if model_type in VISION_ONLY or (model_type != "siglip" and hasattr(model, "vision_model")
+    if model_type in VISION_ONLY or (model_type not in ("siglip", "siglip2") and hasattr(model, "vision_model")
                                      and not hasattr(model, "visual_projection")):
         raise ModelLoadError(f"{type(model).__name__} is an image tower alone (no text tower, no projection); pass "
-                             "the whole dual encoder (e.g. CLIPModel.from_pretrained(...)) it was taken from")
-    if model_type == "siglip":
-        backend: CLIPBackend = SiglipBackend(model, name or type(model).__name__, tokenizer=tokenizer,
-                                             image_processor=preprocess)
+                             "the whole dual encoder (e.g. CLIPModel.from_pretrained(...)) it was taken from, or a "
+                             "CLIPVisionModelWithProjection with its text twin as clipheads.load((vision, text))")
+    if isinstance(model, CLIPTowers):
+        backend: CLIPBackend = HFTowersBackend(model, name or "CLIPTowers", tokenizer=tokenizer,
+                                               image_processor=preprocess)
+    elif model_type in ("siglip", "siglip2"):
+        cls = Siglip2Backend if model_type == "siglip2" else SiglipBackend
+        backend = cls(model, name or type(model).__name__, tokenizer=tokenizer, image_processor=preprocess)
     elif hasattr(model, "vision_model"):
         backend = HFBackend(model, name or type(model).__name__, tokenizer=tokenizer,
                                          image_processor=preprocess)
@@ -156,5 +240,6 @@ def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, token
     return backend
 
 
-__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "HFBackend", "HeadHook", "OpenCLIPBackend", "SiglipBackend",
-           "as_backend", "bundled_model_path", "check_device", "load", "parse_dtype", "save"]
+__all__ = ["Architecture", "BUNDLED", "CLIPBackend", "CLIPTowers", "HFBackend", "HFTowersBackend", "HeadHook",
+           "OpenCLIPBackend", "Siglip2Backend", "SiglipBackend",
+           "as_backend", "bundled_model_path", "check_device", "load", "load_options", "parse_dtype", "save"]

@@ -273,7 +273,8 @@ def parse_open_clip_name(name: str) -> tuple[str, str | None]:
     return arch, (pretrained or None)
 
 
-def _local_first(arch: str, pretrained: str | None) -> tuple[str, str | None, dict]:
+def _local_first(arch: str, pretrained: str | None, cache_dir: str | os.PathLike | None = None
+                 ) -> tuple[str, str | None, dict]:
     """``(model name, pretrained, extra create_model arguments)`` that read the Hugging Face cache when it holds the
     files (an ``hf-hub:`` repo as a ``local-dir:`` snapshot; a tag's weights as a file, with the tag's preprocessing
     config), else the names as given, which open_clip downloads; a cache miss raises at once when the Hub cannot be
@@ -286,7 +287,7 @@ def _local_first(arch: str, pretrained: str | None) -> tuple[str, str | None, di
 
     if arch.startswith("hf-hub:"):
         try:
-            folder = Path(snapshot_download(arch[len("hf-hub:"):], local_files_only=True))
+            folder = Path(snapshot_download(arch[len("hf-hub:"):], local_files_only=True, cache_dir=cache_dir))
         except Exception:
             if not _hub_reachable():
                 raise
@@ -300,7 +301,7 @@ def _local_first(arch: str, pretrained: str | None) -> tuple[str, str | None, di
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         for filename in names:
             try:
-                path = hf_hub_download(repo, filename, local_files_only=True)
+                path = hf_hub_download(repo, filename, local_files_only=True, cache_dir=cache_dir)
             except Exception:  # noqa: BLE001 - not in the cache under this name
                 continue
             return arch, path, {"force_preprocess_cfg": merge_preprocess_dict({}, cfg)}
@@ -321,7 +322,12 @@ def register_open_clip_configs() -> None:
         open_clip.add_model_config(Path(__file__).resolve().parent.parent / "assets" / "open_clip_configs")
 
 
-def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None) -> OpenCLIPBackend:
+def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = None, *, precision: str | None = None,
+                   force_image_size: int | tuple[int, int] | None = None, force_quick_gelu: bool | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> OpenCLIPBackend:
+    """An open_clip model by name (see :func:`clipheads.load`); ``precision``, ``force_image_size``,
+    ``force_quick_gelu`` and ``cache_dir`` go to ``open_clip.create_model_and_transforms`` as they are, and the model
+    is built on ``device`` there."""
     import open_clip
 
     register_open_clip_configs()
@@ -336,10 +342,14 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             raise ModelLoadError(f"{name}: {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
                                  f"{arch} (tags: {', '.join(known) or 'none'})")
     try:
-        source, checkpoint, extra = _local_first(arch, pretrained)
+        source, checkpoint, extra = _local_first(arch, pretrained, cache_dir)
+        options = dict(precision=precision, force_image_size=force_image_size, force_quick_gelu=force_quick_gelu,
+                       cache_dir=None if cache_dir is None else str(cache_dir),
+                       device=None if device is None else str(device))
+        extra.update({k: v for k, v in options.items() if v is not None})
         model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=checkpoint, **extra)
         tokenizer = open_clip.get_tokenizer(source)
-        model_cfg = open_clip.get_model_config(arch)
+        model_cfg = open_clip.get_model_config(source)  # a cached hf-hub repo: its local copy, no download
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
         raise ModelLoadError(

@@ -95,6 +95,53 @@ def random_siglip(preset: str = "tiny", seed: int = 0, text_layers: int = 2,
     return SiglipBackend(model.eval(), f"random-siglip-{preset}", tokenizer=tokenizer)
 
 
+def _tiny_configs(preset: str, text_layers: int, vocab_size: int, max_length: int = 32) -> tuple[dict, dict]:
+    """(vision, text) config keywords of a preset, shared by the CLIP-like families."""
+    hidden, layers, heads, mlp, patch, image = VISION_PRESETS[preset]
+    vision = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
+                  patch_size=patch, image_size=image)
+    text = dict(hidden_size=hidden, num_hidden_layers=text_layers, num_attention_heads=heads, intermediate_size=mlp,
+                vocab_size=vocab_size, max_position_embeddings=max_length, pad_token_id=0, bos_token_id=2,
+                eos_token_id=3)
+    return vision, text
+
+
+def random_hf_family(family: str, preset: str = "tiny", seed: int = 0, text_layers: int = 2,
+                     words: Sequence[str] = DEFAULT_WORDS) -> HFBackend:
+    """A random transformers dual encoder of ``family`` (``altclip``: ``AltCLIPModel`` with its XLM-R text tower;
+    ``metaclip2``: ``MetaClip2Model``; ``siglip2``: ``Siglip2Model`` with NaFlex inputs, ``num_patches`` the preset's
+    grid; ``towers``: ``CLIPVisionModelWithProjection`` + ``CLIPTextModelWithProjection`` used apart), built from a
+    small config of the real class, with a word-level tokenizer, wrapped in its backend."""
+    import transformers as tf
+
+    from clipheads.models.hf import CLIPTowers, HFTowersBackend, Siglip2Backend
+
+    tokenizer = word_tokenizer(words, model_max_length=16 if family == "siglip2" else 32)
+    vision, text = _tiny_configs(preset, text_layers, len(tokenizer), tokenizer.model_max_length)
+    torch.manual_seed(seed)
+    name = f"random-{family}-{preset}"
+    if family == "altclip":
+        config = tf.AltCLIPConfig(text_config=dict(text, project_dim=vision["hidden_size"]), vision_config=vision,
+                                  projection_dim=vision["hidden_size"])
+        return HFBackend(tf.AltCLIPModel(config).eval(), name, tokenizer=tokenizer)
+    if family == "metaclip2":
+        config = tf.MetaClip2Config(text_config=text, vision_config=vision, projection_dim=vision["hidden_size"])
+        return HFBackend(tf.MetaClip2Model(config).eval(), name, tokenizer=tokenizer)
+    if family == "siglip2":
+        side = vision.pop("image_size") // vision["patch_size"]
+        config = tf.Siglip2Config(text_config=dict(text, projection_size=text["hidden_size"]),
+                                  vision_config=dict(vision, num_patches=side * side))
+        return Siglip2Backend(tf.Siglip2Model(config).eval(), name, tokenizer=tokenizer)
+    if family == "towers":
+        vision_tower = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**vision, projection_dim=64))
+        text_tower = tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(**text, projection_dim=64))
+        return HFTowersBackend(CLIPTowers(vision_tower, text_tower).eval(), name, tokenizer=tokenizer)
+    raise ValueError(f"unknown family {family!r}; choose one of {', '.join(HF_FAMILIES)}")
+
+
+HF_FAMILIES = ("altclip", "metaclip2", "siglip2", "towers")
+
+
 def random_open_clip(arch: str = "ViT-B-32", seed: int = 0) -> OpenCLIPBackend:
     """A random open_clip model of a built-in architecture, built by ``open_clip.create_model(pretrained=None)``."""
     import open_clip
@@ -115,14 +162,18 @@ TINY_KINDS = ("hf", "chinese", "open_clip")
 
 
 def tiny_model(kind: str = "hf", seed: int = 0):
-    """A 2-layer, 4-head, 32 px random model of one backend family: ``hf``, ``chinese``, ``open_clip`` or ``siglip``
-    (``siglip`` is not in ``TINY_KINDS``, the families every shared test runs on)."""
+    """A 2-layer, 4-head, 32 px random model of one backend family: ``hf``, ``chinese``, ``open_clip``, ``siglip`` or
+    one of ``HF_FAMILIES`` (``altclip``, ``metaclip2``, ``siglip2``, ``towers``; these are not in ``TINY_KINDS``, the
+    families every shared test runs on)."""
     if kind == "open_clip":
         return tiny_open_clip(seed=seed)
     if kind == "siglip":
         return random_siglip("tiny", seed=seed)
+    if kind in HF_FAMILIES:
+        return random_hf_family(kind, "tiny", seed=seed)
     if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)} or siglip")
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}, siglip or "
+                         f"{', '.join(HF_FAMILIES)}")
     return random_hf_clip("tiny", chinese=kind == "chinese", seed=seed)
 
 

@@ -4,7 +4,9 @@ A folder written here loads with ``clipheads.load(folder)`` and with the library
 
 * ``transformers``: ``save_pretrained`` of the model, its tokenizer and its image processor (``config.json``,
   ``model.safetensors``, ``tokenizer*.json``, ``preprocessor_config.json``), i.e. ``CLIPModel.from_pretrained``,
-  ``AutoTokenizer.from_pretrained`` and ``AutoImageProcessor.from_pretrained`` read it;
+  ``AutoTokenizer.from_pretrained`` and ``AutoImageProcessor.from_pretrained`` read it; a CLIP's towers used apart
+  (:class:`clipheads.models.hf.CLIPTowers`) as two such folders, ``vision/`` (with the image processor) and
+  ``text/`` (with the tokenizer);
 * ``open_clip``: the layout of open_clip's own ``save_for_hf`` (``open_clip_config.json`` with the model config and
   the preprocessing config, ``open_clip_model.safetensors``), i.e.
   ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads it (clipheads: ``open_clip:local-dir:FOLDER``
@@ -99,6 +101,15 @@ def _save_hf(backend, folder: Path) -> None:
         raise ClipHeadsError(f"{backend.name}: no tokenizer is known for this model, and a folder without one would "
                              "encode every caption as unknown tokens; wrap the model with "
                              "HFBackend(model, name, tokenizer=...) or load it with clipheads.load")
+    from clipheads.models.hf import TOWER_FOLDERS, CLIPTowers
+
+    if isinstance(backend.model, CLIPTowers):  # the towers used apart: vision/ and text/, each a from_pretrained folder
+        vision, text = (folder / name for name in TOWER_FOLDERS)
+        backend.model.vision.save_pretrained(vision)
+        backend._processor().save_pretrained(vision)
+        backend.model.text.save_pretrained(text)
+        backend.tokenizer.save_pretrained(text)
+        return
     backend.model.save_pretrained(folder)
     backend.tokenizer.save_pretrained(folder)
     backend._processor().save_pretrained(folder)  # the model's own processor, else CLIP's standard at its size
