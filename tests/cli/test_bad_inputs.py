@@ -225,8 +225,11 @@ def test_input_paths_that_do_not_exist_are_refused_at_parse_time(path, option, v
 
 
 # inputs that are not only paths, so that existence is checked by their reader: shard patterns
-# ("shards/{000..009}.tar") and preset names ("--templates openai")
-NOT_ONLY_PATHS = {(("eval",), "--data"), (("eval",), "--templates")}
+# ("shards/{000..009}.tar") and preset names ("--templates openai"); scan/search/layers check theirs (paths, patterns,
+# Hugging Face Hub ids) with a callback while parsing (options.check_data_option)
+NOT_ONLY_PATHS = {(("eval",), "--data"), (("eval",), "--templates"),
+                  *((command, name) for command in (("scan",), ("search",), ("layers",))
+                    for name in ("--data", "--report-data"))}
 
 
 def test_every_input_path_must_exist():

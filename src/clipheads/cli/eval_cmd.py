@@ -22,6 +22,7 @@ from clipheads.cli.options import (
     SkewK,
     TextColumn,
     Threads,
+    check_task_option,
     old_spelling,
     prefer_old,
     with_precision,
@@ -35,6 +36,12 @@ TASK_HELP = ("retrieval (Karpathy JSON, COCO captions JSON, CSV image,caption), 
              "(counterfactual JSON); clip_benchmark's zeroshot_retrieval, zeroshot_classification and "
              "image_caption_selection name the first three.")
 PACKAGES = ("clipheads", "torch", "transformers", "open_clip_torch", "clip_benchmark")
+
+
+def _eval_tasks() -> tuple[str, ...]:
+    from clipheads.eval import EVALUATORS
+
+    return tuple(EVALUATORS)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -77,7 +84,7 @@ def _load_clip_benchmark(task: str, name: str, root: Path | None, split: str, te
 
 
 def eval_command(
-    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
+    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP, callback=check_task_option(_eval_tasks)),
     data: Path = typer.Option(None, "--data", "-d", help="Dataset file, folder, Hugging Face dataset (save_to_disk "
                                                        "folder, parquet), webdataset shards (file, folder, pattern) "
                                                        "or ImageNet folder (paths inside are relative to it)."),

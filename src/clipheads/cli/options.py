@@ -18,7 +18,8 @@ import typer
 MODELS = ("'bundled' (shipped with clipheads), a Hugging Face id or folder, open_clip:ARCH (random init), "
           "open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt, or a folder written by 'clipheads bake'.")
 MODEL_HELP = "Model (default: bundled): " + MODELS
-TASK_HELP = "retrieval (default metric mean_recall), selection (caption selection, acc) or zeroshot (acc1)."
+TASK_HELP = ("retrieval (default metric mean_recall), selection (caption selection, acc) or zeroshot (acc1); "
+             "clip_benchmark's zeroshot_retrieval, image_caption_selection and zeroshot_classification name them too.")
 SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole file."
 OP_HELP = "Ablation operator: identity (default), cls, zero, mean (head means of the search images) or scale."
 
@@ -56,11 +57,52 @@ def check_device_option(value: str | None) -> str | None:
     return value
 
 
-DataPath = Annotated[Path, typer.Option("--data", "-d", exists=True, help="Dataset file or folder.")]
+def check_data_option(value: Path | None) -> Path | None:
+    """Typer callback of ``--data`` / ``--report-data``: a path that exists, a shard pattern or a Hugging Face Hub
+    dataset id (:func:`clipheads.data.sources.detect_source`), else a usage error before anything is loaded."""
+    from clipheads.data.sources import detect_source
+    from clipheads.errors import DataError
+
+    if value is None:
+        return value
+    try:
+        detect_source(value)
+    except DataError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def check_task_option(known: Callable[[], tuple[str, ...] | list[str]]) -> Callable[[str | None], str | None]:
+    """A typer callback of ``--task``: the clipheads task of a name or of clip_benchmark's alias
+    (``zeroshot_retrieval``, ``zeroshot_classification``, ``image_caption_selection``) through the one parser,
+    :func:`clipheads.eval.benchmark.task_name`; a task outside ``known()`` (the command's) is a usage error."""
+    def check(value: str | None) -> str | None:
+        from clipheads.errors import ClipHeadsError
+        from clipheads.eval.benchmark import task_name
+
+        if value is None:
+            return value
+        try:
+            return task_name(value, tuple(known()))
+        except ClipHeadsError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return check
+
+
+def _search_tasks() -> tuple[str, ...]:
+    from clipheads.search.tasks import TASKS
+
+    return TASKS
+
+
+DATA_HELP = ("Dataset file or folder, webdataset shards (file, folder or pattern), or a Hugging Face dataset "
+             "(save_to_disk folder, parquet, or a Hub id org/name read from the local cache when offline).")
+DataPath = Annotated[Path, typer.Option("--data", "-d", callback=check_data_option, help=DATA_HELP)]
 ModelName = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
-TaskName = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
+TaskName = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP, callback=check_task_option(_search_tasks))]
 ReportData = Annotated[Path | None, typer.Option(help="Held-out dataset file (default: --data; needed for tasks "
-                                                      "whose files have no splits).", exists=True)]
+                                                      "whose files have no splits).", callback=check_data_option)]
 AllowSameSplit = Annotated[bool, typer.Option("--allow-same-split", help="Allow reporting on the searched split.")]
 OperatorName = Annotated[str, typer.Option(help=OP_HELP)]
 Alpha = Annotated[float | None, typer.Option(help="Factor of the scale operator.", callback=finite())]

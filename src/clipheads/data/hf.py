@@ -1,4 +1,5 @@
-"""Hugging Face ``datasets``: ``save_to_disk`` folders, parquet/arrow files or folders of them.
+"""Hugging Face ``datasets``: ``save_to_disk`` folders, parquet/arrow files or folders of them, and Hub dataset ids
+(``nlphuji/flickr30k``) read by ``datasets.load_dataset``, from the local cache when offline (:func:`open_hub`).
 
 Images stay in the dataset's memory-mapped Arrow files: each is an :class:`HFImage` reference read (undecoded) by the
 DataLoader workers, so no decoded image is held in memory. Default columns follow the common uploads: ``image``;
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipheads.data.images import ImageRef
-from clipheads.data.sources import HF_SAVED, HF_SUFFIXES
+from clipheads.data.sources import HF_SAVED, HF_SUFFIXES, is_hub_id
 from clipheads.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,57 @@ class HFImage(ImageRef):
         raise ValueError(f"column {self.column!r} row {self.row} holds no image ({type(cell).__name__})")
 
 
+def _reason(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def open_hub(repo_id: str):
+    """The Hub dataset ``repo_id`` (a ``DatasetDict`` of its splits) as ``datasets.load_dataset(repo_id)`` gives it,
+    never forcing a download (``download_mode`` stays ``reuse_dataset_if_exists``).
+
+    Offline (``HF_HUB_OFFLINE=1``, or no network) ``datasets`` reads what an earlier ``load_dataset`` prepared in
+    ``HF_DATASETS_CACHE``; failing that, the repository's files downloaded into the Hub cache (``huggingface-cli
+    download --repo-type dataset``: ``HF_HUB_CACHE/datasets--org--name/snapshots/<rev>/``) are read with
+    ``datasets.load_dataset(snapshot_folder)``. Raises :class:`DataError` (one line: where it looked, how to get it).
+    """
+    import datasets
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return datasets.load_dataset(repo_id)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError, HfHubHTTPError) as exc:
+        online_error = exc
+    try:
+        folder = snapshot_download(repo_id, repo_type="dataset", local_files_only=True,
+                                   cache_dir=constants.HF_HUB_CACHE)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        folder = None
+    if folder is not None:
+        try:
+            return datasets.load_dataset(folder)
+        except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+            raise DataError(f"cannot read Hugging Face dataset {repo_id!r} from its cached files {folder} "
+                            f"({_reason(exc)})") from None
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(repo_id.split("/"))
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    raise DataError(f"Hugging Face dataset {repo_id!r} is neither a local path nor in the local cache (looked in "
+                    f"{prepared} and {hub}) and the Hub gave: {_reason(online_error)}; get it where there is network "
+                    f"with `huggingface-cli download --repo-type dataset {repo_id}` (or datasets.load_dataset), "
+                    "then point HF_HOME at that cache, or pass a save_to_disk folder or parquet files")
+
+
 def open_hf(path: str | Path, split: str | None = None):
-    """The ``datasets.Dataset`` at ``path`` (split ``split`` of a ``DatasetDict``); one-line errors."""
+    """The ``datasets.Dataset`` at ``path`` (split ``split`` of a ``DatasetDict``); one-line errors. ``path`` may be
+    a Hub dataset id (:func:`open_hub`)."""
     import datasets
 
+    hub = is_hub_id(str(path))
     path = Path(path)
     try:
-        if path.is_dir() and any((path / name).is_file() for name in HF_SAVED):
+        if hub:
+            loaded = open_hub(str(path))
+        elif path.is_dir() and any((path / name).is_file() for name in HF_SAVED):
             loaded = datasets.load_from_disk(str(path))
         else:
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in HF_SUFFIXES)
@@ -81,8 +126,7 @@ def open_hf(path: str | Path, split: str | None = None):
             else:
                 loaded = datasets.load_dataset(builder, data_dir=str(path))
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"cannot read {str(path)!r} with Hugging Face datasets ({reason})") from None
+        raise DataError(f"cannot read {str(path)!r} with Hugging Face datasets ({_reason(exc)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if split in loaded:
@@ -168,4 +212,4 @@ def read_hf_classification(path: Path, split: str | None = None, image_column: s
 
 
 def _name(path: Path) -> str:
-    return path.name if path.is_dir() else path.stem
+    return path.name if path.is_dir() or is_hub_id(str(path)) else path.stem
