@@ -176,6 +176,14 @@ TextColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the 
                                                      "captions, text ...; a string or a list per row).")]
 LabelColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the label column (default: label; "
                                                       "class names from its ClassLabel).")]
+GroupColumn = Annotated[str | None, typer.Option(help="bias, Hugging Face dataset: the column naming each image's "
+                                                      "counterfactual set (default: counterfactual_set).")]
+AttributeColumns = Annotated[str | None, typer.Option(help="bias, Hugging Face dataset: the attribute value columns, "
+                                                           "comma-separated (default: each X with an X_type column, "
+                                                           "as SocialCounterfactuals' a1,a2).")]
+Queries = Annotated[Path | None, typer.Option(exists=True, help="bias: neutral queries, one per line (default: the "
+                                                                "JSON's queries; for a Hugging Face dataset its "
+                                                                "captions less their attribute values).")]
 
 
 MemoryBudget = Annotated[str | None, typer.Option(

@@ -213,3 +213,77 @@ def read_hf_classification(path: Path, split: str | None = None, image_column: s
 
 def _name(path: Path) -> str:
     return path.name if path.is_dir() or is_hub_id(str(path)) else path.stem
+
+
+GROUP_COLUMNS = ("counterfactual_set", "ctf_set", "group", "set")
+
+
+def attribute_pairs(names: list[str]) -> list[str]:
+    """SocialCounterfactuals' attribute columns: each ``X`` that has an ``X_type`` column beside it (``a1`` with
+    ``a1_type``, ``a2`` with ``a2_type``), in column order."""
+    return [name for name in names if f"{name}_type" in names]
+
+
+def neutral_text(caption: str, values: list[str]) -> str:
+    """``caption`` without the attribute ``values`` (whole words, any case), its article fixed: ``"A photo of an
+    Asian man chef"`` less ``Asian``, ``man`` -> ``"A photo of a chef"``."""
+    import re
+
+    text = caption
+    for value in sorted({v for v in values if v}, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(value)}(?![\w-])", " ", text, flags=re.IGNORECASE)
+    words = text.split()
+    for n in range(len(words) - 1):
+        if words[n].lower() in ("a", "an"):
+            article = "an" if words[n + 1][:1].lower() in "aeiou" else "a"
+            words[n] = article.capitalize() if words[n][0].isupper() else article
+    return " ".join(words)
+
+
+def read_hf_counterfactual(path: Path, split: str | None = None, image_column: str | None = None,
+                           group_column: str | None = None, attribute_columns: list[str] | None = None,
+                           text_column: str | None = None
+                           ) -> tuple[list[HFImage], list[str], list[str], list[str], list[str], str]:
+    """A counterfactual set as published on the Hub (``Intel/SocialCounterfactuals``: ``image``, ``caption``,
+    ``counterfactual_set``, ``a1_type``, ``a1``, ``a2_type``, ``a2``).
+
+    Each row is an image of its group (``group_column``, default ``counterfactual_set``). Its ``attribute`` is the
+    ``-``-joined attribute types (``race-gender``: the intersection the set varies) and its ``value`` the
+    space-joined values (``Black woman``). ``attribute_columns`` names the value columns: each with an ``X_type``
+    column gives its type from there, any other column gives its own name (``race,gender`` for sets with one column
+    per attribute); by default every ``X`` with an ``X_type`` beside it. The neutral queries are the captions
+    (``text_column``, default ``caption``) without their attribute values (:func:`neutral_text`), each once.
+
+    Returns:
+        ``(refs [N], groups [N], attributes [N], values [N], neutral queries [Q], name)``.
+    """
+    dataset = open_hf(path, split)
+    names = list(dataset.column_names)
+    image_col = pick_column(dataset, image_column, IMAGE_COLUMNS, "image", path)
+    group_col = pick_column(dataset, group_column, GROUP_COLUMNS, "group", path)
+    columns = attribute_columns or attribute_pairs(names)
+    if not columns:
+        raise DataError(f"{str(path)!r} has no attribute columns (SocialCounterfactuals' a1/a1_type, a2/a2_type; "
+                        f"columns: {', '.join(names)}); name them with --attribute-columns")
+    for column in columns:
+        pick_column(dataset, column, (), "attribute", path)
+    text_col = pick_column(dataset, text_column, TEXT_COLUMNS, "text", path) if (
+        text_column is not None or any(name.lower() in TEXT_COLUMNS for name in names)) else None
+    table = dataset.select_columns([c for c in dict.fromkeys(
+        [group_col, *columns, *(f"{c}_type" for c in columns if f"{c}_type" in names),
+         *([text_col] if text_col else [])])]).to_dict()  # text columns only: the images stay where they are
+    groups, attributes, values, queries = [], [], [], []
+    for row in range(len(dataset)):
+        cells = {c: table[c][row] for c in table}
+        bad = [c for c, v in cells.items() if not isinstance(v, str | int) or isinstance(v, bool) or v == ""]
+        if bad:
+            raise DataError(f"{str(path)!r}: row {row}: field {bad[0]!r}: expected a non-empty string "
+                            f"(got {cells[bad[0]]!r:.60})")
+        row_values = [str(cells[c]) for c in columns]
+        groups.append(str(cells[group_col]))
+        attributes.append("-".join(str(cells[f"{c}_type"]) if f"{c}_type" in cells else c for c in columns))
+        values.append(" ".join(row_values))
+        if text_col is not None:
+            queries.append(neutral_text(str(cells[text_col]), row_values))
+    return (image_refs(dataset, image_col, path), groups, attributes, values, list(dict.fromkeys(queries)),
+            _name(path))
