@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,27 @@ def test_eval_takes_a_hub_id_as_data(run_main, karpathy: Path, offline_home: Pat
     assert results["hub"]["metrics"] == results["karpathy"]["metrics"]
     code, _, err = run_main("scan", "--data", tmp_path / "missing.json", "--out", tmp_path / "s", forbid_load=True)
     assert code == 2 and "does not exist" in err
+
+
+def test_scan_runs_and_resumes_on_a_hub_id(run_main, offline_home: Path, tmp_path: Path):
+    """A Hub id has no file to fingerprint: its name and its images (dataset fingerprint, Arrow file stats) key the
+    run, so the same command resumes (under a clip_benchmark task alias too)."""
+    import datasets
+
+    from clipheads.models.random_init import save_hf, tiny_model
+
+    model = save_hf(tiny_model("hf"), tmp_path / "tiny")
+    snapshot = hub_snapshot(offline_home, "someone/tiny-flickr")
+    features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))})
+    datasets.Dataset.from_dict({"image": [{"bytes": png(i), "path": None} for i in range(6)], "captions": CAPTIONS},
+                               features=features).to_parquet(snapshot / "data" / "test-00000-of-00001.parquet")
+    args = ["--data", "someone/tiny-flickr", "--search-split", "test", "--no-report", "--model", model, "--out",
+            tmp_path / "scan"]
+    code, first, err = run_main("scan", "--task", "retrieval", *args)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "scan" / "summary.json").read_text())
+    code, again, err = run_main("scan", "--task", "zeroshot_retrieval", *args)
+    assert code == 0, err
+    assert json.loads((tmp_path / "scan" / "summary.json").read_text())["mask"] == summary["mask"]
+    evaluated = [int(re.search(r"(\d+) masks evaluated", out).group(1)) for out in (first, again)]
+    assert evaluated[1] < evaluated[0]  # resumed: the second run evaluates only what the first did not save

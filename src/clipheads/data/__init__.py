@@ -4,14 +4,15 @@
 task           formats                                                                   loader
 =============  ========================================================================  ==========================
 retrieval      Karpathy split JSON, COCO captions JSON, CSV/TSV image,caption,            ``load_retrieval``
-               clip_benchmark Flickr txt, Hugging Face dataset (image + caption(s)),
-               webdataset shards
+               clip_benchmark Flickr txt, Hugging Face dataset (image + caption(s);
+               also a Hub id, offline from the cache), webdataset shards (.tar, .tar.gz)
 zeroshot       ImageFolder (ImageNet ``n01440764/`` get readable names), CSV/TSV          ``load_classification``
                image,label, flat ImageNet val folder + labels, Hugging Face dataset
                (image + ``ClassLabel``), webdataset shards (``.cls``, classnames.txt)
 selection      JSON/CSV image + candidate captions + answer, SugarCrepe JSON             ``load_caption_selection``
 compositional  JSON pairs of 2 images + 2 captions (Cola style), Winoground (HF)         ``load_compositional``
-bias           JSON neutral queries + counterfactual image groups                        ``load_counterfactual``
+bias           JSON neutral queries + counterfactual image groups, Hugging Face dataset  ``load_counterfactual``
+               in SocialCounterfactuals' columns (counterfactual_set, a1_type/a1, ...)
 =============  ========================================================================  ==========================
 
 What a path is (and so which reader reads it) is decided in one place, :func:`clipheads.data.sources.detect_source`.
