@@ -117,3 +117,13 @@ def test_eval_bias_reads_a_social_counterfactuals_parquet(run_main, as_json: Pat
     ("A photo of a human man chef", ["man"], "A photo of a human chef")])
 def test_neutral_text_removes_whole_attribute_words(text, values, neutral):
     assert neutral_text(text, values) == neutral
+
+
+def test_captions_that_keep_an_attribute_after_derivation_warn(tmp_path: Path, caplog):
+    table = social_counterfactuals()
+    captions = [text.replace("woman", "female") for text in table["caption"]]  # values say woman, captions female
+    table.remove_columns(["caption"]).add_column("caption", captions).to_parquet(tmp_path / "cf.parquet")
+    with caplog.at_level("WARNING"):
+        dataset = load_counterfactual(tmp_path / "cf.parquet")
+    assert "differ beyond their attribute values" in caplog.text and "--queries" in caplog.text
+    assert "A photo of a female doctor" in dataset.queries  # what the warning is about

@@ -95,7 +95,7 @@ def open_hub(repo_id: str):
     if folder is not None:
         try:
             return datasets.load_dataset(folder)
-        except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        except (OSError, ValueError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as exc:
             raise DataError(f"cannot read Hugging Face dataset {repo_id!r} from its cached files {folder} "
                             f"({_reason(exc)})") from None
     prepared = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(repo_id.split("/"))
@@ -125,7 +125,8 @@ def open_hf(path: str | Path, split: str | None = None):
                 loaded = datasets.load_dataset(builder, data_files=str(path))
             else:
                 loaded = datasets.load_dataset(builder, data_dir=str(path))
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+    except (OSError, ValueError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as exc:
+        # RuntimeError: a repository with a loading script, which datasets no longer runs
         raise DataError(f"cannot read {str(path)!r} with Hugging Face datasets ({_reason(exc)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
@@ -285,5 +286,14 @@ def read_hf_counterfactual(path: Path, split: str | None = None, image_column: s
         values.append(" ".join(row_values))
         if text_col is not None:
             queries.append(neutral_text(str(cells[text_col]), row_values))
+    if text_col is not None:
+        neutral: dict[str, set[str]] = {}
+        for group, query in zip(groups, queries, strict=True):
+            neutral.setdefault(group, set()).add(query)
+        mixed = next((g for g, texts in neutral.items() if len(texts) > 1), None)
+        if mixed is not None:  # the captions of a set differ in more than the attribute values: not neutral
+            logger.warning("%s: the captions of counterfactual set %r differ beyond their attribute values (%s); the "
+                           "derived queries may name an attribute: give neutral queries with --queries", path, mixed,
+                           " | ".join(sorted(neutral[mixed])[:2]))
     return (image_refs(dataset, image_col, path), groups, attributes, values, list(dict.fromkeys(queries)),
             _name(path))
