@@ -61,11 +61,9 @@ def load_dataset(task: str, path: str | Path, **options):
         DataError: the file is not a dataset of ``task`` (the message names the task: a command's default task may
             not be the one the user had in mind, e.g. ``layers`` reads caption selection).
     """
-    from clipheads.eval.benchmark import CLIP_BENCHMARK_TASKS
+    from clipheads.eval.benchmark import task_name
 
-    task = CLIP_BENCHMARK_TASKS.get(task, task)
-    if task not in LOADERS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(LOADERS)}")
+    task = task_name(task, tuple(LOADERS))  # the one parser of task names (clip_benchmark's too)
     try:
         return LOADERS[task](path, **options)
     except DataError as exc:
