@@ -124,7 +124,13 @@ class DatasetKey:
 
     @classmethod
     def of(cls, path: str | os.PathLike, image_paths: Iterable[str | os.PathLike]) -> DatasetKey:
+        """``path`` is a dataset file or folder, or a name that is no path (a Hugging Face Hub id, a shard pattern):
+        then the name and the images (their names, which hold a Hugging Face dataset's fingerprint, and the stats of
+        what holds them) key the dataset."""
         path = Path(path)
+        if not path.exists() and str(path):
+            file = FileKey(str(path), -1, hashlib.sha256(str(path).encode()).hexdigest())
+            return cls(file, ImagesKey.of(image_paths, Path.cwd()))
         return cls(FileKey.of(path), ImagesKey.of(image_paths, path if path.is_dir() else path.parent))
 
     @classmethod

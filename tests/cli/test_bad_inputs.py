@@ -225,8 +225,12 @@ def test_input_paths_that_do_not_exist_are_refused_at_parse_time(path, option, v
 
 
 # inputs that are not only paths, so that existence is checked by their reader: shard patterns
-# ("shards/{000..009}.tar") and preset names ("--templates openai", in every command that takes templates)
-NOT_ONLY_PATHS = {(("eval",), "--data")} | {(path, "--templates") for path in COMMANDS}
+# ("shards/{000..009}.tar") and preset names ("--templates openai", in every command that takes templates);
+# scan/search/layers check theirs (paths, patterns, Hugging Face Hub ids) with a callback while parsing
+# (options.check_data_option)
+NOT_ONLY_PATHS = ({(("eval",), "--data")} | {(path, "--templates") for path in COMMANDS}
+                  | {(command, name) for command in (("scan",), ("search",), ("layers",))
+                     for name in ("--data", "--report-data")})
 
 
 def test_every_input_path_must_exist():

@@ -13,8 +13,10 @@ from rich.table import Table
 from clipheads.cli.options import (
     DATA_HELP,
     Alpha,
+    AttributeColumns,
     BatchSize,
     Device,
+    GroupColumn,
     ImageColumn,
     ImageRoot,
     LabelColumn,
@@ -24,6 +26,7 @@ from clipheads.cli.options import (
     OperatorName,
     Out,
     Precision,
+    Queries,
     SkewK,
     SkipBad,
     Split,
@@ -67,6 +70,10 @@ def _load_data(task: str, data: Path, split: str | None, image_root: Path | None
         return load_dataset(task, data, root=image_root)
     if task == "compositional":
         return load_dataset(task, data, split=split)
+    if task == "bias":
+        return load_dataset(task, data, split=split, image_column=columns["image"], group_column=columns["group"],
+                            attribute_columns=columns["attributes"], text_column=columns["text"],
+                            queries=columns["queries"])
     return load_dataset(task, data)
 
 
@@ -111,6 +118,9 @@ def eval_command(
     image_column: ImageColumn = None,
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
+    group_column: GroupColumn = None,
+    attribute_columns: AttributeColumns = None,
+    queries: Queries = None,
 ) -> None:
     """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON.
 
@@ -125,7 +135,8 @@ def eval_command(
     from clipheads.runtime import run_meta
 
     task = task_name(task, list(EVALUATORS))
-    inputs = {"--data": data, "--mask": mask, "--templates": templates, "--classnames": classnames}
+    inputs = {"--data": data, "--mask": mask, "--templates": templates, "--classnames": classnames,
+              "--queries": queries}
     out = check_output_file(out, "json", inputs)
     check_output_file(clip_benchmark_path(out), "json", inputs)
     if cache_dir is not None:
@@ -143,7 +154,8 @@ def eval_command(
     else:
         whole = split.lower() in ("none", "all", "")  # as scan and search read it
         dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
-                             {"image": image_column, "text": text_column, "label": label_column})
+                             {"image": image_column, "text": text_column, "label": label_column,
+                              "group": group_column, "attributes": attribute_columns, "queries": queries})
     backend = clipheads.load(model, device=device, dtype=parse_precision(precision).weights)
     # the stages: the dataset and the model are read first, so that their errors come before any stage line
     n_images = len(getattr(dataset, "image_paths", None) or ())  # the images to encode, where listed

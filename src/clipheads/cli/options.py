@@ -54,10 +54,50 @@ def check_device_option(value: str | None) -> str | None:
     return value
 
 
+def check_data_option(value: Path | None) -> Path | None:
+    """Typer callback of ``--data`` / ``--report-data``: a path that exists, a shard pattern or a Hugging Face Hub
+    dataset id (:func:`clipheads.data.sources.detect_source`), else a usage error before anything is loaded."""
+    from clipheads.data.sources import detect_source
+    from clipheads.errors import DataError
+
+    if value is None:
+        return value
+    try:
+        detect_source(value)
+    except DataError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def check_task_option(known: Callable[[], tuple[str, ...] | list[str]]) -> Callable[[str | None], str | None]:
+    """A typer callback of ``--task``: the clipheads task of a name or of clip_benchmark's alias
+    (``zeroshot_retrieval``, ``zeroshot_classification``, ``image_caption_selection``) through the one parser,
+    :func:`clipheads.eval.benchmark.task_name`; a task outside ``known()`` (the command's) is a usage error."""
+    def check(value: str | None) -> str | None:
+        from clipheads.errors import ClipHeadsError
+        from clipheads.eval.benchmark import task_name
+
+        if value is None:
+            return value
+        try:
+            return task_name(value, tuple(known()))
+        except ClipHeadsError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return check
+
+
+def _search_tasks() -> tuple[str, ...]:
+    from clipheads.search.tasks import TASKS
+
+    return TASKS
+
+
 DATA_HELP = ("Dataset: a file or folder of the kind the command reads (retrieval JSON or CSV with splits, a folder "
-             "of images, an ImageFolder, a Hugging Face dataset, webdataset shards, a world folder of 'clipheads "
-             "world make'; see the command's help).")
-DataPath = Annotated[Path, typer.Option("--data", "-d", exists=True, help=DATA_HELP)]
+             "of images, an ImageFolder, a Hugging Face dataset (save_to_disk folder, parquet, or a Hub id org/name "
+             "read from the local cache when offline), webdataset shards (file, folder or pattern), a world folder of "
+             "'clipheads world make'; see the command's help).")
+DataPath = Annotated[Path, typer.Option("--data", "-d", callback=check_data_option, help=DATA_HELP)]
 
 
 def _default_model(ctx, param, value):
@@ -68,7 +108,7 @@ def _default_model(ctx, param, value):
 ModelName = Annotated[str | None, typer.Option("--model", "-m", show_default=False, callback=_default_model,
                                                help=MODEL_HELP)]
 ReportData = Annotated[Path | None, typer.Option(help="Held-out dataset file (default: --data; needed for tasks "
-                                                      "whose files have no splits).", exists=True)]
+                                                      "whose files have no splits).", callback=check_data_option)]
 AllowSameSplit = Annotated[bool, typer.Option("--allow-same-split", help="Allow reporting (finetune: also "
                                                                          "validating) on the split searched or "
                                                                          "trained on.")]
@@ -175,6 +215,14 @@ TextColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the 
                                                      "captions, text ...; a string or a list per row).")]
 LabelColumn = Annotated[str | None, typer.Option(help="Hugging Face dataset: the label column (default: label; "
                                                       "class names from its ClassLabel).")]
+GroupColumn = Annotated[str | None, typer.Option(help="bias, Hugging Face dataset: the column naming each image's "
+                                                      "counterfactual set (default: counterfactual_set).")]
+AttributeColumns = Annotated[str | None, typer.Option(help="bias, Hugging Face dataset: the attribute value columns, "
+                                                           "comma-separated (default: each X with an X_type column, "
+                                                           "as SocialCounterfactuals' a1,a2).")]
+Queries = Annotated[Path | None, typer.Option(exists=True, help="bias: neutral queries, one per line (default: the "
+                                                                "JSON's queries; for a Hugging Face dataset its "
+                                                                "captions less their attribute values).")]
 
 
 MemoryBudget = Annotated[str | None, typer.Option(
@@ -312,15 +360,29 @@ Split = Annotated[str | None, typer.Option(
     help="Split of a file with splits (Karpathy JSON, CSV with a split column); 'none' or 'all' uses the whole "
          "file (default: test for eval, train (with restval) for captioner train, the whole file otherwise).")]
 
+def _eval_tasks() -> tuple[str, ...]:
+    from clipheads.eval import EVALUATORS
+
+    return tuple(EVALUATORS)
+
+
+def _task(ctx, param, value):
+    """--task's value: the command's default when not given (:data:`TASKS`), a clip_benchmark alias resolved, a task
+    the command does not run a usage error (:func:`check_task_option`)."""
+    value = per_command(TASKS)(ctx, param, value)
+    return check_task_option(_eval_tasks if command_path(ctx) == "eval" else _search_tasks)(value)
+
+
 # --task
 TASKS = {"scan": "retrieval", "search": "retrieval", "layers": "selection"}
 TaskName = Annotated[str | None, typer.Option(
-    "--task", "-t", callback=per_command(TASKS), show_default=False,
+    "--task", "-t", callback=_task, show_default=False,
     help="retrieval (Karpathy JSON, COCO captions JSON, CSV image,caption; metric mean_recall), selection "
          "(JSON/CSV image + candidates + answer; acc), zeroshot (ImageFolder or CSV image,label; acc1), and for "
          "eval compositional (JSON pairs) or bias (counterfactual JSON); clip_benchmark's zeroshot_retrieval, "
          "zeroshot_classification and image_caption_selection name the first three (default: retrieval for scan "
          "and search, selection for layers; eval needs it).")]
+
 
 # --op, --alpha
 OPERATORS = {"bake": "zero", "prune": "scale"}

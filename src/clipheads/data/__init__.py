@@ -4,14 +4,15 @@
 task           formats                                                                   loader
 =============  ========================================================================  ==========================
 retrieval      Karpathy split JSON, COCO captions JSON, CSV/TSV image,caption,            ``load_retrieval``
-               clip_benchmark Flickr txt, Hugging Face dataset (image + caption(s)),
-               webdataset shards
+               clip_benchmark Flickr txt, Hugging Face dataset (image + caption(s);
+               also a Hub id, offline from the cache), webdataset shards (.tar, .tar.gz)
 zeroshot       ImageFolder (ImageNet ``n01440764/`` get readable names), CSV/TSV          ``load_classification``
                image,label, flat ImageNet val folder + labels, Hugging Face dataset
                (image + ``ClassLabel``), webdataset shards (``.cls``, classnames.txt)
 selection      JSON/CSV image + candidate captions + answer, SugarCrepe JSON             ``load_caption_selection``
 compositional  JSON pairs of 2 images + 2 captions (Cola style), Winoground (HF)         ``load_compositional``
-bias           JSON neutral queries + counterfactual image groups                        ``load_counterfactual``
+bias           JSON neutral queries + counterfactual image groups, Hugging Face dataset  ``load_counterfactual``
+               in SocialCounterfactuals' columns (counterfactual_set, a1_type/a1, ...)
 =============  ========================================================================  ==========================
 
 What a path is (and so which reader reads it) is decided in one place, :func:`clipheads.data.sources.detect_source`.
@@ -60,11 +61,9 @@ def load_dataset(task: str, path: str | Path, **options):
         DataError: the file is not a dataset of ``task`` (the message names the task: a command's default task may
             not be the one the user had in mind, e.g. ``layers`` reads caption selection).
     """
-    from clipheads.eval.benchmark import CLIP_BENCHMARK_TASKS
+    from clipheads.eval.benchmark import task_name
 
-    task = CLIP_BENCHMARK_TASKS.get(task, task)
-    if task not in LOADERS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(LOADERS)}")
+    task = task_name(task, tuple(LOADERS))  # the one parser of task names (clip_benchmark's too)
     try:
         return LOADERS[task](path, **options)
     except DataError as exc:

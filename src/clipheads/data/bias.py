@@ -1,4 +1,6 @@
-"""Counterfactual bias sets (SocialCounterfactuals style): groups of images identical but for one attribute."""
+"""Counterfactual bias sets (SocialCounterfactuals style): groups of images identical but for one attribute (or one
+intersection of attributes, ``race-gender``), as clipheads JSON or a Hugging Face dataset in SocialCounterfactuals'
+columns."""
 
 from __future__ import annotations
 
@@ -46,8 +48,56 @@ class CounterfactualDataset:
                 "attributes": sorted(set(self.attributes))}
 
 
-def load_counterfactual(path: str | Path) -> CounterfactualDataset:
-    """JSON ``{"queries": [...], "images": [{"image", "group", "attribute", "value"}, ...]}``."""
+def load_queries(queries: str | Path | list[str]) -> list[str]:
+    """Neutral queries: a list, or a UTF-8 text file with one per line (blank lines and ``#`` comments skipped)."""
+    if isinstance(queries, list):
+        if not all(isinstance(q, str) and q.strip() for q in queries):
+            raise DataError("queries: expected non-empty strings")
+        return list(queries)
+    path = Path(queries)
+    if not path.is_file():
+        raise DataError(f"query file {str(path)!r} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"query file {str(path)!r} is not UTF-8 text ({exc})") from None
+    return require([line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")],
+                   "queries", path)
+
+
+def load_counterfactual(path: str | Path, split: str | None = None, image_column: str | None = None,
+                        group_column: str | None = None, attribute_columns: list[str] | str | None = None,
+                        text_column: str | None = None, queries: str | Path | list[str] | None = None
+                        ) -> CounterfactualDataset:
+    """A counterfactual bias set: clipheads' JSON, or a Hugging Face dataset (file, folder or Hub id) in
+    SocialCounterfactuals' columns (:func:`clipheads.data.hf.read_hf_counterfactual`).
+
+    JSON: ``{"queries": [...], "images": [{"image", "group", "attribute", "value"}, ...]}``, image paths relative
+    to the file's folder.
+
+    Args:
+        split: the split of a Hugging Face dataset with several.
+        image_column, group_column, text_column: Hugging Face columns (default ``image``, ``counterfactual_set``,
+            ``caption``).
+        attribute_columns: the attribute value columns, a list or ``"a1,a2"`` (default: each ``X`` with an
+            ``X_type`` column, as SocialCounterfactuals' ``a1``/``a2``).
+        queries: neutral queries (a file, one per line, or a list) replacing the data's own (the JSON's
+            ``queries``; for a Hugging Face dataset its captions less their attribute values).
+    """
+    from clipheads.data.sources import detect_source
+
+    given = load_queries(queries) if queries is not None else None
+    if detect_source(path, split) in ("hf", "hub"):
+        from clipheads.data.hf import read_hf_counterfactual
+
+        if isinstance(attribute_columns, str):
+            attribute_columns = [c.strip() for c in attribute_columns.split(",") if c.strip()]
+        refs, groups, attributes, values, derived, name = read_hf_counterfactual(
+            Path(path), split, image_column, group_column, attribute_columns, text_column)
+        if given is None and not derived:
+            raise DataError(f"{str(path)!r} has no caption column to derive neutral queries from; give them with "
+                            "--queries FILE (one per line)")
+        return CounterfactualDataset(given or derived, refs, groups, attributes, values, name, str(path))
     path = Path(path)
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
@@ -57,9 +107,9 @@ def load_counterfactual(path: str | Path) -> CounterfactualDataset:
     for n, item in enumerate(data["images"]):
         entry = check(CounterfactualImage, item, f"image entry {n}", path)
         rows.append((resolve(path.parent, entry.image), str(entry.group), entry.attribute, str(entry.value)))
-    queries = data.get("queries", [])
-    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+    own = data.get("queries", [])
+    if not isinstance(own, list) or not all(isinstance(q, str) for q in own):
         raise DataError(f"{str(path)!r}: field 'queries': expected a list of strings")
     paths, groups, attributes, values = (list(c) for c in zip(*rows, strict=True)) if rows else ([], [], [], [])
-    return CounterfactualDataset(list(queries), paths, groups, attributes, values,
+    return CounterfactualDataset(given if given is not None else list(own), paths, groups, attributes, values,
                                  path.stem, str(path))

@@ -144,7 +144,8 @@ def load_classification(path: str | Path, templates: str | Path | list[str] | No
     """Read classification data; what ``path`` is picks the reader (:func:`clipheads.data.sources.detect_source`).
 
     Sources: an ImageFolder tree (``n01440764/`` folders get OpenAI's ImageNet names), a CSV/TSV of image,label, a
-    flat ImageNet validation folder with its labels, a Hugging Face dataset (class names from its ``ClassLabel``),
+    flat ImageNet validation folder with its labels, a Hugging Face dataset or Hub id (class names from its
+    ``ClassLabel``),
     webdataset shards in clip_benchmark's layout (its ``classnames.txt`` and templates file are used).
 
     Args:
@@ -160,7 +161,7 @@ def load_classification(path: str | Path, templates: str | Path | list[str] | No
     source = detect_source(path, split)
     path = Path(path)
     own_templates = None
-    if source == "hf":
+    if source in ("hf", "hub"):
         from clipheads.data.hf import read_hf_classification
 
         paths, labels, names, name = read_hf_classification(path, split, image_column, label_column)
@@ -194,5 +195,5 @@ def load_classification(path: str | Path, templates: str | Path | list[str] | No
         prompts = [check_template(t, f"template {n}") for n, t in enumerate(templates)]
     else:
         prompts = load_templates(templates)
-    fmt = {"file": "csv", "folder": "imagefolder"}.get(source, source)
+    fmt = {"file": "csv", "folder": "imagefolder", "hub": "hf"}.get(source, source)
     return ClassificationDataset(paths, labels, names, prompts, name, str(path), fmt)

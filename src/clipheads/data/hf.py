@@ -1,4 +1,5 @@
-"""Hugging Face ``datasets``: ``save_to_disk`` folders, parquet/arrow files or folders of them.
+"""Hugging Face ``datasets``: ``save_to_disk`` folders, parquet/arrow files or folders of them, and Hub dataset ids
+(``nlphuji/flickr30k``) read by ``datasets.load_dataset``, from the local cache when offline (:func:`open_hub`).
 
 Images stay in the dataset's memory-mapped Arrow files: each is an :class:`HFImage` reference read (undecoded) by the
 DataLoader workers, so no decoded image is held in memory. Default columns follow the common uploads: ``image``;
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clipheads.data.images import ImageRef
-from clipheads.data.sources import HF_SAVED, HF_SUFFIXES
+from clipheads.data.sources import HF_SAVED, HF_SUFFIXES, is_hub_id
 from clipheads.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,57 @@ class HFImage(ImageRef):
         raise ValueError(f"column {self.column!r} row {self.row} holds no image ({type(cell).__name__})")
 
 
+def _reason(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def open_hub(repo_id: str):
+    """The Hub dataset ``repo_id`` (a ``DatasetDict`` of its splits) as ``datasets.load_dataset(repo_id)`` gives it,
+    never forcing a download (``download_mode`` stays ``reuse_dataset_if_exists``).
+
+    Offline (``HF_HUB_OFFLINE=1``, or no network) ``datasets`` reads what an earlier ``load_dataset`` prepared in
+    ``HF_DATASETS_CACHE``; failing that, the repository's files downloaded into the Hub cache (``huggingface-cli
+    download --repo-type dataset``: ``HF_HUB_CACHE/datasets--org--name/snapshots/<rev>/``) are read with
+    ``datasets.load_dataset(snapshot_folder)``. Raises :class:`DataError` (one line: where it looked, how to get it).
+    """
+    import datasets
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return datasets.load_dataset(repo_id)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError, HfHubHTTPError) as exc:
+        online_error = exc
+    try:
+        folder = snapshot_download(repo_id, repo_type="dataset", local_files_only=True,
+                                   cache_dir=constants.HF_HUB_CACHE)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        folder = None
+    if folder is not None:
+        try:
+            return datasets.load_dataset(folder)
+        except (OSError, ValueError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as exc:
+            raise DataError(f"cannot read Hugging Face dataset {repo_id!r} from its cached files {folder} "
+                            f"({_reason(exc)})") from None
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(repo_id.split("/"))
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}"
+    raise DataError(f"Hugging Face dataset {repo_id!r} is neither a local path nor in the local cache (looked in "
+                    f"{prepared} and {hub}) and the Hub gave: {_reason(online_error)}; get it where there is network "
+                    f"with `huggingface-cli download --repo-type dataset {repo_id}` (or datasets.load_dataset), "
+                    "then point HF_HOME at that cache, or pass a save_to_disk folder or parquet files")
+
+
 def open_hf(path: str | Path, split: str | None = None):
-    """The ``datasets.Dataset`` at ``path`` (split ``split`` of a ``DatasetDict``); one-line errors."""
+    """The ``datasets.Dataset`` at ``path`` (split ``split`` of a ``DatasetDict``); one-line errors. ``path`` may be
+    a Hub dataset id (:func:`open_hub`)."""
     import datasets
 
+    hub = is_hub_id(str(path))
     path = Path(path)
     try:
-        if path.is_dir() and any((path / name).is_file() for name in HF_SAVED):
+        if hub:
+            loaded = open_hub(str(path))
+        elif path.is_dir() and any((path / name).is_file() for name in HF_SAVED):
             loaded = datasets.load_from_disk(str(path))
         else:
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in HF_SUFFIXES)
@@ -80,9 +125,9 @@ def open_hf(path: str | Path, split: str | None = None):
                 loaded = datasets.load_dataset(builder, data_files=str(path))
             else:
                 loaded = datasets.load_dataset(builder, data_dir=str(path))
-    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"cannot read {str(path)!r} with Hugging Face datasets ({reason})") from None
+    except (OSError, ValueError, RuntimeError, datasets.exceptions.DatasetNotFoundError) as exc:
+        # RuntimeError: a repository with a loading script, which datasets no longer runs
+        raise DataError(f"cannot read {str(path)!r} with Hugging Face datasets ({_reason(exc)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if split in loaded:
@@ -168,4 +213,87 @@ def read_hf_classification(path: Path, split: str | None = None, image_column: s
 
 
 def _name(path: Path) -> str:
-    return path.name if path.is_dir() else path.stem
+    return path.name if path.is_dir() or is_hub_id(str(path)) else path.stem
+
+
+GROUP_COLUMNS = ("counterfactual_set", "ctf_set", "group", "set")
+
+
+def attribute_pairs(names: list[str]) -> list[str]:
+    """SocialCounterfactuals' attribute columns: each ``X`` that has an ``X_type`` column beside it (``a1`` with
+    ``a1_type``, ``a2`` with ``a2_type``), in column order."""
+    return [name for name in names if f"{name}_type" in names]
+
+
+def neutral_text(caption: str, values: list[str]) -> str:
+    """``caption`` without the attribute ``values`` (whole words, any case), its article fixed: ``"A photo of an
+    Asian man chef"`` less ``Asian``, ``man`` -> ``"A photo of a chef"``."""
+    import re
+
+    text = caption
+    for value in sorted({v for v in values if v}, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w-]){re.escape(value)}(?![\w-])", " ", text, flags=re.IGNORECASE)
+    words = text.split()
+    for n in range(len(words) - 1):
+        if words[n].lower() in ("a", "an"):
+            article = "an" if words[n + 1][:1].lower() in "aeiou" else "a"
+            words[n] = article.capitalize() if words[n][0].isupper() else article
+    return " ".join(words)
+
+
+def read_hf_counterfactual(path: Path, split: str | None = None, image_column: str | None = None,
+                           group_column: str | None = None, attribute_columns: list[str] | None = None,
+                           text_column: str | None = None
+                           ) -> tuple[list[HFImage], list[str], list[str], list[str], list[str], str]:
+    """A counterfactual set as published on the Hub (``Intel/SocialCounterfactuals``: ``image``, ``caption``,
+    ``counterfactual_set``, ``a1_type``, ``a1``, ``a2_type``, ``a2``).
+
+    Each row is an image of its group (``group_column``, default ``counterfactual_set``). Its ``attribute`` is the
+    ``-``-joined attribute types (``race-gender``: the intersection the set varies) and its ``value`` the
+    space-joined values (``Black woman``). ``attribute_columns`` names the value columns: each with an ``X_type``
+    column gives its type from there, any other column gives its own name (``race,gender`` for sets with one column
+    per attribute); by default every ``X`` with an ``X_type`` beside it. The neutral queries are the captions
+    (``text_column``, default ``caption``) without their attribute values (:func:`neutral_text`), each once.
+
+    Returns:
+        ``(refs [N], groups [N], attributes [N], values [N], neutral queries [Q], name)``.
+    """
+    dataset = open_hf(path, split)
+    names = list(dataset.column_names)
+    image_col = pick_column(dataset, image_column, IMAGE_COLUMNS, "image", path)
+    group_col = pick_column(dataset, group_column, GROUP_COLUMNS, "group", path)
+    columns = attribute_columns or attribute_pairs(names)
+    if not columns:
+        raise DataError(f"{str(path)!r} has no attribute columns (SocialCounterfactuals' a1/a1_type, a2/a2_type; "
+                        f"columns: {', '.join(names)}); name them with --attribute-columns")
+    for column in columns:
+        pick_column(dataset, column, (), "attribute", path)
+    text_col = pick_column(dataset, text_column, TEXT_COLUMNS, "text", path) if (
+        text_column is not None or any(name.lower() in TEXT_COLUMNS for name in names)) else None
+    table = dataset.select_columns([c for c in dict.fromkeys(
+        [group_col, *columns, *(f"{c}_type" for c in columns if f"{c}_type" in names),
+         *([text_col] if text_col else [])])]).to_dict()  # text columns only: the images stay where they are
+    groups, attributes, values, queries = [], [], [], []
+    for row in range(len(dataset)):
+        cells = {c: table[c][row] for c in table}
+        bad = [c for c, v in cells.items() if not isinstance(v, str | int) or isinstance(v, bool) or v == ""]
+        if bad:
+            raise DataError(f"{str(path)!r}: row {row}: field {bad[0]!r}: expected a non-empty string "
+                            f"(got {cells[bad[0]]!r:.60})")
+        row_values = [str(cells[c]) for c in columns]
+        groups.append(str(cells[group_col]))
+        attributes.append("-".join(str(cells[f"{c}_type"]) if f"{c}_type" in cells else c for c in columns))
+        values.append(" ".join(row_values))
+        if text_col is not None:
+            queries.append(neutral_text(str(cells[text_col]), row_values))
+    if text_col is not None:
+        neutral: dict[str, set[str]] = {}
+        for group, query in zip(groups, queries, strict=True):
+            neutral.setdefault(group, set()).add(query)
+        mixed = next((g for g, texts in neutral.items() if len(texts) > 1), None)
+        if mixed is not None:  # the captions of a set differ in more than the attribute values: not neutral
+            logger.warning("%s: the captions of counterfactual set %r differ beyond their attribute values (%s); the "
+                           "derived queries may name an attribute: give neutral queries with --queries", path, mixed,
+                           " | ".join(sorted(neutral[mixed])[:2]))
+    return (image_refs(dataset, image_col, path), groups, attributes, values, list(dict.fromkeys(queries)),
+            _name(path))

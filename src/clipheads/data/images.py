@@ -129,14 +129,20 @@ def iter_pixels(loader: DataLoader, skip_bad: bool = False, skipped: list[str] |
                 progress: bool = False) -> Iterator[PixelBatch]:
     """Batches with at least one readable image; a bad image raises :class:`DataError` unless ``skip_bad``.
 
-    The paths of skipped images are appended to ``skipped``. ``progress`` shows a tqdm bar.
+    The images stream: the loader's workers read and preprocess one batch at a time (a few ahead), so no more than
+    ``batch_size x (num_workers x prefetch + 1)`` decoded images exist at once, whatever the dataset's size. The
+    paths of skipped images are appended to ``skipped``. ``progress`` shows a tqdm bar counting images, with their
+    rate and the time left (ETA).
     """
-    for batch in tqdm(loader, desc="images", unit="batch", disable=not progress, leave=False):
-        for index, reason in batch.errors:
-            if not skip_bad:
-                raise DataError(f"{reason}; fix or remove it, or skip bad images (--skip-bad)")
-            logger.warning("skipping %s", reason)
-            if skipped is not None:
-                skipped.append(str(loader.dataset.paths[index]))
-        if batch.pixels is not None:
-            yield batch
+    total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
+    with tqdm(total=total, desc="images", unit="img", disable=not progress, leave=False) as bar:
+        for batch in loader:
+            bar.update(len(batch.indices) + len(batch.errors))
+            for index, reason in batch.errors:
+                if not skip_bad:
+                    raise DataError(f"{reason}; fix or remove it, or skip bad images (--skip-bad)")
+                logger.warning("skipping %s", reason)
+                if skipped is not None:
+                    skipped.append(str(loader.dataset.paths[index]))
+            if batch.pixels is not None:
+                yield batch

@@ -123,7 +123,7 @@ def load_compositional(path: str | Path, split: str | None = None) -> Compositio
     Face dataset (:func:`read_winoground`)."""
     from clipheads.data.sources import detect_source
 
-    if detect_source(path, split) == "hf":
+    if detect_source(path, split) in ("hf", "hub"):
         return read_winoground(Path(path), split)
     path = Path(path)
     data = read_json(path)

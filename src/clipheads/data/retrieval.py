@@ -242,7 +242,8 @@ def load_retrieval(path: str | Path, split: str | None = None, root: str | Path 
 
     Args:
         path: a dataset file (Karpathy/COCO JSON, CSV/TSV, clip_benchmark Flickr txt), a Hugging Face dataset
-            (``save_to_disk`` folder, parquet/arrow), webdataset shards (file, folder or pattern). Image paths in
+            (``save_to_disk`` folder, parquet/arrow, or a Hub id ``org/name`` read from the local cache when
+            offline), webdataset shards (file, folder or pattern). Image paths in
             files are relative to their folder unless ``root`` is given.
         split: ``train``/``val``/``test``/``restval``/... for data that carry splits; ``None`` keeps all images.
         root: folder the image paths are relative to.
@@ -256,7 +257,7 @@ def load_retrieval(path: str | Path, split: str | None = None, root: str | Path 
         if source == "imagenet_val":
             raise DataError(f"{str(path)!r} is a folder of images, not retrieval data (give a Karpathy/COCO JSON, "
                             "a CSV, a Hugging Face dataset, webdataset shards or a clip_benchmark Flickr txt)")
-        format = {"hf": "hf", "wds": "wds", "flickr_txt": "clip_benchmark_txt"}.get(source) \
+        format = {"hf": "hf", "hub": "hf", "wds": "wds", "flickr_txt": "clip_benchmark_txt"}.get(source) \
             or detect_retrieval_format(path)
     if format not in RETRIEVAL_READERS:
         raise DataError(f"unknown retrieval format {format!r}; choose one of {', '.join(RETRIEVAL_READERS)}")

@@ -4,8 +4,10 @@
 source                 the path
 =====================  =====================================================================================
 ``hf``                 a ``datasets`` ``save_to_disk`` folder, a ``.parquet``/``.arrow`` file or a folder of them
-``wds``                a ``.tar`` shard, a folder of shards or of ``{split}/*.tar`` (clip_benchmark's ``wds_*``
-                       layout), or a brace/glob pattern (``test/{0..3}.tar``)
+``hub``                a Hugging Face Hub dataset id (``nlphuji/flickr30k``) that is not a local path: read by
+                       ``datasets.load_dataset`` (from its local cache when offline, :func:`clipheads.data.hf.open_hub`)
+``wds``                a ``.tar`` (or ``.tar.gz``/``.tgz``) shard, a folder of shards or of ``{split}/*.tar``
+                       (clip_benchmark's ``wds_*`` layout), or a brace/glob pattern (``test/{0..3}.tar``)
 ``flickr_txt``         clip_benchmark's ``flickr30k_{split}_karpathy.txt`` (or a folder holding it)
 ``imagenet_val``       a flat folder of ``ILSVRC2012_val_*.JPEG`` with its labels (devkit, LOC_val_solution.csv
                        or torchvision's ``meta.bin``) beside it or one folder up
@@ -21,10 +23,21 @@ from pathlib import Path
 
 from clipheads.errors import DataError
 
-SOURCES = ("hf", "wds", "flickr_txt", "imagenet_val", "folder", "file")
+SOURCES = ("hf", "hub", "wds", "flickr_txt", "imagenet_val", "folder", "file")
 HF_SUFFIXES = (".parquet", ".arrow")
 HF_SAVED = ("dataset_dict.json", "state.json")
 PATTERN = re.compile(r"[{*?\[]")
+#: ``org/name`` as the Hub spells dataset ids (one slash); a missing local file with a data suffix is not one
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+NOT_HUB_SUFFIXES = (".json", ".csv", ".tsv", ".tab", ".txt", ".tar", ".gz", ".tgz", ".parquet", ".arrow", ".jpg",
+                    ".jpeg", ".png")
+SHARD_SUFFIXES = ("*.tar", "*.tar.gz", "*.tgz")
+
+
+def is_hub_id(text: str) -> bool:
+    """``text`` names a Hugging Face Hub dataset (``org/name``) and no local path."""
+    return (HUB_ID.fullmatch(text) is not None and not Path(text).exists()
+            and not text.lower().endswith(NOT_HUB_SUFFIXES))
 
 
 def _has(folder: Path, pattern: str) -> bool:
@@ -42,6 +55,8 @@ def detect_source(path: str | Path, split: str | None = None) -> str:
     text = str(path)
     if PATTERN.search(text) and not Path(text).exists():
         return "wds"
+    if is_hub_id(text):
+        return "hub"
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() in HF_SUFFIXES:
@@ -57,14 +72,16 @@ def detect_source(path: str | Path, split: str | None = None) -> str:
             return "hf"
         if any(_has(path, f"{glob}{suffix}") for glob in ("*", "*/*", "data/*/*") for suffix in HF_SUFFIXES):
             return "hf"
-        if _has(path, "*.tar") or (split is not None and _has(path / split, "*.tar")) or _has(path, "*/*.tar"):
+        if any(_has(path, glob) or (split is not None and _has(path / split, glob)) or _has(path, f"*/{glob}")
+               for glob in SHARD_SUFFIXES):
             return "wds"
         if flickr_txt_in(path, split) is not None:
             return "flickr_txt"
         if _has(path, "ILSVRC2012_val_*.JPEG") or _has(path, "ILSVRC2012_val_*.jpeg"):
             return "imagenet_val"
         return "folder"
-    raise DataError(f"--data {text!r} does not exist (give a dataset file, a folder, or a shard pattern)")
+    raise DataError(f"--data {text!r} does not exist (give a dataset file, a folder, a shard pattern or a Hugging Face "
+                    "dataset id org/name)")
 
 
 def _first_line(path: Path) -> str:

@@ -6,14 +6,23 @@ line, retrieval) or a ``.cls`` class id (classification); ``root/classnames.txt`
 rule (``webdataset.tariterators.base_plus_ext``); patterns are expanded as webdataset does
 (``webdataset.shardlists.expand_urls``), then globbed. Each shard's headers are read once, in order (nothing is
 unpacked to disk); an image is then a :class:`TarMember` that a DataLoader worker reads by offset, so images stream
-and are never all held in memory. Compressed shards (``.tar.gz``) cannot be read by offset and are refused.
+and are never all held in memory.
+
+Gzip-compressed shards (``.tar.gz``, ``.tgz``) are read as a stream too: gzip cannot seek to an offset, so each
+process keeps one open decompressing stream per shard and reads its members in order, skipping forward over the
+others (:func:`_gzip_stream`); a worker thus decompresses a shard once, holds one member at a time, and writes
+nothing to disk.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
+import os
 import re
 import tarfile
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +30,44 @@ from clipheads.data.images import ImageRef
 from clipheads.errors import DataError
 
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")  # clip_benchmark's order
+SHARD_GLOBS = ("*.tar", "*.tar.gz", "*.tgz")
+OPEN_STREAMS = 4  # gzip streams a process keeps open (one per shard being read)
+_STREAMS: OrderedDict[tuple[int, Path], gzip.GzipFile] = OrderedDict()
+
+
+def is_gzip_shard(path: Path) -> bool:
+    return path.name.lower().endswith((".tar.gz", ".tgz"))
+
+
+def _gzip_stream(shard: Path) -> gzip.GzipFile:
+    """This process's open decompressing stream of ``shard`` (a forked DataLoader worker opens its own)."""
+    pid = os.getpid()
+    for key in [key for key in _STREAMS if key[0] != pid]:  # a parent's streams, inherited by fork: not ours
+        del _STREAMS[key]
+    key = (pid, shard)
+    if key in _STREAMS:
+        _STREAMS.move_to_end(key)
+        return _STREAMS[key]
+    while len(_STREAMS) >= OPEN_STREAMS:
+        _STREAMS.popitem(last=False)[1].close()
+    _STREAMS[key] = gzip.open(shard, "rb")  # noqa: SIM115 (kept open across reads; closed when evicted)
+    return _STREAMS[key]
 
 
 @dataclass(frozen=True)
 class TarMember(ImageRef):
-    """An image member of an uncompressed tar shard: ``size`` bytes at byte ``offset``."""
+    """An image member of a tar shard: ``size`` bytes at byte ``offset`` of the (decompressed) archive.
+
+    Plain shards are read by seeking to ``offset``; gzip-compressed ones (``compressed``) from the process's open
+    stream of the shard, which moves forward to ``offset`` (members read in order cost one decompression of the
+    shard; reading backwards restarts the stream).
+    """
 
     shard: Path
     name: str
     offset: int
     size: int
+    compressed: bool = False
 
     def __str__(self) -> str:
         return f"{self.shard}:{self.name}"
@@ -43,6 +80,10 @@ class TarMember(ImageRef):
             return -1, -1
 
     def read_bytes(self) -> bytes:
+        if self.compressed:
+            stream = _gzip_stream(self.shard)
+            stream.seek(self.offset)
+            return stream.read(self.size)
         with open(self.shard, "rb") as handle:
             handle.seek(self.offset)
             return handle.read(self.size)
@@ -50,6 +91,11 @@ class TarMember(ImageRef):
 
 def _natural(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def shards_in(folder: Path) -> list[Path]:
+    """The shards (``.tar``, ``.tar.gz``, ``.tgz``) directly in ``folder``, in natural order."""
+    return sorted({p for pattern in SHARD_GLOBS for p in folder.glob(pattern)}, key=_natural)
 
 
 def shard_list(path: str | Path, split: str | None = None) -> tuple[list[Path], Path]:
@@ -67,11 +113,11 @@ def shard_list(path: str | Path, split: str | None = None) -> tuple[list[Path], 
     else:
         folder = Path(text)
         if split is not None and (folder / split).is_dir():
-            shards, root = sorted((folder / split).glob("*.tar"), key=_natural), folder
+            shards, root = shards_in(folder / split), folder
         else:
-            shards, root = sorted(folder.glob("*.tar"), key=_natural), folder
+            shards, root = shards_in(folder), folder
             if not shards:
-                present = sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*.tar")))
+                present = sorted(p.name for p in folder.iterdir() if p.is_dir() and shards_in(p))
                 raise DataError(f"{text!r} has no shards for split {split!r} (splits with shards: "
                                 f"{', '.join(present) or 'none'})")
     if not (root / "classnames.txt").is_file() and (root.parent / "classnames.txt").is_file():
@@ -85,32 +131,38 @@ def read_samples(shards: list[Path]) -> list[dict[str, object]]:
 
     samples: list[dict[str, object]] = []
     for shard in shards:
-        try:
-            archive = tarfile.open(shard, mode="r:")  # noqa: SIM115 (closed by the with below)
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"cannot read shard {str(shard)!r} as an uncompressed tar ({exc}); clip_benchmark's "
-                            "shards are plain .tar") from None
-        with archive:
-            current: dict[str, object] = {}
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
-                if key is None:
-                    continue
-                if current.get("__key__") != key:
-                    if current:
-                        samples.append(current)
-                    current = {"__key__": key, "__shard__": shard}
-                ext = ext.lower()
-                if ext in IMAGE_EXTENSIONS and "__image__" not in current:
-                    current["__image__"] = TarMember(shard, member.name, member.offset_data, member.size)
-                elif ext in ("txt", "cls"):
-                    current[ext] = archive.extractfile(member).read().decode("utf-8")
-            if current:
-                samples.append(current)
+        compressed = is_gzip_shard(shard)
+        kind = "a gzip-compressed tar" if compressed else "an uncompressed tar (name gzip shards .tar.gz)"
+        try:  # a gzip shard as a stream ("r|gz"): its members in order, without seeking back
+            with tarfile.open(shard, mode="r|gz" if compressed else "r:") as archive:
+                samples += _shard_samples(archive, shard, compressed, base_plus_ext)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"cannot read shard {str(shard)!r} as {kind} ({exc})") from None
     if not samples:
         raise DataError(f"no samples in {', '.join(map(str, shards[:3]))}")
+    return samples
+
+
+def _shard_samples(archive: tarfile.TarFile, shard: Path, compressed: bool, base_plus_ext) -> list[dict[str, object]]:
+    samples: list[dict[str, object]] = []
+    current: dict[str, object] = {}
+    for member in archive:
+        if not member.isfile():
+            continue
+        key, ext = base_plus_ext(member.name)
+        if key is None:
+            continue
+        if current.get("__key__") != key:
+            if current:
+                samples.append(current)
+            current = {"__key__": key, "__shard__": shard}
+        ext = ext.lower()
+        if ext in IMAGE_EXTENSIONS and "__image__" not in current:
+            current["__image__"] = TarMember(shard, member.name, member.offset_data, member.size, compressed)
+        elif ext in ("txt", "cls"):
+            current[ext] = archive.extractfile(member).read().decode("utf-8")
+    if current:
+        samples.append(current)
     return samples
 
 

@@ -141,7 +141,8 @@ EVALUATORS: dict[str, Callable] = {
 
 def evaluate(task: str, model: Model, dataset, mask: HeadMask | None = None, op: str | Operator = "identity",
              **kwargs):
-    """Run a task by name (the keys of ``clipheads.data.LOADERS``): ``EVALUATORS[task](model, dataset, mask, op)``."""
-    if task not in EVALUATORS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(EVALUATORS)}")
-    return EVALUATORS[task](model, dataset, mask, op, **kwargs)
+    """Run a task by name (the keys of ``clipheads.data.LOADERS``, or clip_benchmark's name of one):
+    ``EVALUATORS[task](model, dataset, mask, op)``."""
+    from clipheads.eval.benchmark import task_name
+
+    return EVALUATORS[task_name(task, tuple(EVALUATORS))](model, dataset, mask, op, **kwargs)
