@@ -102,7 +102,20 @@ class _Run:
 
         return load_search_data(self.backend, self.task, data, _split(split), metric=self.metric,
                                 templates=str(self.templates) if self.templates else None,
-                                progress=self.dist.is_main, **self.loader)
+                                progress=self.dist.is_main, pixel_storage=self._pixel_storage(data, split),
+                                **self.loader)
+
+    def _pixel_storage(self, data: Path, split: str | None) -> str:
+        """How a split's pixels are kept (:func:`~clipheads.search.memory.plan_pixels`): from the given budget on the
+        CPU (it covers the pixels), else from the host's free memory (the pixels stay on the host)."""
+        from clipheads.data import load_dataset
+        from clipheads.search.memory import default_budget, plan_pixels
+
+        options = {"retrieval": {"split": _split(split)},
+                   "zeroshot": {"templates": str(self.templates) if self.templates else None}}.get(self.task, {})
+        n_images = len(load_dataset(self.task, data, **options).image_paths)
+        on_host = self.budget if self.budget is not None and self.backend.device.type == "cpu" else None
+        return plan_pixels(n_images, int(self.backend.image_size), on_host or default_budget("cpu"))
 
     def evaluator(self, data, op: str, alpha: float | None, held_out: bool = False):
         import clipheads
@@ -118,15 +131,19 @@ class _Run:
         if self.budget is None:
             self.budget = default_budget(self.backend.device)
         elif self.backend.device.type == "cpu":
-            pixels = data.pixels.numel() * data.pixels.element_size()
+            pixels = getattr(data.pixels, "nbytes", None) or data.pixels.numel() * data.pixels.element_size()
         evaluator = MaskEvaluator(self.backend, data.pixels, data.objective, op, alpha=alpha, means=means,
                                   batch_size=self.batch_size, split=data.split, distributed=self.dist,
                                   cache_stride=self.backend.n_layers if held_out else None, progress=not held_out,
                                   memory_budget=max(1, self.budget - self.budget_used), other_bytes=pixels,
                                   cache_dtype=self.cache_dtype)
         self.budget_used += evaluator.plan.cache_bytes + pixels
+        from clipheads.search.memory import format_size
+
+        stored = (data.pixels.describe() if hasattr(data.pixels, "describe") else
+                  f"pixels {str(data.pixels.dtype).removeprefix('torch.')} ({format_size(data.pixels.nbytes)})")
         self.print(f"{'held-out' if held_out else 'search'} cache plan ({len(data.pixels)} images): "
-                   f"{evaluator.plan.describe()}")
+                   f"{evaluator.plan.describe()}; {stored}")
         return evaluator
 
     def attribution(self, evaluator, op: str, alpha: float | None, **options):

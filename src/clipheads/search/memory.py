@@ -216,4 +216,17 @@ def plan_cache(*, n_images: int, n_layers: int, n_heads: int, tokens: int, width
                          f"({format_size(last.forward_bytes)}) need {format_size(need)}")
 
 
-__all__ = ["CachePlan", "default_budget", "format_size", "host_available", "parse_size", "plan_cache"]
+PIXEL_SHARE = 4  # the search split's pixels may take a quarter of the budget
+
+
+def plan_pixels(n_images: int, image_size: int, budget: int | None) -> str:
+    """How the search split's pixels are kept (see :mod:`clipheads.search.pixels`): ``float32`` when they take at
+    most a quarter of ``budget`` bytes (or with no budget), else ``uint8`` (exact codes, a quarter of the size) when
+    that fits the quarter, else ``disk`` (re-read per batch, nothing kept)."""
+    values = n_images * 3 * image_size * image_size
+    if budget is None or 4 * values <= budget // PIXEL_SHARE:
+        return "float32"
+    return "uint8" if values <= budget // PIXEL_SHARE else "disk"
+
+
+__all__ = ["CachePlan", "default_budget", "format_size", "host_available", "parse_size", "plan_cache", "plan_pixels"]
