@@ -762,9 +762,14 @@ def search_command(
             scan = estimate.as_scan(run.data.split)
             folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
     if strategy == "bp":
+        from clipheads.search.bp import plan_checkpointing
+
+        checkpointing = plan_checkpointing(evaluator, config.batch_size)
+        state = "on (the graph of a batch would not fit the budget)" if checkpointing else "off"
+        run.print(f"AAT-BP: activation checkpointing {state}")
         with stages.stage("AAT-BP and held-out evaluation"):
             result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split,
-                               seed_ranking=scan)
+                               seed_ranking=scan, checkpointing=checkpointing)
     elif strategy == "greedy":
         with stages.stage("greedy and held-out evaluation"):
             result = greedy_search(evaluator, config, folder, scan, report, allow_same_split)
