@@ -173,3 +173,14 @@ def test_memory_budget_keeps_the_pixels_as_uint8_codes_with_the_same_scores(worl
     assert "pixels uint8 exact codes (21 KiB)" in " ".join(result.output.split())
     scores = [json.loads((tmp_path / run / "scan.json").read_text())["heads"] for run in ("full", "uint8")]
     assert scores[0] == scores[1]
+
+
+def test_bp_from_attribution_says_its_memory_plans(world, tmp_path):
+    common = ["--model", world / "model", "--data", world / "karpathy.json", "--batch-size", 16]
+    result = invoke("search", *common, "--strategy", "bp", "--epochs", 1, "--seed-from", "attribution",
+                    "--out", tmp_path / "bp")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "attribution plan: 6 images per gated forward" in said and "AAT-BP: activation checkpointing off" in said
+    summary = json.loads((tmp_path / "bp" / "summary.json").read_text())
+    assert summary["activation_checkpointing"] is False

@@ -150,10 +150,12 @@ class _Run:
         """The attribution estimate of every head on the search split, reusing ``evaluator``'s unablated features
         and head means; ``options``: ``surrogate``, ``order``, ``probes`` of
         :func:`~clipheads.search.attribution.attribution_scan` (its defaults otherwise)."""
-        from clipheads.search.attribution import attribution_scan
+        from clipheads.search.attribution import attribution_rows, attribution_scan
 
+        rows = attribution_rows(self.backend, self.data.pixels, self.batch_size, max(1, self.budget - self.budget_used))
+        self.print(f"attribution plan: {rows} images per gated forward (what the caches leave of the budget)")
         return attribution_scan(self.backend, self.data.pixels, *self.data.pairs, op=op, alpha=alpha,
-                                means=evaluator.operator.means, batch_size=self.batch_size,
+                                means=evaluator.operator.means, batch_size=rows,
                                 image_features=evaluator.baseline_features, **options)
 
     def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
