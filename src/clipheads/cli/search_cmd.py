@@ -604,7 +604,11 @@ def _layerwise_captioning(run: _Run, captioner: Path, op: str, alpha: float | No
                   f"{run.backend.name!r}[/]")
     caption_pixels = None
     if run.task == "selection":
-        caption_pixels = selection_caption_pixels(loaded, run.data, run.batch_size, num_workers, skip_bad)
+        from clipheads.search.pixels import PixelStore
+
+        stored = run.data.pixels.storage if isinstance(run.data.pixels, PixelStore) else "float32"  # the same plan
+        caption_pixels = selection_caption_pixels(loaded, run.data, run.batch_size, num_workers, skip_bad,
+                                                  storage=stored)
     elif not isinstance(loaded, PrefixCaptioner):
         raise typer.BadParameter("a VisionEncoderDecoderModel captioner needs --task selection",
                                  param_hint="--captioner")

@@ -135,6 +135,19 @@ class PixelStore:
         for i in range(0, len(self), size):
             yield self[i:i + size]
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def head(self, n: int) -> PixelStore:
+        """The first ``n`` images, kept the same way (no copy of codes or floats)."""
+        n = min(n, len(self))
+        shape = (n, *self.shape[1:])
+        return PixelStore(self.storage, shape, floats=None if self._floats is None else self._floats[:n],
+                          codes=None if self._codes is None else self._codes[:n], table=self._table,
+                          paths=self._paths[:n], backend=self._backend, batch_size=self._batch_size,
+                          num_workers=self._num_workers)
+
     def numel(self) -> int:
         return self.shape.numel()
 
