@@ -58,6 +58,23 @@ def test_search_scores_from_a_store_equal_the_in_memory_floats(tiny_hf, image_fi
         assert got.baseline == expected.baseline and torch.equal(got.scores, expected.scores), storage
 
 
+def test_siglip_pixels_are_exact_codes_too(image_files):
+    from clipheads.models.random_init import random_siglip
+
+    siglip = random_siglip()
+    store, _, _ = load_pixel_store(siglip, image_files, "uint8", batch_size=4)
+    assert store.storage == "uint8" and torch.equal(store.float(), load_pixels(siglip, image_files, batch_size=4)[0])
+
+
+def test_head_means_from_a_store_equal_those_of_the_floats(tiny_hf, image_files):
+    import clipheads
+
+    floats, _, _ = load_pixels(tiny_hf, image_files, batch_size=4)
+    store, _, _ = load_pixel_store(tiny_hf, image_files, "uint8", batch_size=4)
+    assert torch.equal(clipheads.compute_head_means(tiny_hf, store.split(4)),
+                       clipheads.compute_head_means(tiny_hf, floats.split(4)))
+
+
 class _Blurred:
     """A backend whose preprocessing is not a per-channel map of 8-bit codes (a position-dependent offset)."""
 
