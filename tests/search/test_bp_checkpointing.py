@@ -52,11 +52,12 @@ def test_the_budget_turns_checkpointing_on_only_when_the_graph_does_not_fit(plan
     roomy = MaskEvaluator(backend, pixels, objective, batch_size=16, plan=_with_budget(full, cache + whole))
     tight = MaskEvaluator(backend, pixels, objective, batch_size=16, plan=_with_budget(full, cache + whole - 1))
     assert plan_checkpointing(roomy, 4) is False and plan_checkpointing(tight, 4) is True
+    assert plan_checkpointing(full, 4, available=whole) is False and plan_checkpointing(full, 4, whole - 1) is True
     result = bp_search(tight, captions, torch.arange(len(captions)), CONFIG)
     assert result.extra["activation_checkpointing"] is True
     assert torch.equal(result.gates, bp_search(full, captions, torch.arange(len(captions)), CONFIG).gates)
     small = MaskEvaluator(backend, pixels, objective, batch_size=16, plan=_with_budget(full, cache + checkpointed - 1))
-    with pytest.raises(ClipHeadsError, match="too small for AAT-BP: after the cache"):
+    with pytest.raises(ClipHeadsError, match="too small for AAT-BP: after the caches"):
         bp_search(small, captions, torch.arange(len(captions)), CONFIG)
 
 

@@ -770,7 +770,8 @@ def search_command(
     if strategy == "bp":
         from clipheads.search.bp import plan_checkpointing
 
-        checkpointing = plan_checkpointing(evaluator, config.batch_size)
+        # what the search and held-out caches and the pixels leave of the budget
+        checkpointing = plan_checkpointing(evaluator, config.batch_size, max(0, run.budget - run.budget_used))
         state = "on (the graph of a batch would not fit the budget)" if checkpointing else "off"
         run.print(f"AAT-BP: activation checkpointing {state}")
         with stages.stage("AAT-BP and held-out evaluation"):

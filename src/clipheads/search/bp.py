@@ -111,26 +111,25 @@ def graph_bytes(evaluator: MaskEvaluator, rows: int, checkpointing: bool) -> int
     return evaluator.n_layers * rows * tokens * width * itemsize + layer
 
 
-def plan_checkpointing(evaluator: MaskEvaluator, batch_size: int) -> bool:
-    """Whether AAT-BP checkpoints its activations: only when the graph of a batch would not fit in what the
-    evaluator's budget leaves after its cache (no budget: never).
+def plan_checkpointing(evaluator: MaskEvaluator, batch_size: int, available: int | None = None) -> bool:
+    """Whether AAT-BP checkpoints its activations: only when the graph of a batch would not fit in ``available``
+    bytes (default: what the evaluator's budget leaves after its cache; no budget: never checkpoint).
 
     Raises:
         ClipHeadsError: even the checkpointed graph of one batch does not fit.
     """
     budget = evaluator.plan.budget_bytes
-    if budget is None:
+    if budget is None and available is None:
         return False
     rows = -(-min(batch_size, evaluator.n_images) // evaluator.distributed.world_size)
-    left = budget - evaluator.plan.cache_bytes
+    left = budget - evaluator.plan.cache_bytes if available is None else available
     if graph_bytes(evaluator, rows, False) <= left:
         return False
     if graph_bytes(evaluator, rows, True) <= left:
         return True
-    raise ClipHeadsError(f"memory budget {format_size(budget)} is too small for AAT-BP: after the cache "
-                         f"({format_size(evaluator.plan.cache_bytes)}) a batch of {rows} images needs "
-                         f"{format_size(graph_bytes(evaluator, rows, True))} even with activation checkpointing; "
-                         "give a larger budget or a smaller --batch-size")
+    raise ClipHeadsError(f"memory budget too small for AAT-BP: after the caches {format_size(max(0, left))} are "
+                         f"left, and a batch of {rows} images needs {format_size(graph_bytes(evaluator, rows, True))} "
+                         "even with activation checkpointing; give a larger budget or a smaller --batch-size")
 
 
 def _gated_features(backend, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
