@@ -19,6 +19,12 @@ Estimates (bytes): cache = ``N x cached layers x T x W x cache itemsize``; one f
 ``r x T x (10 W + 2 H T) x model itemsize`` (q, k, v, MLP hidden and the attention matrix of one layer). What is not
 counted: the model's weights, the text features, the image features ``[N, D]`` of the masks of one forward, and the
 caller's decoded pixels (pass their size as ``other_bytes`` when they share the budget).
+
+The same budget plans what else the commands hold: :func:`plan_pixels` (the search split's pixels as float32, exact
+uint8 codes or re-read from disk, :mod:`clipheads.search.pixels`), :func:`plan_explain` (the head contributions of
+``describe``/``ccs`` in memory or streamed as second moments), and in their own modules the attribution scan's
+batches (:func:`clipheads.search.attribution.attribution_rows`) and AAT-BP's activation checkpointing
+(:func:`clipheads.search.bp.plan_checkpointing`).
 """
 
 from __future__ import annotations
