@@ -91,8 +91,10 @@ def reference(planted_setup):
 def run_all(evaluator: MaskEvaluator, captions: torch.Tensor, estimated_delta: torch.Tensor) -> dict:
     scan = scan_heads(evaluator, max_top_k=2)
     ga = ga_search(evaluator, GAConfig(beta=0.5, population=6, generations=2, seed=3), scan=scan)
+    # under a budget with activation checkpointing (these budgets hold a forward, not BP's graph): the same gates
     bp = bp_search(evaluator, captions, torch.arange(len(captions)), BPConfig(beta=0.1, epochs=2, batch_size=4,
-                                                                             lr=0.5))
+                                                                             lr=0.5),
+                   checkpointing=evaluator.plan.budget_bytes is not None)
     check = verify_attribution(evaluator, estimated_delta, 2)
     return {"baseline": evaluator.baseline, "scan": scan.scores, "ga": (ga.mask.ablated, ga.search_metric),
             "ga_history": [h["best_fitness"] for h in ga.history], "bp_gates": bp.gates,

@@ -159,3 +159,28 @@ def test_memory_budget_plans_the_cache_and_says_so(world, tmp_path):
     assert "not a memory size: '8 parsecs'" in str(bad.exception) and not (tmp_path / "bad").exists()
     tiny = invoke("scan", *common, "--memory-budget", "1KiB", "--out", tmp_path / "tiny")
     assert "memory budget 1 KiB is too small for 6 images" in str(tiny.exception)
+
+
+def test_memory_budget_keeps_the_pixels_as_uint8_codes_with_the_same_scores(world, tmp_path):
+    """A budget that the float pixels would take more than a quarter of: uint8 codes, the same scores (re-reading
+    from disk is tested in test_pixels.py: this world's cache does not fit beside so small a budget)."""
+    common = ["--model", world / "model", "--data", world / "karpathy.json", "--batch-size", 16]
+    full = invoke("scan", *common, "--out", tmp_path / "full")
+    assert full.exit_code == 0 and "pixels float32 (72 KiB)" in " ".join(full.output.split())
+    values = 6 * 3 * 32 * 32  # of one split's pixels: float32 up to a quarter of the budget, then uint8
+    result = invoke("scan", *common, "--memory-budget", 16 * values - 4, "--out", tmp_path / "uint8")
+    assert result.exit_code == 0, result.output
+    assert "pixels uint8 exact codes (21 KiB)" in " ".join(result.output.split())
+    scores = [json.loads((tmp_path / run / "scan.json").read_text())["heads"] for run in ("full", "uint8")]
+    assert scores[0] == scores[1]
+
+
+def test_bp_from_attribution_says_its_memory_plans(world, tmp_path):
+    common = ["--model", world / "model", "--data", world / "karpathy.json", "--batch-size", 16]
+    result = invoke("search", *common, "--strategy", "bp", "--epochs", 1, "--seed-from", "attribution",
+                    "--out", tmp_path / "bp")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "attribution plan: 6 images per gated forward" in said and "AAT-BP: activation checkpointing off" in said
+    summary = json.loads((tmp_path / "bp" / "summary.json").read_text())
+    assert summary["activation_checkpointing"] is False

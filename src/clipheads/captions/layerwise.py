@@ -144,7 +144,7 @@ class LayerwiseCaptioning:
         caption_pixels = pixels if caption_pixels is None else caption_pixels
         if len(caption_pixels) != len(pixels):
             raise ClipHeadsError(f"{len(caption_pixels)} images for the captioner but {len(pixels)} for CLIP")
-        self.pixels, self.caption_pixels = pixels[:n], caption_pixels[:n]
+        self.pixels, self.caption_pixels = _first(pixels, n), _first(caption_pixels, n)
         self.n_images = n
 
     def describe(self) -> dict:
@@ -169,9 +169,9 @@ class LayerwiseCaptioning:
         if self.config.prefix_from_selection and selected is None:
             raise ClipHeadsError("prefix_from_selection needs the selected captions (the caption-selection task)")
         size = self.config.batch_size
-        vanilla = encode_images(self.backend, self.pixels, size)  # [N, D]: the unmodified model scores every caption
+        vanilla = encode_images(self.backend, _batches(self.pixels, size), size)  # [N, D]: scores every caption
         vanilla_encoder = (vanilla if self.encoder is self.backend
-                           else encode_images(self.encoder, self.caption_pixels, size))
+                           else encode_images(self.encoder, _batches(self.caption_pixels, size), size))
         rows = []
         for i, group in enumerate(groups):
             chosen = list(selected[i][:self.n_images]) if selected is not None else []
@@ -198,7 +198,8 @@ class LayerwiseCaptioning:
         mask = HeadMask.from_layers(list(group), self.encoder) if group else None
         context = ablate(self.encoder, mask, op=config.op, alpha=config.alpha) if mask is not None else nullcontext()
         with context:
-            features = encode_images(self.encoder, self.caption_pixels, config.batch_size)  # what the decoder reads
+            features = encode_images(self.encoder, _batches(self.caption_pixels, config.batch_size),
+                                     config.batch_size)  # what the decoder reads
             if isinstance(self.captioner, PrefixCaptioner):
                 captions = []
                 for start in range(0, len(features), config.batch_size):
@@ -217,20 +218,37 @@ class LayerwiseCaptioning:
         return captions, float(cosine)
 
 
+def _first(pixels, n: int):
+    """The first ``n`` images of a tensor or of a :class:`~clipheads.search.pixels.PixelStore` (kept as stored)."""
+    return pixels.head(n) if hasattr(pixels, "head") else pixels[:n]
+
+
+def _batches(pixels, size: int):
+    """A tensor as it is (the encoder splits it), a pixel store as float batches of ``size`` images."""
+    return pixels if isinstance(pixels, torch.Tensor) else pixels.split(size)
+
+
 def selection_caption_pixels(captioner: Captioner, data, batch_size: int = 64, num_workers: int = 0,
-                             skip_bad: bool = False) -> torch.Tensor | None:
+                             skip_bad: bool = False, storage: str = "float32"):
     """The images of a caption-selection ``SearchData`` preprocessed for the captioner's encoder.
 
     ``None`` for a prefix captioner (it reads the CLIP model's embedding of ``data.pixels``); for an encoder-decoder,
-    the images of ``data.source`` read again with its own preprocessing (input size and normalisation).
+    the images of ``data.source`` read again with its own preprocessing (input size and normalisation): a
+    ``[N, 3, H, W]`` tensor, or under a memory budget (``storage`` ``uint8`` or ``disk``) a
+    :class:`~clipheads.search.pixels.PixelStore` giving the same floats.
     """
     if isinstance(captioner, PrefixCaptioner):
         return None
     from clipheads.data import load_caption_selection
+    from clipheads.search.pixels import load_pixel_store
     from clipheads.search.tasks import load_pixels
 
     dataset = load_caption_selection(data.source)
-    pixels, _, _ = load_pixels(captioner.backend, dataset.image_paths, batch_size, num_workers, skip_bad)
+    if storage == "float32":
+        pixels, _, _ = load_pixels(captioner.backend, dataset.image_paths, batch_size, num_workers, skip_bad)
+    else:
+        pixels, _, _ = load_pixel_store(captioner.backend, dataset.image_paths, storage, batch_size, num_workers,
+                                        skip_bad)
     if len(pixels) != len(data.pixels):
         raise ClipHeadsError(f"{data.source}: read {len(pixels)} images for the captioner but {len(data.pixels)} for "
                              "CLIP")

@@ -23,6 +23,7 @@ from clipheads.cli.options import (
     MaxImages,
     MeansFrom,
     MeansKind,
+    MemoryBudget,
     ModelName,
     OperatorName,
     Out,
@@ -114,12 +115,13 @@ def _describe_plan(max_images: int) -> dict[str, float]:
 
 def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank: int, split: str | None,
               max_images: int, batch_size: int, seed: int, convention: str = "textspan",
-              skip_bad: bool = False, stages=None):
+              skip_bad: bool = False, stages=None, memory_budget: int | None = None):
     from clipheads.eval.features import encode_text_batches
     from clipheads.explain.decomposition import check_convention
-    from clipheads.explain.pipeline import describe_model
+    from clipheads.explain.pipeline import describe_model, explain_plan
     from clipheads.explain.pool import get_pool, known_texts
     from clipheads.heads import parse_layers
+    from clipheads.search.memory import default_budget
 
     check_convention(convention)
     if layers is not None:
@@ -134,12 +136,15 @@ def _describe(backend, data: Path, texts: str, k: int, layers: str | None, rank:
         stages.expect("text pool", cost.PER_TEXT * len(pool))
         stages.expect("decompose images", cost.PER_DESCRIBE_IMAGE * len(paths))
         console.print(f"{backend.name}: {len(paths)} images, {len(pool)} texts ({pool.source})")
+        # the contributions are gathered on the host: the default budget is part of its free memory
+        plan = explain_plan(backend, len(paths), batch_size, layers, memory_budget or default_budget("cpu"))
+        console.print(f"memory plan: {plan.describe()}")
         features = encode_text_batches(backend, pool.texts)
     skipped: list[str] = []
     with stages.stage("decompose images"):
         result = describe_model(backend, _pixel_batches(backend, paths, batch_size, skip_bad, skipped), pool, k=k,
                                 layers=layers, rank=rank, pool_features=features,
-                                convention=convention)
+                                convention=convention, plan=plan)
     result.meta["data"] = str(data)
     if skip_bad:
         result.meta["skipped_images"] = skipped
@@ -175,6 +180,7 @@ def describe(
     seed: Seed = 0,
     skip_bad: SkipBad = False,
     threads: Threads = None,
+    memory_budget: MemoryBudget = None,
 ) -> None:
     """Describe every head by the k texts that explain most of its output variance (TextSpan).
 
@@ -183,6 +189,9 @@ def describe(
     """
     check_output_dir(out, {"descriptions.json": "json"})
     from clipheads.explain.decomposition import check_convention
+    from clipheads.search.memory import parse_size
+
+    budget = parse_size(memory_budget) if memory_budget else None  # a bad size before the model loads
 
     check_convention(convention)
     from clipheads.cli import stages as cost
@@ -191,7 +200,7 @@ def describe(
     backend = _load(model, device, precision)
     stages = command_stages({**_describe_plan(max_images), "write results": cost.WRITE})
     result, _, _ = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size, seed,
-                             convention, skip_bad, stages)
+                             convention, skip_bad, stages, budget)
     _print_descriptions(result)
     with stages.stage("write results"):
         result.meta["run"] = run_meta()
@@ -248,6 +257,7 @@ def ccs(
     seed: Seed = 0,
     skip_bad: SkipBad = False,
     threads: Threads = None,
+    memory_budget: MemoryBudget = None,
 ) -> None:
     """Label every head with a concept and score its Concept Consistency Score (0..k); resumable.
 
@@ -255,6 +265,10 @@ def ccs(
     JSON (with --split); not needed with --descriptions. --layers applies also with --descriptions.
     """
     from tqdm import tqdm
+
+    from clipheads.search.memory import parse_size
+
+    budget = parse_size(memory_budget) if memory_budget else None  # a bad size before the model loads
 
     from clipheads.explain.concepts import check_checkpoint
     from clipheads.explain.decomposition import check_convention
@@ -280,7 +294,7 @@ def ccs(
             k, parse_layers(layers, backend.n_layers) if layers is not None else None)
     elif data is not None:
         result, pool, features = _describe(backend, data, texts, k or 5, layers, rank, split, max_images, batch_size,
-                                           seed, convention, skip_bad, stages)
+                                           seed, convention, skip_bad, stages, budget)
         result.meta["run"] = run_meta()
     else:
         raise ClipHeadsError("give --data (images to describe the heads on) or --descriptions")

@@ -226,9 +226,10 @@ Queries = Annotated[Path | None, typer.Option(exists=True, help="bias: neutral q
 
 
 MemoryBudget = Annotated[str | None, typer.Option(
-    help="Memory for the search's cache, e.g. 512MiB, 8GiB, 2GB (default: 80% of the memory free where the cache "
-         "lives: the GPU's, else the host's). The plan (cached layers, image chunks, host or device) is printed and "
-         "saved in summary.json; scores do not depend on it.")]
+    help="Memory for what the command caches, e.g. 512MiB, 8GiB, 2GB (default: 80% of the memory free where the "
+         "cache lives: the GPU's, else the host's): the search's residual cache and its split's pixels (float32, "
+         "exact uint8 codes or re-read from disk), the head contributions of describe/ccs (all in memory or "
+         "streamed in image chunks). The plan is printed and saved with the results; results do not depend on it.")]
 CachePrecision = Annotated[str | None, typer.Option(
     help="dtype of the search's cached residuals: fp32, bf16 or fp16 (default: the model's; lower saves memory and "
          "changes scores slightly).")]

@@ -114,7 +114,20 @@ class _Run:
 
         return load_search_data(self.backend, self.task, data, _split(split), metric=self.metric,
                                 templates=str(self.templates) if self.templates else None,
-                                progress=self.dist.is_main, **self.loader)
+                                progress=self.dist.is_main, pixel_storage=self._pixel_storage(data, split),
+                                **self.loader)
+
+    def _pixel_storage(self, data: Path, split: str | None) -> str:
+        """How a split's pixels are kept (:func:`~clipheads.search.memory.plan_pixels`): from the given budget on the
+        CPU (it covers the pixels), else from the host's free memory (the pixels stay on the host)."""
+        from clipheads.data import load_dataset
+        from clipheads.search.memory import default_budget, plan_pixels
+
+        options = {"retrieval": {"split": _split(split)},
+                   "zeroshot": {"templates": str(self.templates) if self.templates else None}}.get(self.task, {})
+        n_images = len(load_dataset(self.task, data, **options).image_paths)
+        on_host = self.budget if self.budget is not None and self.backend.device.type == "cpu" else None
+        return plan_pixels(n_images, int(self.backend.image_size), on_host or default_budget("cpu"))
 
     def evaluator(self, data, op: str, alpha: float | None, held_out: bool = False):
         import clipheads
@@ -130,25 +143,31 @@ class _Run:
         if self.budget is None:
             self.budget = default_budget(self.backend.device)
         elif self.backend.device.type == "cpu":
-            pixels = data.pixels.numel() * data.pixels.element_size()
+            pixels = getattr(data.pixels, "nbytes", None) or data.pixels.numel() * data.pixels.element_size()
         evaluator = MaskEvaluator(self.backend, data.pixels, data.objective, op, alpha=alpha, means=means,
                                   batch_size=self.batch_size, split=data.split, distributed=self.dist,
                                   cache_stride=self.backend.n_layers if held_out else None, progress=not held_out,
                                   memory_budget=max(1, self.budget - self.budget_used), other_bytes=pixels,
                                   cache_dtype=self.cache_dtype)
         self.budget_used += evaluator.plan.cache_bytes + pixels
+        from clipheads.search.memory import format_size
+
+        stored = (data.pixels.describe() if hasattr(data.pixels, "describe") else
+                  f"pixels {str(data.pixels.dtype).removeprefix('torch.')} ({format_size(data.pixels.nbytes)})")
         self.print(f"{'held-out' if held_out else 'search'} cache plan ({len(data.pixels)} images): "
-                   f"{evaluator.plan.describe()}")
+                   f"{evaluator.plan.describe()}; {stored}")
         return evaluator
 
     def attribution(self, evaluator, op: str, alpha: float | None, **options):
         """The attribution estimate of every head on the search split, reusing ``evaluator``'s unablated features
         and head means; ``options``: ``surrogate``, ``order``, ``probes`` of
         :func:`~clipheads.search.attribution.attribution_scan` (its defaults otherwise)."""
-        from clipheads.search.attribution import attribution_scan
+        from clipheads.search.attribution import attribution_rows, attribution_scan
 
+        rows = attribution_rows(self.backend, self.data.pixels, self.batch_size, max(1, self.budget - self.budget_used))
+        self.print(f"attribution plan: {rows} images per gated forward (what the caches leave of the budget)")
         return attribution_scan(self.backend, self.data.pixels, *self.data.pairs, op=op, alpha=alpha,
-                                means=evaluator.operator.means, batch_size=self.batch_size,
+                                means=evaluator.operator.means, batch_size=rows,
                                 image_features=evaluator.baseline_features, **options)
 
     def report(self, data_path: Path, report_data: Path | None, report_split: str | None, op: str,
@@ -597,7 +616,11 @@ def _layerwise_captioning(run: _Run, captioner: Path, op: str, alpha: float | No
                   f"{run.backend.name!r}[/]")
     caption_pixels = None
     if run.task == "selection":
-        caption_pixels = selection_caption_pixels(loaded, run.data, run.batch_size, num_workers, skip_bad)
+        from clipheads.search.pixels import PixelStore
+
+        stored = run.data.pixels.storage if isinstance(run.data.pixels, PixelStore) else "float32"  # the same plan
+        caption_pixels = selection_caption_pixels(loaded, run.data, run.batch_size, num_workers, skip_bad,
+                                                  storage=stored)
     elif not isinstance(loaded, PrefixCaptioner):
         raise typer.BadParameter("a VisionEncoderDecoderModel captioner needs --task selection",
                                  param_hint="--captioner")
@@ -760,9 +783,15 @@ def search_command(
             scan = estimate.as_scan(run.data.split)
             folder.write_json("attribution.json", {**estimate.to_dict(), "ranking": scan.ranking()})
     if strategy == "bp":
+        from clipheads.search.bp import plan_checkpointing
+
+        # what the search and held-out caches and the pixels leave of the budget
+        checkpointing = plan_checkpointing(evaluator, config.batch_size, max(0, run.budget - run.budget_used))
+        state = "on (the graph of a batch would not fit the budget)" if checkpointing else "off"
+        run.print(f"AAT-BP: activation checkpointing {state}")
         with stages.stage("AAT-BP and held-out evaluation"):
             result = bp_search(evaluator, *run.data.pairs, config, folder, report, allow_same_split,
-                               seed_ranking=scan)
+                               seed_ranking=scan, checkpointing=checkpointing)
     elif strategy == "greedy":
         with stages.stage("greedy and held-out evaluation"):
             result = greedy_search(evaluator, config, folder, scan, report, allow_same_split)

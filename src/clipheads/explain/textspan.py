@@ -188,21 +188,49 @@ def effective_ranks(singular_values: torch.Tensor, rank: int) -> torch.Tensor:
     return numerical.clamp(min=1, max=rank)
 
 
+def _basis(singular: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[G]`` clamped ranks and ``[G, D, r]`` the top right singular vectors of each head (zero past its rank)."""
+    ranks = effective_ranks(singular, rank)  # [G]
+    width = int(ranks.max())
+    keep = (torch.arange(width) < ranks.unsqueeze(1)).to(vh.dtype)  # [G, r]: the columns each head uses
+    return ranks, vh[:, :width].transpose(1, 2) * keep.unsqueeze(1)  # orthonormal columns (or zero)
+
+
 def _text_span_chunk(data: torch.Tensor, texts: torch.Tensor, k: int, rank: int):
     n_images = data.shape[1]
     _, singular, vh = torch.linalg.svd(data, full_matrices=False)  # of the uncentred contributions, as published
-    ranks = effective_ranks(singular, rank)  # [G]
-    width = int(ranks.max())
-    keep = (torch.arange(width) < ranks.unsqueeze(1)).to(data.dtype)  # [G, r]: the columns each head uses
-    basis = vh[:, :width].transpose(1, 2) * keep.unsqueeze(1)  # [G, D, r], orthonormal columns (or zero)
+    ranks, basis = _basis(singular, vh, rank)
     data = data - data.mean(dim=1, keepdim=True)
     total = (data * data).sum(dim=(1, 2)) / n_images  # [G]
     coordinates = data @ basis  # [G, N, r]
     cov_r = coordinates.transpose(1, 2) @ coordinates / n_images  # covariance in the singular coordinates
+    return (*_greedy(texts, basis, cov_r, total, k), total, ranks)
+
+
+def _text_span_moments_chunk(gram: torch.Tensor, sums: torch.Tensor, n_images: int, texts: torch.Tensor, k: int,
+                             rank: int):
+    """:func:`_text_span_chunk` from the uncentred second moments ``gram = C^T C`` (``[G, D, D]``) and the sums
+    ``C^T 1`` (``[G, D]``) of ``n_images`` rows: the right singular vectors of ``C`` are the eigenvectors of
+    ``C^T C`` (its singular values the square roots of the eigenvalues), and the centred covariance is
+    ``C^T C / N - mean mean^T``."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+    singular = eigenvalues.flip(-1).clamp(min=0).sqrt()  # [G, D], descending
+    vh = eigenvectors.flip(-1).transpose(1, 2)  # rows: right singular vectors, in the order of ``singular``
+    ranks, basis = _basis(singular, vh, rank)
+    mean = sums / n_images  # [G, D]
+    second = gram / n_images - mean.unsqueeze(2) * mean.unsqueeze(1)  # centred covariance [G, D, D]
+    total = second.diagonal(dim1=1, dim2=2).sum(-1)  # [G]
+    cov_r = basis.transpose(1, 2) @ second @ basis
+    return (*_greedy(texts, basis, cov_r, total, k), total, ranks)
+
+
+def _greedy(texts: torch.Tensor, basis: torch.Tensor, cov_r: torch.Tensor, total: torch.Tensor, k: int):
+    """The ``k`` greedy picks and the variance fraction each explains, from the texts ``[M, D]``, each head's basis
+    ``[G, D, r]`` and its centred covariance in that basis ``[G, r, r]``."""
     texts_r = torch.einsum("md,gdr->gmr", texts, basis)  # texts projected onto each head's top singular span
-    heads = torch.arange(data.shape[0])
-    indices = torch.zeros(data.shape[0], k, dtype=torch.long)
-    explained = torch.zeros(data.shape[0], k, dtype=data.dtype)
+    heads = torch.arange(cov_r.shape[0])
+    indices = torch.zeros(cov_r.shape[0], k, dtype=torch.long)
+    explained = torch.zeros(cov_r.shape[0], k, dtype=cov_r.dtype)
     picked = torch.zeros(texts_r.shape[:2], dtype=torch.bool)
     quantum = None
     for step in range(k):
@@ -222,7 +250,89 @@ def _text_span_chunk(data: torch.Tensor, texts: torch.Tensor, k: int, rank: int)
         cov_r = (cov_r - cu.unsqueeze(2) * u.unsqueeze(1) - u.unsqueeze(2) * cu.unsqueeze(1)
                  + ucu.unsqueeze(2) * u.unsqueeze(2) * u.unsqueeze(1))
         texts_r = texts_r - (texts_r @ u.unsqueeze(-1)) / norm2.unsqueeze(1) * u.unsqueeze(1)
-    return indices, explained, total, ranks
+    return indices, explained
+
+
+class HeadMoments:
+    """The uncentred second moments of ``G`` heads' contributions, accumulated over image chunks in float64: what
+    streamed TextSpan needs instead of the contributions of every image (``[G, D, D] + [G, D]`` float64, whatever
+    ``N``).
+
+    Attributes:
+        gram: ``[G, D, D]`` ``sum_i c_i c_i^T`` (``C^T C``). sums: ``[G, D]`` ``sum_i c_i``. n_images: rows added.
+        layers: the layers of the heads (``G = len(layers) x H``, layer-major as in :func:`describe_heads`).
+    """
+
+    def __init__(self, layers: Sequence[int], n_heads: int, dim: int) -> None:
+        self.layers, self.n_heads = list(layers), n_heads
+        groups = len(self.layers) * n_heads
+        self.gram = torch.zeros(groups, dim, dim, dtype=torch.float64)
+        self.sums = torch.zeros(groups, dim, dtype=torch.float64)
+        self.n_images = 0
+        self.convention = "textspan"
+
+    @property
+    def nbytes(self) -> int:
+        return (self.gram.numel() + self.sums.numel()) * 8
+
+    @staticmethod
+    def bytes_for(n_head_terms: int, dim: int) -> int:
+        """Bytes of the moments of ``n_head_terms`` heads in ``dim`` dimensions."""
+        return n_head_terms * (dim * dim + dim) * 8
+
+    @torch.no_grad()
+    def add(self, decomposition: Decomposition) -> None:
+        """Fold in the head terms ``[b, S, H, D]`` of one chunk of images."""
+        if decomposition.layers != self.layers:
+            raise ClipHeadsError(f"a chunk of layers {decomposition.layers}, expected {self.layers}")
+        b, n_layers, n_heads, dim = decomposition.heads.shape
+        chunk = decomposition.heads.detach().cpu().double().permute(1, 2, 0, 3).reshape(n_layers * n_heads, b, dim)
+        self.gram += chunk.transpose(1, 2) @ chunk
+        self.sums += chunk.sum(dim=1)
+        self.n_images += b
+        self.convention = decomposition.convention
+
+
+def describe_heads_streamed(moments: HeadMoments, text_features: torch.Tensor, texts: Sequence[str], k: int = 5,
+                            rank: int = 80, meta: dict | None = None, chunk: int = 16) -> TextSpanResult:
+    """:func:`describe_heads` from :class:`HeadMoments` (the contributions streamed over image chunks): the same
+    picks; the variances and fractions equal the in-memory ones to float64 rounding (the singular vectors come from
+    an eigendecomposition of ``C^T C`` instead of an SVD of ``C``)."""
+    if len(texts) != text_features.shape[0]:
+        raise ClipHeadsError(f"{len(texts)} texts but {text_features.shape[0]} text features")
+    if moments.n_images < 2:
+        raise ClipHeadsError("TextSpan needs at least 2 images (it explains the variance across images)")
+    _check_k_rank(k, rank, text_features)
+    features = torch.nn.functional.normalize(text_features.detach().cpu().double(), dim=-1)
+    if features.shape[-1] != moments.gram.shape[-1]:
+        raise ClipHeadsError(f"text features of {features.shape[-1]} dimensions for head terms of "
+                             f"{moments.gram.shape[-1]}")
+    results = [_text_span_moments_chunk(moments.gram[i:i + chunk], moments.sums[i:i + chunk], moments.n_images,
+                                        features, k, rank) for i in range(0, moments.gram.shape[0], chunk)]
+    indices, explained, variance, ranks = (torch.cat(parts) for parts in zip(*results, strict=True))
+    return _result(moments.layers, moments.n_heads, moments.n_images, moments.convention, texts, indices,
+                   explained.float(), variance.float(), ranks, k, rank, meta)
+
+
+def _check_k_rank(k: int, rank: int, text_features: torch.Tensor) -> None:
+    if not 1 <= k <= text_features.shape[0]:
+        raise ClipHeadsError(f"k={k} must be between 1 and the number of texts ({text_features.shape[0]})")
+    if rank < 1:
+        raise ClipHeadsError(f"rank={rank} must be at least 1")
+
+
+def _result(layers: Sequence[int], n_heads: int, n_images: int, convention: str, texts: Sequence[str],
+            indices: torch.Tensor, explained: torch.Tensor, variance: torch.Tensor, ranks: torch.Tensor, k: int,
+            rank: int, meta: dict | None) -> TextSpanResult:
+    heads = []
+    for i, layer in enumerate(layers):
+        for h in range(n_heads):
+            g = i * n_heads + h
+            heads.append(HeadDescription(layer, h, [texts[j] for j in indices[g].tolist()],
+                                         [round(v, 6) for v in explained[g].tolist()], float(variance[g]),
+                                         int(ranks[g])))
+    meta = {"convention": convention, **(meta or {})}
+    return TextSpanResult(heads, k, rank, n_images, len(texts), meta)
 
 
 def describe_heads(decomposition: Decomposition, text_features: torch.Tensor, texts: Sequence[str], k: int = 5,
@@ -243,12 +353,5 @@ def describe_heads(decomposition: Decomposition, text_features: torch.Tensor, te
         raise ClipHeadsError("TextSpan needs at least 2 images (it explains the variance across images)")
     per_head = decomposition.heads.permute(1, 2, 0, 3).reshape(n_layers * n_heads, n_images, dim)
     indices, explained, variance, ranks = _text_span(per_head, text_features.cpu(), k=k, rank=rank)
-    heads = []
-    for i, layer in enumerate(decomposition.layers):
-        for h in range(n_heads):
-            g = i * n_heads + h
-            heads.append(HeadDescription(layer, h, [texts[j] for j in indices[g].tolist()],
-                                         [round(v, 6) for v in explained[g].tolist()], float(variance[g]),
-                                         int(ranks[g])))
-    meta = {"convention": decomposition.convention, **(meta or {})}
-    return TextSpanResult(heads, k, rank, n_images, len(texts), meta)
+    return _result(decomposition.layers, n_heads, n_images, decomposition.convention, texts, indices, explained,
+                   variance, ranks, k, rank, meta)

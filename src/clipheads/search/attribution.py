@@ -34,6 +34,7 @@ from clipheads.interventions import resolve_operator
 from clipheads.models import CLIPBackend
 from clipheads.models.base import frozen_parameters
 from clipheads.search.engine import stacked_gates
+from clipheads.search.memory import format_size, forward_bytes, parse_size
 from clipheads.search.scan import ScanResult
 
 # Chosen on the bundled model's world drawn with another seed (seed 1, 1000 val_ood images, not the benchmark's): the
@@ -127,6 +128,7 @@ def attribution_scan(
     order: int = 2,
     probes: int | None = None,
     seed: int = 0,
+    memory_budget: int | str | None = None,
 ) -> AttributionResult:
     """Estimate the effect of ablating every head from one forward pass over ``pixels`` and its backward passes.
 
@@ -143,7 +145,15 @@ def attribution_scan(
             random probe pairs (two more backward passes each, no more forward passes; default
             :func:`default_probes`: one from 512 images, up to four for fewer).
         seed: seeds the random probes (the estimate is reproducible).
+        memory_budget: bytes (or a size such as ``"2GiB"``) for the autograd graph of one batch: ``batch_size`` is
+            halved until it fits (:func:`attribution_rows`; per-image gate gradients do not depend on the batching,
+            up to the last bits of the CPU's matmul kernels). ``None``: ``batch_size`` as given.
+
+    Raises:
+        ClipHeadsError: a bad argument, or a budget that does not hold the graph of one image.
     """
+    if memory_budget is not None:
+        batch_size = attribution_rows(backend, pixels, batch_size, parse_size(memory_budget))
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     if order not in (1, 2):
@@ -188,6 +198,29 @@ def attribution_scan(
     for p in range(n_probes):
         estimate += 0.5 * (gradients[1 + 2 * p] * gradients[2 + 2 * p]).sum(dim=0) / n_probes
     return AttributionResult(estimate.to(dtype).cpu(), value, op, surrogate, order, n_probes)
+
+
+def attribution_rows(backend: CLIPBackend, pixels: torch.Tensor, batch_size: int, budget: int) -> int:
+    """Images per batch of :func:`attribution_scan` within ``budget`` bytes: ``batch_size`` halved until the graph
+    of a gated forward (every layer's activations, :func:`~clipheads.search.memory.forward_bytes` each) fits.
+
+    Raises:
+        ClipHeadsError: not even one image's graph fits.
+    """
+    with torch.no_grad():
+        tokens, width = backend.embed(pixels[:1].to(backend.device, backend.dtype)).shape[1:]
+    itemsize = torch.empty((), dtype=backend.dtype).element_size()
+
+    def graph(rows: int) -> int:
+        return backend.n_layers * forward_bytes(rows, tokens, width, backend.n_heads, itemsize)
+
+    rows = max(1, min(int(batch_size), len(pixels)))
+    while rows > 1 and graph(rows) > budget:
+        rows //= 2
+    if graph(rows) > budget:
+        raise ClipHeadsError(f"memory budget {format_size(budget)} is too small for the attribution scan: the graph "
+                             f"of one image needs {format_size(graph(1))}")
+    return rows
 
 
 def default_probes(n_images: int) -> int:

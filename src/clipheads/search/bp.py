@@ -15,15 +15,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from clipheads.errors import require
+from clipheads.errors import ClipHeadsError, require
 from clipheads.heads import parse_head
 from clipheads.interventions import HeadMask, ablate
 from clipheads.metrics.retrieval import captions_by_image, clip_loss
 from clipheads.models.base import frozen_parameters
 from clipheads.search.distributed import Distributed
 from clipheads.search.engine import MaskEvaluator
+from clipheads.search.memory import format_size, forward_bytes
 from clipheads.search.results import SearchResult, check_splits, fitness, report_heldout, write_result
 from clipheads.search.scan import ScanResult
 from clipheads.search.state import RunFolder
@@ -96,9 +98,55 @@ def _gather_rows(local: torch.Tensor, n_rows: int, distributed: Distributed) -> 
     return rows[torch.argsort(order).to(rows.device)]
 
 
+def graph_bytes(evaluator: MaskEvaluator, rows: int, checkpointing: bool) -> int:
+    """Estimated bytes of one AAT-BP step's autograd graph over ``rows`` images: every layer's saved activations
+    (one :func:`~clipheads.search.memory.forward_bytes` per layer), or with activation checkpointing the input of
+    every layer plus the activations of the one layer recomputed in the backward pass."""
+    backend = evaluator.backend
+    _, tokens, width = evaluator.residual(0).shape
+    itemsize = torch.empty((), dtype=backend.dtype).element_size()
+    layer = forward_bytes(rows, tokens, width, evaluator.n_heads, itemsize)
+    if not checkpointing:
+        return evaluator.n_layers * layer
+    return evaluator.n_layers * rows * tokens * width * itemsize + layer
+
+
+def plan_checkpointing(evaluator: MaskEvaluator, batch_size: int, available: int | None = None) -> bool:
+    """Whether AAT-BP checkpoints its activations: only when the graph of a batch would not fit in ``available``
+    bytes (default: what the evaluator's budget leaves after its cache; no budget: never checkpoint).
+
+    Raises:
+        ClipHeadsError: even the checkpointed graph of one batch does not fit.
+    """
+    budget = evaluator.plan.budget_bytes
+    if budget is None and available is None:
+        return False
+    rows = -(-min(batch_size, evaluator.n_images) // evaluator.distributed.world_size)
+    left = budget - evaluator.plan.cache_bytes if available is None else available
+    if graph_bytes(evaluator, rows, False) <= left:
+        return False
+    if graph_bytes(evaluator, rows, True) <= left:
+        return True
+    raise ClipHeadsError(f"memory budget too small for AAT-BP: after the caches {format_size(max(0, left))} are "
+                         f"left, and a batch of {rows} images needs {format_size(graph_bytes(evaluator, rows, True))} "
+                         "even with activation checkpointing; give a larger budget or a smaller --batch-size")
+
+
+def _gated_features(backend, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """Image features of the residual ``x`` entering layer 0 through the (hooked) layers; with ``checkpointing`` each
+    layer's activations are recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant: the same
+    arithmetic, so the same gradients)."""
+    if not checkpointing:
+        return backend.pool(backend.run_layers(x))
+    for layer in range(backend.n_layers):
+        x = checkpoint(backend.run_layers, x, layer, layer + 1, use_reentrant=False)
+    return backend.pool(x)
+
+
 def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_image: torch.Tensor | Sequence[int],
               config: BPConfig, out: RunFolder | None = None, report: MaskEvaluator | None = None,
-              allow_same_split: bool = False, seed_ranking: ScanResult | None = None) -> SearchResult:
+              allow_same_split: bool = False, seed_ranking: ScanResult | None = None,
+              checkpointing: bool | None = None) -> SearchResult:
     """Learn head gates on the evaluator's images and their captions; checkpointed every epoch.
 
     Under ``torchrun`` every batch is split over the ranks (each encodes its rows, the features are gathered and the
@@ -110,8 +158,16 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
         text_features: ``[N_txt, D]`` cached caption features; ``text_to_image``: ``[N_txt]`` image of each caption.
         seed_ranking: a scan or attribution estimate (:meth:`AttributionResult.as_scan`); the heads it ranks
             harmful start with gate 0.5 (logit 0) instead of ``sigmoid(init_logit)``.
+        checkpointing: recompute each layer's activations in the backward pass instead of keeping them (the same
+            gradients); default: :func:`plan_checkpointing` from the evaluator's memory budget.
+
+    Raises:
+        ClipHeadsError: the evaluator's budget does not hold the checkpointed graph of one batch.
     """
     check_splits(evaluator, report, allow_same_split)
+    if checkpointing is None:
+        checkpointing = plan_checkpointing(evaluator, config.batch_size)
+    log.info("AAT-BP: activation checkpointing %s", "on" if checkpointing else "off")
     started = time.perf_counter()
     backend = evaluator.backend
     captions_of = captions_by_image(text_to_image, evaluator.n_images)
@@ -146,13 +202,15 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
             for images, captions in _epoch_batches(captions_of, config.batch_size, config.seed, epoch):
                 gates = torch.sigmoid(logits)
                 mine = images[distributed.rank::distributed.world_size]  # this rank's rows, as _gather_rows expects
+                # the backward pass inside the hooks too: checkpointed layers run again in it
                 with ablate(backend, HeadMask.from_tensor(gates, backend), op=evaluator.operator):
-                    features = backend.pool(backend.run_layers(evaluator.residual_rows(0, mine)))
-                features = _gather_rows(features.float(), len(images), distributed)
-                task = clip_loss(features, text_features[captions.to(text_features.device)], backend.logit_scale)
-                penalty = config.beta * (1 - gates).mean()
-                optimizer.zero_grad()
-                (task + penalty if distributed.is_main else task).backward()  # the penalty's gradient once
+                    features = _gated_features(backend, evaluator.residual_rows(0, mine), checkpointing)
+                    features = _gather_rows(features.float(), len(images), distributed)
+                    task = clip_loss(features, text_features[captions.to(text_features.device)],
+                                     backend.logit_scale)
+                    penalty = config.beta * (1 - gates).mean()
+                    optimizer.zero_grad()
+                    (task + penalty if distributed.is_main else task).backward()  # the penalty's gradient once
                 if distributed.active:
                     dist.all_reduce(logits.grad)
                 optimizer.step()
@@ -181,7 +239,8 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
                                                                                config.beta),
                           evaluations=evaluator.n_evaluated, history=history,
                           wall_seconds=seconds + time.perf_counter() - started, gates=gates,
-                          extra={"config": config.to_dict(), "cache_plan": evaluator.plan.to_dict()})
+                          extra={"config": config.to_dict(), "cache_plan": evaluator.plan.to_dict(),
+                                 "activation_checkpointing": checkpointing})
     report_heldout(result, report)
     write_result(result, out)
     return result

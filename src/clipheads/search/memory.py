@@ -19,6 +19,12 @@ Estimates (bytes): cache = ``N x cached layers x T x W x cache itemsize``; one f
 ``r x T x (10 W + 2 H T) x model itemsize`` (q, k, v, MLP hidden and the attention matrix of one layer). What is not
 counted: the model's weights, the text features, the image features ``[N, D]`` of the masks of one forward, and the
 caller's decoded pixels (pass their size as ``other_bytes`` when they share the budget).
+
+The same budget plans what else the commands hold: :func:`plan_pixels` (the search split's pixels as float32, exact
+uint8 codes or re-read from disk, :mod:`clipheads.search.pixels`), :func:`plan_explain` (the head contributions of
+``describe``/``ccs`` in memory or streamed as second moments), and in their own modules the attribution scan's
+batches (:func:`clipheads.search.attribution.attribution_rows`) and AAT-BP's activation checkpointing
+(:func:`clipheads.search.bp.plan_checkpointing`).
 """
 
 from __future__ import annotations
@@ -216,4 +222,80 @@ def plan_cache(*, n_images: int, n_layers: int, n_heads: int, tokens: int, width
                          f"({format_size(last.forward_bytes)}) need {format_size(need)}")
 
 
-__all__ = ["CachePlan", "default_budget", "format_size", "host_available", "parse_size", "plan_cache"]
+@dataclass(frozen=True)
+class ExplainPlan:
+    """How the head explanations (decomposition, TextSpan) hold the ``[N, S, H, D]`` head contributions.
+
+    Attributes:
+        streamed: ``False``: every image's contributions in memory (the all-in-memory path); ``True``: image chunks
+            folded into the heads' uncentred second moments (``[G, D, D]`` float64) and dropped.
+        n_images, chunk: images, and images per decomposed chunk.
+        held_bytes: estimated bytes held: all contributions and one chunk's work, or the moments and one chunk's.
+        budget_bytes: the budget planned for (``None``: no budget).
+    """
+
+    streamed: bool
+    n_images: int
+    chunk: int
+    held_bytes: int
+    budget_bytes: int | None = None
+
+    def describe(self) -> str:
+        """One line, e.g. ``head contributions streamed in chunks of 32 images (second moments) (3 MiB), budget
+        1024 MiB``."""
+        budget = "no budget" if self.budget_bytes is None else f"budget {format_size(self.budget_bytes)}"
+        how = (f"streamed in chunks of {self.chunk} images (second moments)" if self.streamed
+               else f"of {self.n_images} images in memory")
+        return f"head contributions {how} ({format_size(self.held_bytes)}), {budget}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "description": self.describe()}
+
+
+def plan_explain(*, n_images: int, chunk: int, n_layers: int, n_heads: int, n_chosen: int, width: int, dim: int,
+                 budget: int | None) -> ExplainPlan:
+    """Keep every image's head contributions when they fit ``budget`` bytes, else stream them (chunks halved until
+    the second moments and one chunk fit).
+
+    Estimates (bytes): contributions of ``n`` images = ``n x (S H + 2 L + 1) x D x 4`` (heads of the ``S`` chosen
+    layers, attention and MLP terms, embedding); one chunk's work = ``chunk x L x H x (W + 2 D) x 4`` (the heads'
+    outputs in the model's width and their linearised terms) + the chunk's contributions; the moments =
+    ``S H x (D^2 + D) x 8``.
+
+    Raises:
+        ClipHeadsError: the budget does not hold the moments and a chunk of one image.
+    """
+    def work(rows: int) -> int:
+        terms = (n_chosen * n_heads + 2 * n_layers + 1) * dim
+        return rows * (n_layers * n_heads * (width + 2 * dim) + terms) * 4
+
+    chunk = max(1, min(int(chunk), n_images))
+    everything = n_images * (n_chosen * n_heads + 2 * n_layers + 1) * dim * 4 + work(chunk)
+    if budget is None or everything <= budget:
+        return ExplainPlan(False, n_images, chunk, everything, budget)
+    moments = n_chosen * n_heads * (dim * dim + dim) * 8
+    rows = chunk
+    while rows > 1 and moments + work(rows) > budget:
+        rows //= 2
+    if moments + work(rows) > budget:
+        raise ClipHeadsError(f"memory budget {format_size(budget)} is too small for the head explanations: the second "
+                             f"moments of {n_chosen * n_heads} heads ({format_size(moments)}) and a chunk of one "
+                             f"image ({format_size(work(1))}) need {format_size(moments + work(1))}")
+    return ExplainPlan(True, n_images, rows, moments + work(rows), budget)
+
+
+PIXEL_SHARE = 4  # the search split's pixels may take a quarter of the budget
+
+
+def plan_pixels(n_images: int, image_size: int, budget: int | None) -> str:
+    """How the search split's pixels are kept (see :mod:`clipheads.search.pixels`): ``float32`` when they take at
+    most a quarter of ``budget`` bytes (or with no budget), else ``uint8`` (exact codes, a quarter of the size) when
+    that fits the quarter, else ``disk`` (re-read per batch, nothing kept)."""
+    values = n_images * 3 * image_size * image_size
+    if budget is None or 4 * values <= budget // PIXEL_SHARE:
+        return "float32"
+    return "uint8" if values <= budget // PIXEL_SHARE else "disk"
+
+
+__all__ = ["CachePlan", "ExplainPlan", "default_budget", "format_size", "host_available", "parse_size", "plan_cache",
+           "plan_explain", "plan_pixels"]

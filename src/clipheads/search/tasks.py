@@ -60,8 +60,19 @@ def split_label(path: str | os.PathLike, split: str | None) -> str:
 
 def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, split: str | None = None, *,
                      metric: str | None = None, templates: str | None = None, batch_size: int = 64,
-                     num_workers: int = 0, skip_bad: bool = False, progress: bool = False) -> SearchData:
-    """Read ``path`` (``split`` for files with splits), preprocess its images and encode its texts once."""
+                     num_workers: int = 0, skip_bad: bool = False, progress: bool = False,
+                     pixel_storage: str = "float32") -> SearchData:
+    """Read ``path`` (``split`` for files with splits), preprocess its images and encode its texts once.
+
+    ``pixel_storage``: ``float32`` (a tensor), or ``uint8`` / ``disk`` (a :class:`~clipheads.search.pixels.PixelStore`
+    giving the same floats to the last bit, see :mod:`clipheads.search.pixels`).
+    """
+    read = load_pixels
+    if pixel_storage != "float32":
+        from clipheads.search.pixels import load_pixel_store
+
+        def read(backend, paths, batch_size, num_workers, skip_bad, progress):
+            return load_pixel_store(backend, paths, pixel_storage, batch_size, num_workers, skip_bad, progress)
     if task not in TASKS:
         raise ClipHeadsError(f"the search supports the tasks {', '.join(TASKS)}; got {task!r}")
     metric = metric or DEFAULT_METRICS[task]
@@ -69,7 +80,7 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
     encode = {"batch_size": batch_size, "progress": progress}
     if task == "retrieval":
         dataset = load_dataset(task, path, split=split)
-        pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
+        pixels, kept, skipped = read(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
         position = torch.full((len(dataset),), -1, dtype=torch.long)
         position[kept] = torch.arange(len(kept))
         text_to_image = position[torch.tensor(dataset.text_to_image)]
@@ -79,7 +90,7 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
                           (texts, text_to_image[keep]), skipped=skipped, source=str(path))
     if task == "selection":
         dataset = load_dataset(task, path)
-        pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
+        pixels, kept, skipped = read(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
         kept_list = kept.tolist()
         candidates = [c for i in kept_list for c in dataset.candidates[i]]
         candidate_image = torch.tensor([n for n, i in enumerate(kept_list) for _ in dataset.candidates[i]])
@@ -103,7 +114,7 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
         return SearchData(label, pixels, Objective(lambda f: metric_value(selection(f), metric), metric),
                           (right, torch.arange(len(kept_list))), details, skipped, str(path))
     dataset = load_dataset(task, path, templates=templates)
-    pixels, kept, skipped = load_pixels(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
+    pixels, kept, skipped = read(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
     prompts = encode_texts(backend, dataset.prompts(), **encode)
     classifier = zeroshot_classifier(prompts.view(len(dataset.classnames), len(dataset.templates), -1))
     labels = torch.tensor(dataset.labels)[kept]
