@@ -347,5 +347,16 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             f"(open_clip:{arch}/path/to/weights.pt), a local-dir: folder, or pre-download the weights into the "
             "Hugging Face cache") from None
     model.eval().to(device=device, dtype=dtype)
-    return OpenCLIPBackend(model, name if name.startswith(PREFIX) else PREFIX + name,
-                           preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
+    return open_clip_backend(model, name if name.startswith(PREFIX) else PREFIX + name,
+                             preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
+
+
+def open_clip_backend(model: nn.Module, name: str, **inputs) -> OpenCLIPBackend:
+    """The backend of a built open_clip model: :class:`OpenCLIPTimmBackend` for a tower on a timm trunk
+    (``model.visual.trunk``), else :class:`OpenCLIPBackend`; ``inputs`` are their ``preprocess``, ``tokenizer`` and
+    ``model_cfg``."""
+    from clipheads.models.openclip_timm import OpenCLIPTimmBackend, is_timm_tower
+
+    if is_timm_tower(model):
+        return OpenCLIPTimmBackend(model, name, **inputs)
+    return OpenCLIPBackend(model, name, **inputs)
