@@ -1,6 +1,6 @@
 """open_clip towers on timm trunks (SigLIP's AttentionPoolLatent, EVA02's rope + SwiGLU + sub-LN, EVA01's packed
 qkv with biases): the operators against a naive explicit-attention reference, exactness, fast path, bake, info,
-save/load and a demo-size search, on tiny copies of the real configs (clipheads.models.tiny_timm)."""
+save/load and a demo-size search, on tiny copies of the real configs (clipheads.models.tiny_copies)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import clipheads
 from clipheads.errors import ClipHeadsError, ModelLoadError
 from clipheads.interventions import OPERATORS
-from clipheads.models.tiny_timm import TINY_TIMM_CONFIGS, tiny_timm_open_clip
+from clipheads.models.tiny_copies import TINY_TIMM_CONFIGS, tiny_timm_open_clip
 
 CONFIGS = tuple(TINY_TIMM_CONFIGS)  # ViT-B-16-SigLIP, EVA02-B-16, EVA01-g-14
 

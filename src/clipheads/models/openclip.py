@@ -150,7 +150,7 @@ class OpenCLIPBackend(CLIPBackend):
 
     # ----------------------------------------------------- library paths
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
+        return self.model.encode_image(pixels, normalize=False)  # CoCa's encode_image normalises by default
 
     def _encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(tokens["text"])

@@ -165,10 +165,6 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
         return Architecture(len(self._blocks), attn.num_heads, attn.head_dim, self._trunk.embed_dim,
                             name=f"open_clip:TimmModel({type(self._trunk).__name__})")
 
-    # ------------------------------------------------------------ library paths
-    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels, normalize=False)
-
     # ------------------------------------------------------------ staged image tower
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         trunk = self._trunk

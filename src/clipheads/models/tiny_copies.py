@@ -1,4 +1,5 @@
-"""Tiny random open_clip models on timm trunks, copies of real configs at test size (tests, smoke runs).
+"""Tiny random open_clip models, copies of real configs at test size (tests, smoke runs): towers on timm trunks
+(SigLIP, EVA02, EVA01) and open_clip ViT variants (CLIPA's average pooling, CoCa's attentional pooler).
 
 ``open_clip``'s ``TimmModel`` builds its trunk by timm model name only, so the small trunks are registered with timm
 as model names of their own (``clipheads_tiny_<timm name>``) whose entry point is timm's own entry point of the real
@@ -13,9 +14,10 @@ import copy
 
 import torch
 
+from clipheads.models.openclip import OpenCLIPBackend
 from clipheads.models.openclip_timm import OpenCLIPTimmBackend
 
-__all__ = ["TINY_TIMM_CONFIGS", "register_tiny_timm", "tiny_timm_open_clip"]
+__all__ = ["TINY_TIMM_CONFIGS", "TINY_VIT_CONFIGS", "register_tiny_timm", "tiny_open_clip_copy", "tiny_timm_open_clip"]
 
 # open_clip config -> (its timm trunk, the sizes that make it tiny)
 _TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
@@ -67,3 +69,33 @@ def tiny_timm_open_clip(config: str = "ViT-B-16-SigLIP", seed: int = 0) -> OpenC
     return OpenCLIPTimmBackend(model.eval(), f"open_clip:{config}(tiny)",
                                tokenizer=open_clip.SimpleTokenizer(context_length=_TEXT["context_length"]),
                                model_cfg=cfg)
+
+
+# open_clip VisionTransformer variants: the real vision options at test size (2 layers, 4 heads of 16, 32 px)
+_VIT = {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8}
+TINY_VIT_CONFIGS = {
+    "ViT-L-14-CLIPA": {},  # class token kept but unused: average pooling, no ln_pre, LayerNorm after the pool
+    "coca_ViT-B-32": {"attn_pooler_heads": 4, "attn_pooler_queries": 8},  # attentional pooler over all tokens
+}
+
+
+def tiny_open_clip_copy(config: str = "ViT-L-14-CLIPA", seed: int = 0) -> OpenCLIPBackend:
+    """A random open_clip model of ``config`` (a key of :data:`TINY_VIT_CONFIGS`) at test size, its vision options
+    (``pool_type``, ``no_ln_pre``, ``final_ln_after_pool``, ``attentional_pool`` ...) as in the real config, the
+    text tower (and CoCa's decoder) small on CLIP's BPE; built by ``open_clip.create_model`` and wrapped."""
+    import open_clip
+
+    if config not in TINY_VIT_CONFIGS:
+        raise ValueError(f"no tiny copy of {config!r}; choose one of {', '.join(TINY_VIT_CONFIGS)}")
+    cfg = copy.deepcopy(open_clip.get_model_config(config))
+    cfg["vision_cfg"] = {**cfg["vision_cfg"], **_VIT, **TINY_VIT_CONFIGS[config]}
+    text = {k: v for k, v in cfg["text_cfg"].items() if k in ("embed_cls", "output_tokens")}
+    cfg.update(embed_dim=64, text_cfg={**_TEXT, **text})
+    if "multimodal_cfg" in cfg:
+        cfg["multimodal_cfg"] = {**_TEXT, "layers": 1, "attn_pooler_heads": 4}
+    torch.manual_seed(seed)
+    overrides = {k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg", "multimodal_cfg") if k in cfg}
+    model = open_clip.create_model(config, pretrained=None, **overrides)
+    return OpenCLIPBackend(model.eval(), f"open_clip:{config}(tiny)",
+                           tokenizer=open_clip.SimpleTokenizer(context_length=_TEXT["context_length"]),
+                           model_cfg=cfg)
