@@ -147,6 +147,28 @@ def test_all_ones_is_the_library_bit_for_bit(timm_backend, pixels):
     assert (reference - library).abs().max() <= 1e-5 * library.abs().max()
 
 
+@pytest.mark.parametrize("op", ["identity", "cls", "mean"])
+def test_timm_explicit_softmax_path(timm_backend, pixels, op):
+    """timm's non-fused branch (fused_attn False: explicit softmax, as with TIMM_FUSED_ATTN=0) is hooked the same
+    way: exact with all ones, and the operators match the naive reference."""
+    import copy
+
+    backend = clipheads.load(copy.deepcopy(timm_backend.model))
+    for block in backend.model.visual.trunk.blocks:
+        block.attn.fused_attn = False
+    gates = torch.tensor([[0.0, 1.0, 0.5, 1.0], [1.0, 0.0, 1.0, 1.0]])
+    means = torch.randn(2, 4, 16)
+    mask = clipheads.HeadMask.from_tensor(gates, backend)
+    with torch.no_grad():
+        library = backend.model.encode_image(pixels)
+        with clipheads.ablate(backend, clipheads.HeadMask.from_tensor(torch.ones(2, 4).requires_grad_(), backend)):
+            assert torch.equal(backend.encode_image(pixels), library)
+        with clipheads.ablate(backend, mask, op=op, means=means):
+            got = backend.encode_image(pixels)
+        expected = naive_encode(backend, pixels, gates, op, means=means)
+    assert (got - expected).abs().max() <= 1e-5 * library.abs().max()
+
+
 @pytest.mark.parametrize("op", ["identity", "zero", "scale"])
 def test_staged_and_split_paths_match_the_library(timm_backend, pixels, op):
     """The staged view and the fast path's split layers (EVA: read-out token only) give encode_image's result."""
@@ -207,6 +229,14 @@ def test_save_load_and_info(timm_backend, tmp_path, run_main, pixels):
     assert code == 0, err
     assert "open_clip-timm" in out and "L1.H3" in out
     assert "heads in total" in out and " 8" in out
+
+
+def test_decomposition_is_refused_in_one_line(timm_backend, pixels):
+    from clipheads.explain.decomposition import decompose
+
+    with pytest.raises(ClipHeadsError, match="TimmModel on a timm .* trunk") as err:
+        decompose(timm_backend, pixels)
+    assert "\n" not in str(err.value)
 
 
 def test_unsupported_trunks_and_attention_are_refused_in_one_line(siglip):
