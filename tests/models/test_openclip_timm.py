@@ -13,7 +13,7 @@ from clipheads.errors import ClipHeadsError, ModelLoadError
 from clipheads.interventions import OPERATORS
 from clipheads.models.tiny_copies import TINY_TIMM_CONFIGS, tiny_timm_open_clip
 
-CONFIGS = tuple(TINY_TIMM_CONFIGS)  # ViT-B-16-SigLIP, EVA02-B-16, EVA01-g-14
+CONFIGS = tuple(TINY_TIMM_CONFIGS)  # ViT-B-16-SigLIP, EVA02-B-16, EVA01-g-14, EVA02-E-14
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -58,7 +58,8 @@ def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None
     batch, tokens, _ = x.shape
     for layer, block in enumerate(trunk.blocks):
         attn = block.attn
-        q, k, v = _qkv(attn, block.norm1(x))
+        post_norm = type(block).__name__ == "EvaBlockPostNorm"
+        q, k, v = _qkv(attn, x if post_norm else block.norm1(x))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
             n = attn.num_prefix_tokens
@@ -79,7 +80,10 @@ def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None
         if op == "mean":
             z = z + (1 - g) * means[layer].view(1, heads, -1, d)
         out = attn.proj(attn.norm(z.transpose(1, 2).reshape(batch, tokens, heads * d)))
-        if eva:
+        if post_norm:
+            x = x + block.norm1(out)
+            x = x + block.norm2(block.mlp(x))
+        elif eva:
             x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
             mlp = block.mlp(block.norm2(x))
             x = x + (mlp if block.gamma_2 is None else block.gamma_2 * mlp)
@@ -102,8 +106,10 @@ def test_tiny_copies_keep_the_real_blocks(timm_backend):
         assert trunk.cls_token is None and timm_backend.readout_tokens is None
     else:
         assert type(attn) is EvaAttention and timm_backend.readout_tokens == 1
-    if timm_backend.name.startswith("open_clip:EVA02"):
+    if timm_backend.name.startswith("open_clip:EVA02-B"):
         assert trunk.rope is not None and attn.q_proj is not None and not isinstance(attn.norm, torch.nn.Identity)
+    if timm_backend.name.startswith("open_clip:EVA02-E"):
+        assert type(trunk.blocks[0]).__name__ == "EvaBlockPostNorm" and trunk.rope is None
     if timm_backend.name.startswith("open_clip:EVA01"):
         assert attn.q_bias is not None and attn.qkv is not None  # timm's F.linear path, qkv never called
 
@@ -197,7 +203,7 @@ def test_fast_path_is_on_for_class_token_towers_only(siglip, eva02):
     assert not MaskEvaluator(siglip, pixels, objective, batch_size=8).fast_path  # AttentionPoolLatent reads all
 
 
-@pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA01-g-14"])
+@pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA01-g-14", "EVA02-E-14"])
 @pytest.mark.parametrize("op", ["zero", "scale", "mean"])
 def test_bake_equals_the_ablation(config, op, pixels):
     backend = tiny_timm_open_clip(config)

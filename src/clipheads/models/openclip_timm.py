@@ -121,6 +121,11 @@ def _replace_heads(attn: nn.Module):
     return hook
 
 
+def _post_norm(block: nn.Module) -> bool:
+    """Whether ``block`` normalises after its attention and MLP (timm's ``EvaBlockPostNorm``) instead of before."""
+    return type(block).__name__ == "EvaBlockPostNorm"
+
+
 def _adapted(attn: nn.Module) -> bool:
     """Whether ``attn`` carries an adapter (a non-``nn.Linear`` projection such as a peft wrapper, or parametrized
     weights): its weights are then not what timm computes with."""
@@ -203,8 +208,9 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
     @property
     def supports_layer_split(self) -> bool:
         c = _timm_classes()
-        return all(type(b) in (c["Block"], c["EvaBlock"]) and getattr(b.attn, "gate", None) is None
-                   and not _adapted(b.attn) for b in self._blocks)
+        blocks = (c["Block"], c["EvaBlock"], c["EvaBlockPostNorm"])
+        return all(type(b) in blocks and getattr(b.attn, "gate", None) is None and not _adapted(b.attn)
+                   for b in self._blocks)
 
     @property
     def readout_tokens(self) -> int | None:
@@ -216,7 +222,7 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         block = self._blocks[layer]
         attn = block.attn
-        h = block.norm1(x)
+        h = x if _post_norm(block) else block.norm1(x)
         batch, tokens = h.shape[:2]
         shape = (batch, tokens, attn.num_heads, attn.head_dim)
         if getattr(attn, "q_proj", None) is not None:  # EVA, separate projections
@@ -244,6 +250,9 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
         block = self._blocks[layer]
         # norm.forward: past the head hook's pre-hook (run_layer_split has applied the hook to z already)
         out = block.attn.proj(block.attn.norm.forward(z.reshape(*z.shape[:2], -1)))
+        if _post_norm(block):  # EVA02-E: x + norm1(attn(x)), then x + norm2(mlp(x))
+            x = x + block.norm1(out)
+            return x + block.norm2(block.mlp(x))
         if self._eva:
             x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
             mlp = block.mlp(block.norm2(x))

@@ -25,6 +25,7 @@ TINY_TIMM_CONFIGS = {
     "ViT-B-16-SigLIP": ("vit_base_patch16_siglip_224", _TINY),  # no class token, AttentionPoolLatent ("map")
     "EVA02-B-16": ("eva02_base_patch16_clip_224", {**_TINY, "ref_feat_shape": (4, 4)}),  # rope, SwiGLU, sub-LN
     "EVA01-g-14": ("eva_giant_patch14_224", _TINY),  # packed qkv with q/v biases (F.linear path), class token
+    "EVA02-E-14": ("eva02_enormous_patch14_clip_224", _TINY),  # post-norm blocks (EvaBlockPostNorm), no rope
 }
 _TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}
 
