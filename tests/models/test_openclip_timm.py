@@ -315,3 +315,29 @@ def test_demo_size_search_finds_a_planted_head(config, tmp_path):
     result = ga_search(evaluator, GAConfig(beta=0.1, population=8, generations=3, seed=1),
                        RunFolder(tmp_path / "ga", {"strategy": "ga"}), scan=scan)
     assert PLANTED in result.mask.ablated and result.search_metric > result.search_baseline
+
+
+@pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA02-B-16"])
+def test_cli_scan_and_ga_on_a_saved_tiny_model(config, tmp_path, run_main):
+    """``clipheads scan`` and ``clipheads search --strategy ga`` on a saved tiny copy and 12 images with captions."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    model = clipheads.save(tiny_timm_open_clip(config), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"filename": f"{i}.png", "split": "val" if i < 6 else "test", "imgid": i,
+                       "sentences": [{"raw": f"a photo number {i}"}]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"dataset": "toy", "images": images}))
+    common = ["--model", model, "--data", tmp_path / "karpathy.json", "--batch-size", 16]
+    code, out, err = run_main("scan", *common, "--out", tmp_path / "scan")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "scan" / "scan.json").read_text())["heads"]) == 8
+    code, out, err = run_main("search", *common, "--strategy", "ga", "--population", 6, "--generations", 2,
+                              "--out", tmp_path / "ga")
+    assert code == 0, err
+    assert clipheads.HeadMask.load(tmp_path / "ga" / "mask.json").shape == (2, 4)
