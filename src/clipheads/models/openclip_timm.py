@@ -1,4 +1,4 @@
-"""open_clip image towers on timm trunks (``TimmModel``: SigLIP/SigLIP2, EVA01/EVA02, PE-Core, plain timm ViTs).
+"""open_clip image towers on timm trunks (``TimmModel``: SigLIP/SigLIP2, EVA01/EVA02, MobileCLIP-B, ViTamin).
 
 The tower is ``model.visual = TimmModel(trunk, head)``; the trunk is timm's ``VisionTransformer`` (blocks with
 ``timm.layers.Attention``: packed ``qkv``, optional ``q_norm``/``k_norm``, fused or explicit softmax) or timm's ``Eva``
@@ -12,10 +12,10 @@ computes them (a forward hook on ``qkv`` or ``v_proj``; EVA's packed ``qkv`` wit
 with ``F.linear`` on ``qkv.weight``, is read the same way). Layers without a hook run timm's code as is, so an
 all-ones mask is the library's forward bit for bit.
 
-What is refused, in one line each: trunks other than these two classes (ConvNeXt, FastViT, Swin, ViTamin, rel-pos
-ViTs), attention classes other than the two above (e.g. ``AttentionRope`` with grouped key/value heads), and folding
-(``bake``) or decomposing heads through a sub-LN ``norm`` or a gate (EVA02's ``scale_attn_inner``): there the
-output projection is not linear in one head's output.
+What is refused, in one line each: trunks other than these two classes (ConvNeXt, FastViT, Swin, rel-pos ViTs),
+attention classes other than the two above (e.g. PE-Core's ``AttentionRope``), and folding (``bake``) or decomposing
+heads through a sub-LN ``norm`` or a gate (EVA02's ``scale_attn_inner``): there the output projection is not linear
+in one head's output.
 """
 
 from __future__ import annotations
@@ -113,9 +113,11 @@ def _replace_heads(attn: nn.Module):
     def hook(module: nn.Module, args: tuple) -> tuple:
         z = args[0]
         batch, tokens = z.shape[:2]
-        x = attn.__dict__.pop("_clipheads_x")
-        v = _values(attn, x)
-        z = attn._clipheads_hook(z.view(batch, tokens, attn.num_heads, attn.head_dim), v)
+        x = attn.__dict__.pop("_clipheads_x", None)
+        if x is None:
+            raise ClipHeadsError("a clipheads-hooked timm attention's norm was called outside the attention's own "
+                                 "forward; remove the ablation (clipheads.remove) before calling it directly")
+        z = attn._clipheads_hook(z.reshape(batch, tokens, attn.num_heads, attn.head_dim), _values(attn, x))
         return (z.reshape(batch, tokens, -1), *args[1:])
 
     return hook
@@ -142,7 +144,8 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
     blocks (``trunk.blocks[l].attn``, ``L{l}.H{h}``). The staged view runs timm's own modules: ``embed`` =
     ``patch_embed`` -> ``_pos_embed`` (-> ``patch_drop``) -> ``norm_pre``; ``run_layers`` = the blocks (EVA: with
     the trunk's rotary embedding); ``pool`` = ``norm`` -> ``forward_head`` (class token, average or the
-    ``AttentionPoolLatent`` probe of SigLIP) -> the tower's ``head``.
+    ``AttentionPoolLatent`` probe of SigLIP) -> the tower's ``head``. On a trunk without a class token (SigLIP) the
+    ``cls`` operator makes every token attend to the first token, as for transformers' SigLIP.
     """
 
     kind = KIND
