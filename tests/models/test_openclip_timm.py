@@ -294,8 +294,19 @@ PLANTED = "L1.H2"
 
 @pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA02-B-16"])
 def test_demo_size_search_finds_a_planted_head(config, tmp_path):
-    """Single-head scan and a short AAT-GA on 8 images find the head whose proj columns were scaled up."""
-    from clipheads.search import GAConfig, MaskEvaluator, Objective, RunFolder, ga_search, scan_heads
+    """Single-head scan, a short AAT-GA, the attribution scan and AAT-BP on 8 images find the head whose proj columns
+    were scaled up."""
+    from clipheads.search import (
+        BPConfig,
+        GAConfig,
+        MaskEvaluator,
+        Objective,
+        RunFolder,
+        bp_search,
+        ga_search,
+        scan_heads,
+    )
+    from clipheads.search.attribution import attribution_scan
 
     backend = tiny_timm_open_clip(config)
     layer, head = clipheads.parse_head(PLANTED)
@@ -315,6 +326,13 @@ def test_demo_size_search_finds_a_planted_head(config, tmp_path):
     result = ga_search(evaluator, GAConfig(beta=0.1, population=8, generations=3, seed=1),
                        RunFolder(tmp_path / "ga", {"strategy": "ga"}), scan=scan)
     assert PLANTED in result.mask.ablated and result.search_metric > result.search_baseline
+    # gradients reach the gates through the hooks: the attribution scan gives the planted head the largest estimated
+    # effect, and AAT-BP trains the gates
+    estimate = attribution_scan(backend, pixels, target, torch.arange(8), batch_size=4, order=1)
+    effect = estimate.estimated_delta.abs()
+    assert float(effect[layer, head]) == float(effect.max()) > 0
+    bp = bp_search(evaluator, target, torch.arange(8), BPConfig(beta=0.01, epochs=3, batch_size=4, lr=0.5))
+    assert float(bp.gates.max() - bp.gates.min()) > 0  # the gates left their common start: BP's gradients arrive
 
 
 @pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA02-B-16"])
