@@ -379,3 +379,24 @@ def test_cli_scan_and_ga_on_a_saved_tiny_model(config, tmp_path, run_main):
                               "--out", tmp_path / "ga")
     assert code == 0, err
     assert clipheads.HeadMask.load(tmp_path / "ga" / "mask.json").shape == (2, 4)
+
+
+@pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA02-B-16"])
+def test_cli_bake(config, tmp_path, run_main, pixels):
+    """``clipheads bake`` folds a zero ablation of a SigLIP copy into a model that loads and equals the ablation; on
+    EVA02 (sub-LN before proj) it is one ``error:`` line, exit 2, and nothing written."""
+    backend = tiny_timm_open_clip(config)
+    model = clipheads.save(backend, tmp_path / "model")
+    mask = clipheads.HeadMask.from_heads("L0.H3,L1.H0", backend)
+    mask_file = mask.save(tmp_path / "mask.json")
+    code, out, err = run_main("bake", "--model", model, "--mask", mask_file, "--op", "zero", "--out", tmp_path / "o")
+    if config == "EVA02-B-16":
+        assert code == 2 and err.startswith("error: ") and "sub-LN" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+        return
+    assert code == 0, err
+    with torch.no_grad(), clipheads.ablate(backend, mask, op="zero"):
+        expected = backend.encode_image(pixels)
+    with torch.no_grad():
+        got = clipheads.load(tmp_path / "o").encode_image(pixels)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
