@@ -286,29 +286,30 @@ def test_unsupported_trunks_and_attention_are_refused_in_one_line(siglip):
         clipheads.load(model)
 
 
-def test_lora_on_qkv_keeps_its_effect(siglip, pixels):
-    """peft's LoRA on timm's qkv/proj: a no-op ablation leaves the tuned output as is, and a zero ablation equals
-    the zero ablation of the hand-merged model."""
+@pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA02-B-16"])
+def test_lora_on_the_attention_keeps_its_effect(config, pixels):
+    """peft's LoRA on timm's qkv (SigLIP) or q_proj/v_proj (EVA02) and proj: a no-op ablation leaves the tuned
+    output as is, and an identity ablation equals the identity ablation of the hand-merged model."""
     import copy
 
     peft = pytest.importorskip("peft")
-    model = copy.deepcopy(siglip.model)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*visual\.trunk\.blocks\.\d+\.attn\.(qkv|proj)",
-                             init_lora_weights=False)
-    tuned = peft.get_peft_model(model, config).base_model.model
+    base = tiny_timm_open_clip(config)
+    model = copy.deepcopy(base.model)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                           target_modules=r".*visual\.trunk\.blocks\.\d+\.attn\.(qkv|q_proj|v_proj|proj)")
+    peft_model = peft.get_peft_model(model, lora)
+    tuned = peft_model.base_model.model
     backend = clipheads.load(tuned)
     mask = clipheads.HeadMask.from_heads(["L0.H1", "L1.H2"], backend)
     with torch.no_grad():
         out = backend.encode_image(pixels)
-        assert (out - siglip.encode_image(pixels)).abs().max() > 1e-3 * out.abs().max()
+        assert (out - base.encode_image(pixels)).abs().max() > 1e-3 * out.abs().max()
         with clipheads.ablate(backend, mask, op="scale", alpha=1.0):
             assert torch.equal(backend.encode_image(pixels), out)
         with clipheads.ablate(backend, mask, op="identity"):
             tuned_identity = backend.encode_image(pixels)
-        merged = clipheads.load(copy.deepcopy(tuned))
-        for module in list(merged.model.modules()):
-            if hasattr(module, "merge"):
-                module.merge()
+        merged = clipheads.load(copy.deepcopy(peft_model).merge_and_unload())  # plain nn.Linear again
+        assert type(merged.model.visual.trunk.blocks[0].attn.proj) is torch.nn.Linear
         with clipheads.ablate(merged, mask, op="identity"):
             merged_identity = merged.encode_image(pixels)
     assert (tuned_identity - merged_identity).abs().max() <= 1e-5 * out.abs().max()
