@@ -97,6 +97,10 @@ def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | Non
         projection = model.visual_projection
         return model.vision_model.post_layernorm, projection.weight.T, projection.bias
     visual = model.visual  # open_clip: _pool (ln_post + class token) -> @ proj
+    if getattr(visual, "trunk", None) is not None:  # TimmModel (SigLIP, EVA): timm's norm/pool/head, not yet here
+        raise ClipHeadsError(f"{backend.name}: the image tower is an open_clip TimmModel on a timm "
+                             f"{type(visual.trunk).__name__} trunk; the head decomposition supports open_clip "
+                             "VisionTransformer and transformers towers only")
     if visual.attn_pool is not None or visual.pool_type != "tok":
         raise ClipHeadsError(f"{backend.name}: the image tower pools with {visual.pool_type!r}"
                              f"{' and an attentional pooler' if visual.attn_pool is not None else ''}; the head "

@@ -23,7 +23,8 @@ from clipheads.models.hf import (
     load_hf,
 )
 from clipheads.models.openclip import PREFIX as OPEN_CLIP_PREFIX
-from clipheads.models.openclip import OpenCLIPBackend, load_open_clip
+from clipheads.models.openclip import OpenCLIPBackend, load_open_clip, open_clip_backend
+from clipheads.models.openclip_timm import OpenCLIPTimmBackend
 from clipheads.models.saving import OPEN_CLIP_CONFIG, save
 
 BUNDLED = "bundled"
@@ -233,13 +234,13 @@ def as_backend(model: nn.Module | CLIPBackend, name: str | None = None, *, token
         backend = HFBackend(model, name or type(model).__name__, tokenizer=tokenizer,
                                          image_processor=preprocess)
     elif hasattr(model, "visual"):
-        backend = OpenCLIPBackend(model, name or OPEN_CLIP_PREFIX + type(model).__name__, preprocess=preprocess,
-                                  tokenizer=tokenizer)
+        backend = open_clip_backend(model, name or OPEN_CLIP_PREFIX + type(model).__name__, preprocess=preprocess,
+                                    tokenizer=tokenizer)
     else:
         raise ModelLoadError(f"{type(model).__name__} is neither a transformers CLIP model nor an open_clip model")
     return backend
 
 
 __all__ = ["Architecture", "BUNDLED", "CLIPBackend", "CLIPTowers", "HFBackend", "HFTowersBackend", "HeadHook",
-           "OpenCLIPBackend", "Siglip2Backend", "SiglipBackend",
+           "OpenCLIPBackend", "OpenCLIPTimmBackend", "Siglip2Backend", "SiglipBackend",
            "as_backend", "bundled_model_path", "check_device", "load", "load_options", "parse_dtype", "save"]

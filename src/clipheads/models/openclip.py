@@ -150,7 +150,7 @@ class OpenCLIPBackend(CLIPBackend):
 
     # ----------------------------------------------------- library paths
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
+        return self.model.encode_image(pixels, normalize=False)  # CoCa's encode_image normalises by default
 
     def _encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(tokens["text"])
@@ -357,5 +357,16 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             f"(open_clip:{arch}/path/to/weights.pt), a local-dir: folder, or pre-download the weights into the "
             "Hugging Face cache") from None
     model.eval().to(device=device, dtype=dtype)
-    return OpenCLIPBackend(model, name if name.startswith(PREFIX) else PREFIX + name,
-                           preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
+    return open_clip_backend(model, name if name.startswith(PREFIX) else PREFIX + name,
+                             preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
+
+
+def open_clip_backend(model: nn.Module, name: str, **inputs) -> OpenCLIPBackend:
+    """The backend of a built open_clip model: :class:`OpenCLIPTimmBackend` for a tower on a timm trunk
+    (``model.visual.trunk``), else :class:`OpenCLIPBackend`; ``inputs`` are their ``preprocess``, ``tokenizer`` and
+    ``model_cfg``."""
+    from clipheads.models.openclip_timm import OpenCLIPTimmBackend, is_timm_tower
+
+    if is_timm_tower(model):
+        return OpenCLIPTimmBackend(model, name, **inputs)
+    return OpenCLIPBackend(model, name, **inputs)
