@@ -307,6 +307,15 @@ class SiglipBackend(HFBackend):
     def readout_tokens(self) -> int | None:
         return None
 
+    @property
+    def prefix_tokens(self) -> int:
+        return 0  # patches only: no class token
+
+    def attention_pool(self):
+        from clipheads.models.pooling import siglip_pool
+
+        return siglip_pool(self._vision)
+
 
 def _own_storage(model: nn.Module) -> None:
     """Copy parameters that ``from_pretrained`` left as views into the memory-mapped file into tensors of their own.
