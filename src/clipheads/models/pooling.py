@@ -14,9 +14,9 @@ head (``pooling_head.attention.out.post``), the MLP's output (``pooling_head.mlp
 
 :class:`AttentionPool` holds those pieces, taken from the library's own modules (no copy of the weights' values):
 :meth:`AttentionPool.from_siglip` for transformers' ``SiglipMultiheadAttentionPoolingHead`` (``nn.MultiheadAttention``
-with packed ``in_proj``). timm's ``AttentionPoolLatent`` (open_clip's SigLIP towers on timm trunks) has the same
-pieces (``q(latent)``, ``kv``, optional ``q_norm``/``k_norm``, ``proj``, ``norm`` + ``mlp``); a constructor for it
-fills the same fields.
+with packed ``in_proj``); :meth:`AttentionPool.from_timm` for timm's ``AttentionPoolLatent`` (open_clip's SigLIP
+towers on timm trunks: ``q(latent)``, packed ``kv``, optional ``q_norm``/``k_norm``, ``proj``, ``norm`` + ``mlp``), so
+that a backend for those trunks gets the decomposition by returning it from ``attention_pool()``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,40 @@ class AttentionPool:
 
         return cls(norm, query, key, w_v.view(n_heads, d, width), b_v.view(n_heads, d),
                    out.weight.float().view(-1, n_heads, d), out_bias, d ** -0.5, finish)
+
+    @classmethod
+    def from_timm(cls, norm: nn.Module, pool: nn.Module) -> AttentionPool:
+        """The pieces of timm's ``AttentionPoolLatent`` (``latent``, ``q``, packed ``kv``, ``q_norm``/``k_norm``,
+        ``proj``, ``norm`` + ``mlp``; open_clip's SigLIP towers on timm trunks) after the trunk's final ``norm``.
+
+        Raises:
+            ClipHeadsError: a learned position embedding in the pool, more than one latent query, or another pool
+                type than ``token``.
+        """
+        if getattr(pool, "pos_embed", None) is not None or pool.latent_len != 1 or pool.pool != "token":
+            raise ClipHeadsError("timm AttentionPoolLatent with a position embedding, several latents or "
+                                 f"pool_type {pool.pool!r} is not supported (one latent, 'token' pooling is)")
+        n_heads, d = pool.num_heads, pool.head_dim
+        width = n_heads * d
+        query = pool.q_norm(pool.q(pool.latent.float()).view(1, 1, n_heads, d).transpose(1, 2))[0, :, 0]  # [H', d']
+        w_kv = pool.kv.weight.float()
+        b_kv = pool.kv.bias.float() if pool.kv.bias is not None else torch.zeros(2 * width, device=w_kv.device)
+
+        def key(u: torch.Tensor) -> torch.Tensor:
+            k = (u.float() @ w_kv[:width].T + b_kv[:width]).view(*u.shape[:2], n_heads, d).transpose(1, 2)
+            return pool.k_norm(k)
+
+        proj = pool.proj
+        out_weight = proj.weight.float().view(-1, n_heads, d)
+        out_bias = proj.bias.float() if proj.bias is not None else torch.zeros(out_weight.shape[0],
+                                                                                device=w_kv.device)
+
+        def finish(pooled: torch.Tensor) -> torch.Tensor:
+            pooled = pooled.to(pool.latent.dtype)
+            return pooled if pool.mlp is None else pooled + pool.mlp(pool.norm(pooled))
+
+        return cls(norm, query, key, w_kv[width:].view(n_heads, d, -1), b_kv[width:].view(n_heads, d), out_weight,
+                   out_bias, float(pool.scale), finish)
 
     @property
     def n_heads(self) -> int:
