@@ -164,3 +164,15 @@ def test_attention_maps_have_no_class_token_row(siglip, images):
     assert rows.shape == (5, 4, 4)
     assert torch.allclose(rows, maps.weights[:, 0, 2].mean(dim=1).view(5, 4, 4))
     assert torch.allclose(rows.sum(dim=(1, 2)), torch.ones(5))
+
+
+def test_the_atlas_builds_with_maps(siglip):
+    import numpy as np
+    from PIL import Image
+
+    from clipheads.explain.atlas import AtlasInputs, build_atlas
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    atlas = build_atlas(siglip, images, ["a", "b", "c"], AtlasInputs(), maps=2)
+    assert atlas["n_layers"] == 2 and atlas["n_heads"] == 4
