@@ -13,7 +13,9 @@
   the ``textspan`` convention the head's share of the layer norm's mean and bias and of the ``out_proj`` bias is
   split equally over the ``T`` tokens as well. The ``T`` token terms of a head sum to its term in
   :func:`~clipheads.explain.decompose` (both conventions, tested). Projected on a text direction they give a heat
-  map over the image patches (:meth:`SpatialMaps.project`, :meth:`SpatialMaps.grid`).
+  map over the image patches (:meth:`SpatialMaps.project`, :meth:`SpatialMaps.grid`). A tower read by an
+  attention-pooling head (SigLIP, no class token) splits a head's term over the tokens where it writes, weighted by
+  the pooling probe's attention (as TextSpan's SigLIP code splits the pooling attention's output over tokens).
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def spatial_decomposition(model: CLIPBackend | nn.Module, pixels: torch.Tensor, 
     """Split the direct contribution of each of ``heads`` to the embeddings of ``pixels`` over the image tokens.
 
     Args:
-        model: an unablated backend or library model whose image tower pools its class token.
+        model: an unablated backend or library model whose image tower pools its class token or with an
+            attention-pooling head (SigLIP).
         pixels: ``[N, 3, H, W]`` preprocessed images.
         heads: ``"L10.H3,L11.H0"`` or a list of heads.
         convention: ``textspan`` (default, as published) or ``centred``, as in :func:`clipheads.explain.decompose`.
