@@ -308,8 +308,8 @@ class PooledLinearisation:
     """The attention pool frozen at one batch's pattern and per-token norm statistics (see :func:`decompose`):
     per-token terms ``[B, ..., T, W]`` of the last residual -> their terms of the image embedding."""
 
-    def __init__(self, pool, residual: torch.Tensor, convention: str, n_components: int) -> None:
-        self.pool, self.convention, self.components = pool, convention, n_components
+    def __init__(self, pool, residual: torch.Tensor, convention: str) -> None:
+        self.pool, self.convention = pool, convention
         self.mean, self.std = pool.statistics(residual)  # [B, T, 1]
         self.pattern = pool.pattern(residual)  # [B, H', T]
         self.gamma, self.beta = pool.gamma(residual[0, 0].float()), pool.beta(residual[0, 0].float())
@@ -328,8 +328,7 @@ class PooledLinearisation:
         and of every bias, over the embedding's norm."""
         mean, std = self._view(self.mean, term), self._view(self.std, term)
         if self.convention == "centred":
-            out = self.pool.through(self.gamma * (term - term.mean(-1, keepdim=True)) / std, self.pattern, per_token)
-            return out
+            return self.pool.through(self.gamma * (term - term.mean(-1, keepdim=True)) / std, self.pattern, per_token)
         post = self.gamma * (term - mean / share) / std + self.beta / share
         bias = self.pool.value_out_bias() / share
         if per_token:
@@ -346,7 +345,7 @@ def _pooled_decomposition(backend: CLIPBackend, pool, pixels: torch.Tensor, chos
     with torch.inference_mode():
         start, layers, residual = pooled_residual_run(backend, pixels)
         n_heads, components = backend.n_heads, 2 * backend.n_layers + 1
-        linear = PooledLinearisation(pool, residual, convention, components)
+        linear = PooledLinearisation(pool, residual, convention)
         heads, attention, mlps = [], [], []
         for layer, (z, x_in, x_out) in enumerate(layers):
             head_out, bias, mlp = layer_token_terms(backend, layer, z, x_in, x_out)

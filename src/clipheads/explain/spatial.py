@@ -255,7 +255,7 @@ def _pooled_spatial(backend: CLIPBackend, pool, pixels: torch.Tensor, chosen: li
     ``textspan`` the head's share of the pooling biases is split equally over the ``T`` tokens."""
     start, layers, residual = pooled_residual_run(backend, pixels)
     n_heads, components = backend.n_heads, 2 * backend.n_layers + 1
-    linear = PooledLinearisation(pool, residual, convention, components)
+    linear = PooledLinearisation(pool, residual, convention)
     terms = []
     for layer, head in chosen:
         head_out, bias, _ = layer_token_terms(backend, layer, *layers[layer])
