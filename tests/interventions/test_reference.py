@@ -98,11 +98,20 @@ def tiny_siglip():
     return tiny_model("siglip")
 
 
-@pytest.mark.parametrize("op", OPERATORS)
+@pytest.mark.parametrize("op", [op for op in OPERATORS if op != "cls"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_siglip_operator_matches_naive_reference(tiny_siglip, pixels, op, soft):
     """SigLIP (attention-pooling head, no class token): the same reference through its own embed/pool."""
     test_operator_matches_naive_reference(tiny_siglip, pixels, op, soft)
+
+
+def test_siglip_refuses_the_cls_operator(tiny_siglip):
+    """No class token: token 0 is an image patch, so ``cls`` is refused in one line instead of run on it."""
+    from clipheads.errors import OperatorError
+
+    with pytest.raises(OperatorError, match="needs a class token") as info:
+        clipheads.apply(tiny_siglip, clipheads.HeadMask.from_heads("L0.H0", tiny_siglip), op="cls")
+    assert "\n" not in str(info.value) and tiny_siglip.hooked_layers == []
 
 
 def test_siglip_naive_reference_with_all_ones_is_the_library(tiny_siglip, pixels):

@@ -8,7 +8,6 @@ from typer.testing import CliRunner
 
 import clipheads
 from clipheads.cli import app
-from clipheads.errors import ClipHeadsError
 from clipheads.explain.decomposition import decompose
 from clipheads.models.random_init import save_hf, tiny_model
 
@@ -63,10 +62,11 @@ def test_folder_loads_and_info_names_the_heads(siglip, tmp_path, pixels):
     assert "SiglipModel" in result.output and "L0.H0 .. L1.H3" in result.output
 
 
-def test_decomposition_is_refused_in_one_line(siglip, pixels):
-    with pytest.raises(ClipHeadsError, match="attention-pooling head") as info:
-        decompose(siglip, pixels)
-    assert "\n" not in str(info.value)
+def test_decomposition_sums_to_the_embedding(siglip, pixels):
+    """Decomposed through the attention-pooling head (tests/explain/test_decomposition_siglip.py for the rest)."""
+    with torch.inference_mode():
+        embedding = siglip.encode_image(pixels)
+    assert (decompose(siglip, pixels, convention="centred").total() - embedding).abs().max() <= 1e-5
 
 
 def test_single_head_scan_equals_one_at_a_time(siglip):

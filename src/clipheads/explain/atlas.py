@@ -71,7 +71,8 @@ def build_atlas(backend: CLIPBackend, images: Sequence[Image.Image], names: Sequ
     """The atlas data (a JSON-able dict) for ``images`` (PIL, with their ``names``).
 
     Args:
-        backend: an unablated model whose image tower pools its class token.
+        backend: an unablated model whose image tower pools its class token or with an attention-pooling head
+            (SigLIP).
         images: at least 2 images; ``maps`` of them (the first) get heat maps for every head.
         inputs: TextSpan descriptions, CCS and per-head measures (``[n_layers, n_heads]``).
         layers: layers whose heads are shown (default: all).

@@ -26,6 +26,17 @@ Two conventions place the layer norm's mean and bias (``convention=``):
 * ``centred``: each term is centred on its own mean over the width, biases are kept out (``ln_bias`` and
   :meth:`Decomposition.attention_bias`) and nothing is normalised: head terms are pure head outputs, and the terms
   sum to the unnormalised ``model.encode_image``.
+
+Towers that pool with an attention-pooling head instead of a class token (SigLIP: ``post_layernorm``, then a learned
+probe attending over every token, then ``pooled + MLP(LN(pooled))``) are read as TextSpan's own SigLIP code reads them
+(clip_text_span ``compute_siglip.py``: the pooling attention's output split over tokens and pooling heads, the pooling
+MLP's output a term of its own). The probe's attention pattern and ``post_layernorm``'s per-token statistics are
+frozen at each image's own values, so every residual term ``c`` (``[T, W]``, at every token) enters the pooled
+vector linearly: ``sum_h' W_O[h'] W_V[h'] sum_t A[h', t] gamma * (c_t - mean(c_t)) / std_t`` (``centred``), or with
+the token's mean and ``beta`` and the pool's ``W_O b_V + b_O`` shared out equally (``textspan``, the same shares as
+above). The pooling MLP's output depends on the whole pooled vector and belongs to no encoder head: it is the term
+``Decomposition.readout``; under ``centred``, ``ln_bias`` holds the pool's constant ``W_O (W_V beta + b_V) + b_O``.
+The terms sum to the image embedding (normalised under ``textspan``), tested against a hand-built reference.
 """
 
 from __future__ import annotations
@@ -54,6 +65,8 @@ class Decomposition:
         ln_bias: ``[D]`` the final layer norm's bias (and projection bias, if any), the same for every image
             (``centred``; zero under ``textspan``, where the biases are shared out over the other terms).
         convention: ``textspan`` (published: biases and mean shared out, normalised) or ``centred``.
+        readout: ``[N, D]`` what an attention-pooling head's MLP adds to the pooled vector (SigLIP; see
+            :func:`decompose`), a term of its own that belongs to no encoder head; ``None`` for class-token towers.
     """
 
     heads: torch.Tensor
@@ -63,6 +76,7 @@ class Decomposition:
     embedding: torch.Tensor
     ln_bias: torch.Tensor
     convention: str = "textspan"
+    readout: torch.Tensor | None = None
 
     @property
     def n_images(self) -> int:
@@ -75,7 +89,8 @@ class Decomposition:
     def total(self) -> torch.Tensor:
         """``[N, D]``: the sum of all terms: the model's image embedding (``centred``), divided by its norm
         (``textspan``)."""
-        return self.embedding + self.attention.sum(dim=1) + self.mlp.sum(dim=1) + self.ln_bias
+        total = self.embedding + self.attention.sum(dim=1) + self.mlp.sum(dim=1) + self.ln_bias
+        return total if self.readout is None else total + self.readout
 
     @classmethod
     def concat(cls, parts: Sequence[Decomposition]) -> Decomposition:
@@ -84,7 +99,8 @@ class Decomposition:
             raise ClipHeadsError("no image batches to decompose")
         return cls(torch.cat([p.heads for p in parts]), parts[0].layers, torch.cat([p.attention for p in parts]),
                    torch.cat([p.mlp for p in parts]), torch.cat([p.embedding for p in parts]), parts[0].ln_bias,
-                   parts[0].convention)
+                   parts[0].convention,
+                   None if parts[0].readout is None else torch.cat([p.readout for p in parts]))
 
 
 def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
@@ -177,12 +193,16 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
         its norm under ``textspan``).
 
     Raises:
-        ClipHeadsError: an unknown convention, an ablated model or a tower that does not pool its class token.
+        ClipHeadsError: an unknown convention, an ablated model or a tower that pools neither its class token nor
+            with an attention-pooling head (open_clip's ``avg``/attentional poolers).
     """
     check_convention(convention)
     backend = as_backend(model)
     backend.require_unablated("the decomposition")
     chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers, backend.n_layers)
+    pool = backend.attention_pool()
+    if pool is not None:
+        return _pooled_decomposition(backend, pool, pixels, chosen, convention)
     norm, projection, projection_bias = _final_stage(backend)
     embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels)
     if convention == "textspan":
@@ -242,6 +262,113 @@ def _textspan_terms(norm: nn.LayerNorm, projection: torch.Tensor | None, project
     return Decomposition(heads=head_terms[:, chosen].cpu(), layers=chosen, attention=head_terms.sum(dim=2).cpu(),
                          mlp=term(mlps, components).cpu(), embedding=term(embedding, components).cpu(),
                          ln_bias=zero.cpu(), convention="textspan")
+
+
+@torch.inference_mode()
+def pooled_residual_run(backend: CLIPBackend, pixels: torch.Tensor
+                        ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One forward pass of a tower read by an attention pool, kept token by token: the residual entering layer 0
+    ``[B, T, W]``, per layer ``(z [B, T, H, d], x_in, x_out)`` (the heads' outputs before ``out_proj`` and the
+    residual around the layer) and the last residual ``[B, T, W]``."""
+    recorded: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int):
+        def hook(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            recorded[layer] = z
+            return z
+
+        return hook
+
+    x = backend.embed(pixels.to(backend.device, backend.dtype))
+    start, layers = x, []
+    try:
+        for layer in range(backend.n_layers):
+            backend.set_head_hook(layer, recorder(layer))
+        for layer in range(backend.n_layers):
+            x_next = backend.run_layers(x, layer, layer + 1)
+            layers.append((recorded.pop(layer), x, x_next))
+            x = x_next
+    finally:
+        backend.clear_head_hooks()
+    return start, layers, x
+
+
+def layer_token_terms(backend: CLIPBackend, layer: int, z: torch.Tensor, x_in: torch.Tensor, x_out: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``layer`` adds at every token: heads ``[B, H, T, W]`` (``z`` through each head's ``out_proj`` block,
+    times the layer scale), the ``out_proj`` bias ``[B, T, W]`` and the MLP ``[B, T, W]`` (the rest of
+    ``x_out - x_in``)."""
+    proj = backend.out_proj(layer)
+    scale = _layer_scale(backend, layer)
+    weight = proj.weight.float().view(-1, backend.n_heads, backend.head_dim)  # [W, H, d]
+    heads = scale(torch.einsum("bthd,whd->bhtw", z.float(), weight))
+    bias = (torch.zeros_like(heads[:, 0]) if proj.bias is None
+            else scale(proj.bias.float()).expand_as(heads[:, 0]))
+    mlp = x_out.float() - x_in.float() - heads.sum(dim=1) - bias
+    return heads, bias, mlp
+
+
+class PooledLinearisation:
+    """The attention pool frozen at one batch's pattern and per-token norm statistics (see :func:`decompose`):
+    per-token terms ``[B, ..., T, W]`` of the last residual -> their terms of the image embedding."""
+
+    def __init__(self, pool, residual: torch.Tensor, convention: str) -> None:
+        self.pool, self.convention = pool, convention
+        self.mean, self.std = pool.statistics(residual)  # [B, T, 1]
+        self.pattern = pool.pattern(residual)  # [B, H', T]
+        self.gamma, self.beta = pool.gamma(residual[0, 0].float()), pool.beta(residual[0, 0].float())
+        centred = self.gamma * (residual.float() - self.mean) / self.std
+        self.pooled = pool.through(centred, self.pattern) + pool.constant()  # [B, D]: the attention's output
+        self.embedding = pool.finish(self.pooled).float()  # the model's image embedding
+        self.readout = self.embedding - self.pooled  # what the pooling head's MLP adds
+        self.scale = self.embedding.norm(dim=-1) if convention == "textspan" else torch.ones_like(self.pooled[:, 0])
+
+    def _view(self, stat: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        return stat.view(stat.shape[0], *(1,) * (term.dim() - 3), stat.shape[1], 1)
+
+    def __call__(self, term: torch.Tensor, share: int = 1, per_token: bool = False) -> torch.Tensor:
+        """``[B, ..., T, W]`` -> ``[B, ..., D]`` (``[B, ..., T, D]`` with ``per_token``). ``centred``: the term
+        centred on its own mean, over the token's std; ``textspan``: one of ``share`` equal parts of the token's mean
+        and of every bias, over the embedding's norm."""
+        mean, std = self._view(self.mean, term), self._view(self.std, term)
+        if self.convention == "centred":
+            return self.pool.through(self.gamma * (term - term.mean(-1, keepdim=True)) / std, self.pattern, per_token)
+        post = self.gamma * (term - mean / share) / std + self.beta / share
+        bias = self.pool.value_out_bias() / share
+        if per_token:
+            bias = bias / term.shape[-2]
+        out = self.pool.through(post, self.pattern, per_token) + bias
+        scale = self.scale.view(-1, *(1,) * (out.dim() - 1))
+        return out / scale
+
+
+def _pooled_decomposition(backend: CLIPBackend, pool, pixels: torch.Tensor, chosen: list[int], convention: str
+                          ) -> Decomposition:
+    """:func:`decompose` for a tower read by an attention pool (SigLIP): every residual term is read at every token
+    through the frozen pool (see the module doc)."""
+    with torch.inference_mode():
+        start, layers, residual = pooled_residual_run(backend, pixels)
+        n_heads, components = backend.n_heads, 2 * backend.n_layers + 1
+        linear = PooledLinearisation(pool, residual, convention)
+        heads, attention, mlps = [], [], []
+        for layer, (z, x_in, x_out) in enumerate(layers):
+            head_out, bias, mlp = layer_token_terms(backend, layer, z, x_in, x_out)
+            if convention == "textspan":
+                head_terms = linear(head_out + bias[:, None] / n_heads, components * n_heads)  # [B, H, D]
+                attention.append(head_terms.sum(dim=1))
+            else:
+                head_terms = linear(head_out)
+                attention.append(head_terms.sum(dim=1) + linear(bias))
+            heads.append(head_terms)
+            mlps.append(linear(mlp, components))
+        embedding = linear(start.float(), components)
+        zero = torch.zeros_like(linear.pooled[0])
+        ln_bias = pool.constant() if convention == "centred" else zero
+        readout = linear.readout / linear.scale[:, None]
+        return Decomposition(heads=torch.stack(heads, 1)[:, chosen].cpu(), layers=chosen,
+                             attention=torch.stack(attention, 1).cpu(), mlp=torch.stack(mlps, 1).cpu(),
+                             embedding=embedding.cpu(), ln_bias=ln_bias.cpu(), convention=convention,
+                             readout=readout.cpu())
 
 
 def decompose_batches(model: CLIPBackend | nn.Module, batches: Iterable[torch.Tensor],

@@ -13,7 +13,9 @@
   the ``textspan`` convention the head's share of the layer norm's mean and bias and of the ``out_proj`` bias is
   split equally over the ``T`` tokens as well. The ``T`` token terms of a head sum to its term in
   :func:`~clipheads.explain.decompose` (both conventions, tested). Projected on a text direction they give a heat
-  map over the image patches (:meth:`SpatialMaps.project`, :meth:`SpatialMaps.grid`).
+  map over the image patches (:meth:`SpatialMaps.project`, :meth:`SpatialMaps.grid`). A tower read by an
+  attention-pooling head (SigLIP, no class token) splits a head's term over the tokens where it writes, weighted by
+  the pooling probe's attention (as TextSpan's SigLIP code splits the pooling attention's output over tokens).
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ import torch
 from torch import nn
 
 from clipheads.errors import ClipHeadsError
-from clipheads.explain.decomposition import _final_stage, _layer_scale, check_convention
+from clipheads.explain.decomposition import (
+    PooledLinearisation,
+    _final_stage,
+    _layer_scale,
+    check_convention,
+    layer_token_terms,
+    pooled_residual_run,
+)
 from clipheads.heads import Head, head_label, parse_heads, parse_layers
 from clipheads.interventions import HeadMask, ablate
 from clipheads.models import CLIPBackend, as_backend
@@ -53,12 +62,12 @@ def _qkv(backend: CLIPBackend, layer: int, x: torch.Tensor) -> tuple[torch.Tenso
     return (*(t.reshape(shape).transpose(1, 2) for t in (q, k, v)), scale)
 
 
-def patch_grid(n_tokens: int) -> int:
-    """Side of the square patch grid of ``n_tokens`` tokens (class token first); a :class:`ClipHeadsError` if the
-    patches do not form a square."""
-    side = math.isqrt(n_tokens - 1)
-    if side * side != n_tokens - 1:
-        raise ClipHeadsError(f"{n_tokens - 1} patch tokens do not form a square grid")
+def patch_grid(n_tokens: int, prefix: int = 1) -> int:
+    """Side of the square patch grid of ``n_tokens`` tokens (``prefix`` of them in front of the patches: 1, the
+    class token; 0 for SigLIP); a :class:`ClipHeadsError` if the patches do not form a square."""
+    side = math.isqrt(n_tokens - prefix)
+    if side * side != n_tokens - prefix:
+        raise ClipHeadsError(f"{n_tokens - prefix} patch tokens do not form a square grid")
     return side
 
 
@@ -71,16 +80,20 @@ class AttentionMaps:
             token ``i`` attends to token ``j`` (rows sum to 1; token 0 is the class token).
         layers: the requested layers (0-based, sorted).
         ablated: heads ablated while the maps were taken (``L{layer}.H{head}``), empty without a mask.
+        prefix_tokens: tokens in front of the patches (1: the class token; 0: none, SigLIP).
     """
 
     weights: torch.Tensor
     layers: list[int]
     ablated: list[str]
+    prefix_tokens: int = 1
 
     def cls_row(self, layer: int, head: int) -> torch.Tensor:
-        """``[N, g, g]``: the class token's attention to each image patch of head ``head`` of ``layer``."""
-        row = self.weights[:, self.layers.index(layer), head, 0, 1:]
-        side = patch_grid(row.shape[-1] + 1)
+        """``[N, g, g]``: the class token's attention to each image patch of head ``head`` of ``layer``; for a
+        tower without a class token (SigLIP) the attention each patch receives, averaged over all query tokens."""
+        weights = self.weights[:, self.layers.index(layer), head]  # [N, T, T]
+        row = weights[:, 0, 1:] if self.prefix_tokens else weights.mean(dim=1)
+        side = patch_grid(row.shape[-1], 0)
         return row.reshape(-1, side, side)
 
 
@@ -122,7 +135,7 @@ def attention_maps(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers:
     else:
         run()
         ablated = []
-    return AttentionMaps(torch.stack([maps[layer] for layer in chosen], 1), chosen, ablated)
+    return AttentionMaps(torch.stack([maps[layer] for layer in chosen], 1), chosen, ablated, backend.prefix_tokens)
 
 
 @dataclass
@@ -134,11 +147,13 @@ class SpatialMaps:
             over ``T`` it is the head's term of :func:`clipheads.explain.decompose` in the same convention.
         heads: the ``K`` heads, ``L{layer}.H{head}``.
         convention: ``textspan`` or ``centred`` (see :mod:`clipheads.explain.decomposition`).
+        prefix_tokens: tokens in front of the patches (1: the class token; 0: none, SigLIP).
     """
 
     terms: torch.Tensor
     heads: list[str]
     convention: str
+    prefix_tokens: int = 1
 
     def project(self, direction: torch.Tensor) -> torch.Tensor:
         """``[N, K, T]``: each token's contribution along ``direction`` (``[D]``, e.g. a text embedding; it is
@@ -151,9 +166,9 @@ class SpatialMaps:
 
     def grid(self, values: torch.Tensor) -> torch.Tensor:
         """``[N, K, T]`` token values (from :meth:`project`) -> ``[N, K, g, g]`` over the image patches (the class
-        token's own value is ``values[..., 0]``)."""
-        side = patch_grid(values.shape[-1])
-        return values[..., 1:].reshape(*values.shape[:-1], side, side)
+        token's own value, if any, is ``values[..., 0]``)."""
+        side = patch_grid(values.shape[-1], self.prefix_tokens)
+        return values[..., self.prefix_tokens:].reshape(*values.shape[:-1], side, side)
 
 
 @torch.inference_mode()
@@ -162,7 +177,8 @@ def spatial_decomposition(model: CLIPBackend | nn.Module, pixels: torch.Tensor, 
     """Split the direct contribution of each of ``heads`` to the embeddings of ``pixels`` over the image tokens.
 
     Args:
-        model: an unablated backend or library model whose image tower pools its class token.
+        model: an unablated backend or library model whose image tower pools its class token or with an
+            attention-pooling head (SigLIP).
         pixels: ``[N, 3, H, W]`` preprocessed images.
         heads: ``"L10.H3,L11.H0"`` or a list of heads.
         convention: ``textspan`` (default, as published) or ``centred``, as in :func:`clipheads.explain.decompose`.
@@ -182,6 +198,9 @@ def spatial_decomposition(model: CLIPBackend | nn.Module, pixels: torch.Tensor, 
     for layer, head in chosen:
         if not (0 <= layer < backend.n_layers and 0 <= head < backend.n_heads):
             raise ClipHeadsError(f"{head_label(layer, head)} is not a head of {backend.name}")
+    pool = backend.attention_pool()
+    if pool is not None:
+        return _pooled_spatial(backend, pool, pixels, chosen, convention)
     norm, projection, projection_bias = _final_stage(backend)
     layers = sorted({layer for layer, _ in chosen})
     d = backend.head_dim
@@ -226,3 +245,24 @@ def spatial_decomposition(model: CLIPBackend | nn.Module, pixels: torch.Tensor, 
         post = gamma * (values - mean / share) / std + beta / share
         terms.append((post @ projection + extra / share) / embedded.norm(dim=-1)[:, None, None])
     return SpatialMaps(torch.stack(terms, 1).cpu(), [head_label(*h) for h in chosen], convention)
+
+
+def _pooled_spatial(backend: CLIPBackend, pool, pixels: torch.Tensor, chosen: list[Head], convention: str
+                    ) -> SpatialMaps:
+    """:func:`spatial_decomposition` for a tower read by an attention pool (SigLIP): a head's term split over the
+    tokens where it writes and the pooling probe reads it (``A_pool[t]`` times the head's output at token ``t``,
+    through the frozen pool), as TextSpan's SigLIP code splits the pooling attention's output over tokens; under
+    ``textspan`` the head's share of the pooling biases is split equally over the ``T`` tokens."""
+    start, layers, residual = pooled_residual_run(backend, pixels)
+    n_heads, components = backend.n_heads, 2 * backend.n_layers + 1
+    linear = PooledLinearisation(pool, residual, convention)
+    terms = []
+    for layer, head in chosen:
+        head_out, bias, _ = layer_token_terms(backend, layer, *layers[layer])
+        values = head_out[:, head]  # [N, T, W]
+        if convention == "textspan":
+            terms.append(linear(values + bias / n_heads, components * n_heads, per_token=True))
+        else:
+            terms.append(linear(values, per_token=True))
+    return SpatialMaps(torch.stack(terms, 1).cpu(), [head_label(*h) for h in chosen], convention,
+                       backend.prefix_tokens)

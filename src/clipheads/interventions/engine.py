@@ -64,7 +64,7 @@ def apply(model: ModelLike, mask: HeadMask, op: str | Operator = "identity", *, 
     if backend.intervention is not None:
         raise ClipHeadsError("this model already has an ablation applied; call clipheads.remove(model) first")
     mask.check(backend)
-    operator = _operator_for(mask, op, alpha, means)
+    operator = _operator_for(mask, op, alpha, means).check_fits(backend)
     if operator.means is not None and (tuple(operator.means.shape[:2]) != mask.shape
                                        or operator.means.shape[-1] != backend.head_dim):
         raise OperatorError(f"head means of shape {tuple(operator.means.shape)} do not fit this model "

@@ -66,6 +66,14 @@ class Operator:
             out["alpha"] = self.alpha
         return out
 
+    def check_fits(self, backend) -> Operator:
+        """``self``, or an :class:`OperatorError` (one line) when the model has nothing the operator needs: ``cls``
+        on a tower without a class token (SigLIP: token 0 is an image patch)."""
+        if self.name == "cls" and getattr(backend, "prefix_tokens", 1) == 0:
+            raise OperatorError(f"operator 'cls' needs a class token, but {backend.name} has none (it pools with an "
+                                "attention-pooling head); use identity, zero, mean or scale")
+        return self
+
     def replacement(self, z: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """What the heads' outputs become when fully ablated, ``[B, T, H, d]``."""
         if self.name == "identity":

@@ -230,6 +230,16 @@ class CLIPBackend(ABC):
         """How many leading tokens :meth:`pool` reads (1: the class token), ``None`` if it reads every token."""
         return None
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens in front of the image patches in the residual stream (1: the class token; 0: none, SigLIP)."""
+        return 1
+
+    def attention_pool(self):
+        """The probe-attention read-out (:class:`clipheads.models.pooling.AttentionPool`) of a tower that pools
+        with an attention-pooling head instead of a class token; ``None`` for class-token towers."""
+        return None
+
     def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head attention outputs ``z [B, Tq, H, d]`` (before any hook and ``out_proj``) and values

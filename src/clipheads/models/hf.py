@@ -378,6 +378,15 @@ class SiglipBackend(HFBackend):
     def readout_tokens(self) -> int | None:
         return None
 
+    @property
+    def prefix_tokens(self) -> int:
+        return 0  # patches only: no class token
+
+    def attention_pool(self):
+        from clipheads.models.pooling import siglip_pool
+
+        return siglip_pool(self._vision)
+
 
 NAFLEX_KEYS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 

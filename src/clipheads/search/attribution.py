@@ -164,6 +164,7 @@ def attribution_scan(
     if image_features is not None and len(image_features) != len(pixels):
         raise ClipHeadsError(f"{len(image_features)} image features for {len(pixels)} images")
     backend.require_unablated("the attribution scan (it installs its own gates)")
+    operator = resolve_operator(op, alpha=alpha, means=means).check_fits(backend)
     score = SURROGATES[surrogate]
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=backend.device)
     dtype = torch.float32 if backend.dtype in (torch.float16, torch.bfloat16) else backend.dtype  # the surrogate's
@@ -177,7 +178,6 @@ def attribution_scan(
                 [backend.encode_image_readout(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
         value, vectors = _feature_vectors(score, features.to(dtype), texts, n_probes, generator)
 
-    operator = resolve_operator(op, alpha=alpha, means=means)
     per_image = []  # [V, b, L, H] per batch: each vector's gradient with respect to every image's own gates
     with frozen_parameters(backend.model):
         for i in range(0, len(pixels), batch_size):

@@ -8,7 +8,8 @@
   one ``[k*b, T, W]`` forward, with one hook per layer that gives each mask's chunk of the batch its own gate row.
 * Where the backend can split a layer into attention and the rest, the first recomputed layer's attention is computed
   once for the ``b`` images (the masks of a group differ only in how its heads are mixed), and the last layer runs
-  for the class token only, the one token the image embedding reads.
+  for the class token only, the one token the image embedding reads (a tower read by an attention-pooling head,
+  SigLIP, reads every token: its last layer runs whole, ``readout_tokens`` is ``None``).
 * A mask is evaluated once: scores are memoised by the operator and the mask's gates.
 * Under ``torchrun`` the groups are shared out over ranks and the scores gathered on every rank. Groups are formed
   before sharding, so a mask's score does not depend on the number of processes.
@@ -100,7 +101,7 @@ class MaskEvaluator:
             raise ClipHeadsError(f"no evaluation images for the search{f' (split {split!r})' if split else ''}")
         self.backend = backend
         self.objective = objective
-        self.operator = resolve_operator(op, alpha=alpha, means=means)
+        self.operator = resolve_operator(op, alpha=alpha, means=means).check_fits(backend)
         self.n_images = len(pixels)
         self.plan = plan or self._plan(backend, pixels, batch_size, memory_budget, cache_dtype, cache_stride,
                                        other_bytes)
@@ -114,7 +115,7 @@ class MaskEvaluator:
         self.n_layers, self.n_heads = backend.n_layers, backend.n_heads
         self.cached_layers = list(range(0, self.n_layers, self.plan.cache_stride))
         # split layers: share the first recomputed layer's attention over masks, last layer for the class token only
-        self.fast_path = backend.supports_layer_split and backend.readout_tokens is not None
+        self.fast_path = backend.supports_layer_split  # readout_tokens None (attention pool): last layer runs whole
         self.n_forward_masks = 0  # masks evaluated by a forward pass (all ranks together)
         self.n_local_masks = 0  # of those, the masks this rank evaluated
         self._cache, self.baseline_features = self._build_cache(pixels)
@@ -271,6 +272,8 @@ class MaskEvaluator:
             return backend.pool(backend.run_layers(x.repeat(k, 1, 1), begin))  # [k*b, T, W], mask-major
         last, readout = self.n_layers - 1, backend.readout_tokens
         x = backend.run_layer_split(begin, x, readout if begin == last else None, repeat=k)
-        if begin < last:
+        if begin < last and readout is None:  # the pool reads every token: the library's own last layer
+            x = backend.run_layers(x, begin + 1)
+        elif begin < last:
             x = backend.run_layer_split(last, backend.run_layers(x, begin + 1, last), readout)
         return backend.pool(x)
