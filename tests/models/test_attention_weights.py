@@ -136,3 +136,27 @@ def test_open_clip_maps_are_the_modules_weights(open_clip_backend, pixels):
             h = block.ln_1(x)
             own = block.attn(h, h, h, need_weights=True, average_attn_weights=False)[1]
         assert torch.equal(maps.weights[:, layer], own)
+
+
+def test_open_clip_maps_keep_a_lora_adapters_effect(pixels):
+    """The maps of a LoRA-tuned open_clip (peft target_parameters on in_proj) are the hand-merged model's."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from clipheads.explain.spatial import attention_maps
+
+    base = tiny_model("open_clip", seed=3).model
+    plain = copy.deepcopy(base)
+    torch.manual_seed(3)
+    names = [f"visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(2)]
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=names, init_lora_weights=False)
+    tuned = peft.get_peft_model(base, config).eval()
+    merged = copy.deepcopy(plain)
+    with torch.no_grad():
+        for i, block in enumerate(tuned.base_model.model.visual.transformer.resblocks):
+            wrapper = block.attn
+            delta = wrapper.lora_B["default"].weight @ wrapper.lora_A["default"].weight * wrapper.scaling["default"]
+            merged.visual.transformer.resblocks[i].attn.in_proj_weight += delta
+    got = attention_maps(clipheads.load(tuned), pixels, [0, 1]).weights
+    assert torch.allclose(got, attention_maps(clipheads.load(merged), pixels, [0, 1]).weights, atol=1e-6)
+    assert (got - attention_maps(clipheads.load(plain), pixels, [0, 1]).weights).abs().max() > 1e-3
