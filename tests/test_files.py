@@ -102,13 +102,13 @@ def test_a_results_folder_lists_its_outputs_and_refuses_a_users_file_of_the_same
     assert read_manifest(out) == {"summary.json", "a.png"}
     assert check_output_dir(out, products) == out  # clipheads' own results: replaced on the next run
     (out / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nmine")  # the user's picture under a product name
-    with pytest.raises(OutputError, match="b.png.*not written by clipheads") as info:
+    with pytest.raises(OutputError, match="b.png.*not on the list of files clipheads wrote") as info:
         check_output_dir(out, products)
     assert "\n" not in str(info.value)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "summary.json").write_text('{"my": "numbers"}')  # valid JSON, but the user's
-    with pytest.raises(OutputError, match="summary.json.*not written by clipheads"):
+    with pytest.raises(OutputError, match="summary.json.*not on the list of files clipheads wrote"):
         check_output_dir(mine, products)
     (mine / "summary.json").unlink()
     (mine / MANIFEST).write_text("my notes")  # a file under the list's name that is not clipheads' list

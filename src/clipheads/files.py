@@ -227,9 +227,9 @@ def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = 
                 raise OutputError(f"{str(entry)!r} exists and is not {_KIND_TEXT[kind]} clipheads writes; clipheads "
                                   "does not overwrite it: move it or choose another output folder", path=entry)
             if kind is not None and kind != "dir" and entry.name not in (listed or ()):
-                raise OutputError(f"{str(entry)!r} exists and was not written by clipheads (not listed in {MANIFEST}); "
-                                  "clipheads does not overwrite it: move it or choose another output folder",
-                                  path=entry)
+                raise OutputError(f"{str(entry)!r} exists and is not on the list of files clipheads wrote there "
+                                  f"({MANIFEST}; an older clipheads kept none); clipheads does not overwrite it: move "
+                                  "it or choose another output folder", path=entry)
     else:
         _check_creatable(path, "folder")
     if products:

@@ -73,7 +73,8 @@ def test_a_users_own_summary_json_in_the_demo_folder_is_refused_before_any_work(
     (tmp_path / "summary.json").write_text('{"my": "own results"}\n')
     code, _, err = run_main("demo", "--quick", "--out", tmp_path, forbid_load=True)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "summary.json" in lines[0] and "not written by clipheads" in lines[0]
+    assert code == 2 and len(lines) == 1 and "summary.json" in lines[0]
+    assert "not on the list of files clipheads wrote" in lines[0]
     assert (tmp_path / "summary.json").read_text() == '{"my": "own results"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
