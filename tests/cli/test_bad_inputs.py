@@ -225,8 +225,8 @@ def test_input_paths_that_do_not_exist_are_refused_at_parse_time(path, option, v
 
 
 # inputs that are not only paths, so that existence is checked by their reader: shard patterns
-# ("shards/{000..009}.tar") and preset names ("--templates openai")
-NOT_ONLY_PATHS = {(("eval",), "--data"), (("eval",), "--templates")}
+# ("shards/{000..009}.tar") and preset names ("--templates openai", in every command that takes templates)
+NOT_ONLY_PATHS = {(("eval",), "--data")} | {(path, "--templates") for path in COMMANDS}
 
 
 def test_every_input_path_must_exist():
@@ -350,3 +350,77 @@ def test_the_top_help_maps_every_command_to_a_line_of_work():
     words = set(re.findall(r"[a-z]+", ROOT.help.split("The three lines of work", 1)[1]))
     assert {"scan", "search", "layers", "describe", "ccs", "prune"} <= words
     assert set(ROOT.commands) <= words, set(ROOT.commands) - words
+
+
+def test_options_of_the_same_name_share_type_default_and_help():
+    """One meaning per option (issue 22): every visible option of a name has the same spellings, type, default and
+    help in every command. Hidden old spellings, kept for one release, are left out (``--threshold`` is search's old
+    ``--gate-threshold`` and ccs's judge threshold)."""
+    meanings: dict[str, dict[tuple, list[str]]] = {}
+    for path, name, p in _visible_options():
+        meaning = (tuple(sorted(p.opts)), _kind(p), repr(p.default), p.help)
+        meanings.setdefault(name, {}).setdefault(meaning, []).append(path)
+    differ = {name: by_meaning for name, by_meaning in meanings.items() if len(by_meaning) > 1}
+    assert not differ, differ
+
+
+def _parsed(path: tuple[str, ...], *args) -> dict:
+    """The values a command receives for ``args`` (what typer's callbacks make of them), without running it."""
+    import click
+
+    ctx = click.Context(ROOT, info_name="clipheads")
+    group = ROOT
+    for name in path[:-1]:
+        group = group.commands[name]
+        ctx = click.Context(group, info_name=name, parent=ctx)
+    command = group.commands[path[-1]]
+    with command.make_context(path[-1], [str(a) for a in args], parent=ctx) as sub:
+        return sub.params
+
+
+def test_defaults_that_depend_on_the_command(tmp_path):
+    """An option whose default depends on the command has the default None, and its help states the rule that
+    :func:`clipheads.cli.options.per_command` applies (the values the commands had before issue 22)."""
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    scan = _parsed(("scan",), "--data", image)
+    assert (scan["out"], scan["batch_size"], scan["task"], scan["model"], scan["op"], scan["alpha"]) == (
+        Path("clipheads-scan"), 64, "retrieval", "bundled", "identity", None)
+    world = _parsed(("world", "train"), "--data", tmp_path)
+    assert (world["out"], world["batch_size"], world["lr"]) == (Path("clipheads-world-train"), 128, 1e-3)
+    prune = _parsed(("prune",), "--ccs", image)
+    assert (prune["out"], prune["op"], prune["alpha"], prune["batch_size"], prune["split"]) == (
+        Path("clipheads-prune"), "scale", 0.0, 32, None)
+    evaluation = _parsed(("eval",), "--task", "retrieval")
+    assert (evaluation["out"], evaluation["split"], evaluation["batch_size"]) == (Path("clipheads-eval.json"), "test",
+                                                                                 64)
+    generate = _parsed(("captioner", "generate"), "--captioner", tmp_path, "--images", image)
+    assert (generate["model"], generate["out"], generate["batch_size"]) == (None, None, 32)  # the captioner's model
+    assert _parsed(("layers",), "--data", image)["split"] == "none"
+    assert _parsed(("captioner", "train"), "--data", image)["epochs"] == 10
+    assert _parsed(("finetune",), "--data", image)["epochs"] == 3
+    assert _parsed(("search",), "--data", image)["epochs"] is None  # bp's own default
+    assert (_parsed(("atlas",), "--data", image)["max_images"], _parsed(("ccs",))["max_images"]) == (200, 2000)
+    given = _parsed(("scan",), "--data", image, "--out", tmp_path / "o", "--batch-size", 3, "--model", "m")
+    assert (given["out"], given["batch_size"], given["model"]) == (tmp_path / "o", 3, "m")
+
+
+@pytest.mark.parametrize(("path", "option", "value"), [(("world", "train"), "--batch-size", "1"),
+                                                       (("finetune",), "--batch-size", "1"),
+                                                       (("finetune",), "--epochs", "0"),
+                                                       (("captioner", "train"), "--epochs", "0")])
+def test_minimums_that_depend_on_the_command(path, option, value, files, tmp_path, monkeypatch, capsys):
+    """A contrastive batch needs two pairs; training needs an epoch (search's bp takes --epochs 0)."""
+    args = [*path, option, value, *_fill(COMMANDS[path], option, files, tmp_path)]
+    line = assert_error_line(*run(args, monkeypatch, capsys))
+    assert option in line and "needs at least" in line
+
+
+def test_renamed_in_issue_22_are_hidden_aliases():
+    """scan --method (exact/attribution) is --scoring, search --threshold (bp's gate) --gate-threshold, atlas --top
+    --images-per-head: --method, --threshold and --top keep one meaning (finetune's, ccs's, prune's)."""
+    old = {("scan",): "--method", ("search",): "--threshold", ("atlas",): "--top"}
+    for path, spelling in old.items():
+        params = [p for p in COMMANDS[path].params if spelling in p.opts]
+        assert len(params) == 1 and params[0].hidden and "Old spelling of" in params[0].help, (path, spelling)
+    assert _parsed(("scan",), "--data", __file__, "--method", "attribution")["method_old"] == "attribution"

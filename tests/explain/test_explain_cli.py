@@ -134,7 +134,7 @@ def test_prune_groups_and_an_empty_group(setup, world, tmp_path):
     assert result.exit_code != 0 and "no head is in the CCS group 'high'" in str(result.exception)
     result = runner.invoke(app, ["prune", "--group", "low", "--out", str(tmp_path / "x"), "--ccs", str(ccs),
                                  "--model", str(setup / "model")])
-    assert "give at least one of --retrieval, --zeroshot, --bias" in str(result.exception)
+    assert "give at least one of --data, --zeroshot, --bias" in str(result.exception)
 
 
 def test_ccs_k_and_layers_select_from_descriptions(setup, tmp_path, run_main):

@@ -126,7 +126,7 @@ def test_scan_cli_first_order_attribution(world, tmp_path):
 def test_verify_top_needs_attribution(world, tmp_path):
     result = invoke("scan", "--model", world / "model", "--data", world / "karpathy.json", "--verify-top", 2,
                     "--out", tmp_path / "x")
-    assert isinstance(result.exception, clipheads.ClipHeadsError) and "--method attribution" in str(result.exception)
+    assert isinstance(result.exception, clipheads.ClipHeadsError) and "--scoring attribution" in str(result.exception)
 
 
 def test_scan_cli_attribution_scores_top_k_masks_exactly(world, tmp_path):

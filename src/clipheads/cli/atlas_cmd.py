@@ -9,7 +9,20 @@ import torch
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Device, ModelName
+from clipheads.cli.options import (
+    DATA_HELP,
+    BatchSize,
+    CCSFile,
+    DescriptionsFile,
+    Device,
+    Layers,
+    MaxImages,
+    ModelName,
+    Out,
+    Seed,
+    old_spelling,
+    prefer_old,
+)
 from clipheads.errors import DataError
 
 console = Console()
@@ -28,22 +41,22 @@ def _table(path: Path, key: str, what: str, shape: tuple[int, int]) -> torch.Ten
 
 
 def atlas_command(
-    data: Path = typer.Option(..., "--data", "-d", exists=True,
-                              help="Images: a folder (searched recursively) or a Karpathy-style retrieval JSON."),
-    out: Path = typer.Option(Path("atlas.html"), "--out", "-o", help="HTML file to write."),
-    model: ModelName = "bundled",
-    descriptions: Path | None = typer.Option(None, exists=True, help="descriptions.json of 'clipheads describe' "
-                                                                     "(TextSpan texts per head)."),
-    ccs: Path | None = typer.Option(None, exists=True, help="ccs.json of 'clipheads ccs' (concept label, CCS)."),
+    data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
+    out: Out = None,
+    model: ModelName = None,
+    descriptions: DescriptionsFile = None,
+    ccs: CCSFile = None,
     scan: Path | None = typer.Option(None, exists=True, help="scan.json of 'clipheads scan' (metric change when "
                                                              "each head is ablated)."),
     cue: Path | None = typer.Option(None, exists=True, help="summary.json of 'clipheads demo' (cue share per head)."),
-    layers: str | None = typer.Option(None, help="Layers whose heads to show, e.g. '3-5' (default: all)."),
-    max_images: int = typer.Option(200, min=2, help="Use a fixed random subset of at most this many images."),
-    top: int = typer.Option(6, min=1, help="Images shown per head (highest along its main direction)."),
+    layers: Layers = None,
+    max_images: MaxImages = None,
+    top: int = typer.Option(6, "--images-per-head", min=1, help="Images shown per head (highest along its main "
+                                                                 "direction)."),
+    top_old: int = old_spelling("--top", "--images-per-head", min=1),
     maps: int = typer.Option(3, min=0, help="Images with spatial and attention maps for every head."),
-    batch_size: int = typer.Option(32, min=1, help="Images per batch."),
-    seed: int = typer.Option(0, min=0, help="Seed of the image subset."),
+    batch_size: BatchSize = None,
+    seed: Seed = 0,
     device: Device = "cpu",
 ) -> None:
     """Write one HTML page (no server; open it from the file) to browse the heads: a layer x head grid coloured
@@ -58,6 +71,7 @@ def atlas_command(
     from clipheads.files import check_output_file
     from clipheads.heads import parse_layers
 
+    top = prefer_old(top, top_old)
     check_output_file(out, "html")
     inputs = AtlasInputs()  # the given results are read (and refused, in one line) before images and the model
     if descriptions is not None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Alpha, Device, ModelName
+from clipheads.cli.options import Alpha, Device, MaskFile, ModelName, OperatorName, Out
 
 console = Console()
 
 
 def bake_command(
-    mask: Path = typer.Option(..., "--mask", exists=True, help="Head mask JSON (clipheads mask / search / scan)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the baked model to (new or empty)."),
-    op: str = typer.Option("zero", help="Operator folded into the output projections: zero (default), mean (head "
-                                         "means stored in the mask: clipheads mask --means-from) or scale."),
+    mask: MaskFile = ...,
+    out: Out = None,
+    op: OperatorName = None,
     alpha: Alpha = None,
-    model: ModelName = "bundled",
+    model: ModelName = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model that an earlier bake wrote to --out "
                                                               "(a folder of other files is never replaced)."),
     device: Device = "cpu",

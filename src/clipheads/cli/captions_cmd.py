@@ -11,12 +11,21 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.options import (
-    MODELS,
+    DATA_HELP,
+    BatchSize,
+    Beams,
+    Captioner,
     Device,
+    Epochs,
     ImageRoot,
+    Images,
+    LearningRate,
+    MaxNewTokens,
     ModelName,
+    Out,
+    Seed,
+    Split,
     Threads,
-    finite,
     old_spelling,
     prefer_old,
 )
@@ -98,24 +107,27 @@ def _pixel_batches(preprocess, files: list[Path], batch_size: int):
 
 @captioner_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", exists=True, help="Karpathy split JSON of image-caption pairs."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the captioner to."),
-    split: str = typer.Option("train", help="Split to train on ('train' also takes 'restval')."),
-    model: ModelName = "bundled",
+    data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
+    out: Out = None,
+    split: Split = None,
+    model: ModelName = None,
     image_root: ImageRoot = None,
-    epochs: int = typer.Option(10, min=1, help="Passes over the training captions."),
-    batch_size: int = typer.Option(32, min=1, help="Captions per training step."),
-    lr: float = typer.Option(1e-3, callback=finite(above=0), help="AdamW learning rate."),
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
     prefix_length: int = typer.Option(10, min=1, help="Decoder input embeddings made from the image embedding."),
     width: int = typer.Option(256, min=8, help="Decoder width (GPT-2 n_embd)."),
     decoder_layers: int = typer.Option(4, min=1, help="Decoder layers (GPT-2 n_layer)."),
     images_root: Path = old_spelling("--images-root", "--image-root", exists=True),
     layers: int = old_spelling("--layers", "--decoder-layers", min=1),
-    seed: int = typer.Option(0, min=0, help="Random seed (weights, batch order, dropout)."),
+    seed: Seed = 0,
     device: Device = "cpu",
     threads: Threads = None,
 ) -> None:
-    """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings."""
+    """Train a ClipCap-style captioner (prefix MLP + small GPT-2) on the frozen CLIP image embeddings.
+
+    --data: a Karpathy split JSON of image-caption pairs; --out: the folder the captioner is written to.
+    """
     import clipheads
     from clipheads.captions import CaptionTrainConfig, build_captioner, encode_images, train_captioner
     from clipheads.captions.prefix import CONFIG_FILE, DECODER_DIR
@@ -155,18 +167,14 @@ def train(
 
 @captioner_app.command("generate")
 def generate(
-    captioner_dir: Path = typer.Option(..., "--captioner", "-c", exists=True,
-                                       help="Folder of a trained captioner, or of a Hugging Face "
-                                            "VisionEncoderDecoderModel."),
-    images: list[Path] = typer.Option(..., "--images", "-i", exists=True,
-                                      help="Image file or folder; repeat for more."),
+    captioner_dir: Captioner = ...,
+    images: Images = ...,
     prefix: str = typer.Option("", help="Text every caption starts with, e.g. 'a photo of a'."),
-    beams: int = typer.Option(1, min=1, help="Beam width (1 = greedy)."),
-    max_new_tokens: int = typer.Option(20, min=1, help="Most tokens generated per caption."),
-    model: str = typer.Option(None, "--model", "-m",
-                              help="CLIP model: " + MODELS + " Default: the model the captioner was trained on."),
-    batch_size: int = typer.Option(32, min=1, help="Images per batch."),
-    out: Path = typer.Option(None, "--out", "-o", help="Write the captions to this JSON file."),
+    beams: Beams = 1,
+    max_new_tokens: MaxNewTokens = 20,
+    model: ModelName = None,
+    batch_size: BatchSize = None,
+    out: Out = None,
     device: Device = "cpu",
     threads: Threads = None,
 ) -> None:

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Threads
+from clipheads.cli.options import ModelName, Out, Seed, Threads
 
 console = Console()
 
 
 def demo(
-    out: Path = typer.Option(Path("clipheads-demo"), "--out", "-o", help="Output folder (report.html, atlas.html, "
-                                                                         "summary.json, masks, the generated world)."),
+    out: Out = None,
     quick: bool = typer.Option(False, help="A reduced run (fewer images, shorter searches): about 1.5 minutes on 2 "
                                            "cores, the full demo about 6."),
-    model: str = typer.Option("bundled", "--model", "-m", help="The CLIP to analyse (default: the bundled one, "
-                                                                 "trained on the same world)."),
-    seed: int = typer.Option(0, min=0, help="World and search seed."),
+    model: ModelName = None,
+    seed: Seed = 0,
     threads: Threads = None,
 ) -> None:
     """Run everything on the bundled model: evaluation, head scan, AAT-GA/BP, cue analysis, layer scan, CCS.
 
-    Writes one self-contained HTML report (open it in a browser) and JSON results.
+    Writes one self-contained HTML report (open it in a browser) and JSON results to --out: report.html,
+    atlas.html, summary.json, the masks and the generated world. The bundled model was trained on that world.
     """
     import torch
     from tqdm.auto import tqdm

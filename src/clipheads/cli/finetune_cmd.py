@@ -12,9 +12,20 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.options import (
+    DATA_HELP,
+    AllowSameSplit,
+    BatchSize,
     Device,
+    Epochs,
+    Generations,
+    LearningRate,
     ModelName,
     NumWorkers,
+    OperatorName,
+    Out,
+    Population,
+    ReportSplit,
+    Seed,
     SkipBad,
     Threads,
     finite,
@@ -40,41 +51,35 @@ def _print_table(result, title: str) -> None:
 
 
 def finetune_command(
-    data: Path = typer.Option(..., "--data", "-d", help="Retrieval dataset with splits (Karpathy JSON, e.g. the "
-                                                        "retrieval.json of 'clipheads world make').", exists=True),
-    model: ModelName = "bundled",
+    data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
+    model: ModelName = None,
     method: str = typer.Option("lora", help="What to train: lora (low-rank adapters on the image encoder's attention "
                                             "projections), ia3 (learned scaling vectors) or full (every weight of the "
                                             "image encoder). Ignored with --compare (see --methods)."),
     lora_rank: int = typer.Option(8, min=1, help="lora: rank of the adapters (lora_alpha = 2 x rank)."),
     rank: int = old_spelling("--rank", "--lora-rank", min=1),
-    epochs: int = typer.Option(3, min=1,
-                               help="Passes over the training images (each with one of its captions at random)."),
-    lr: float = typer.Option(None, help="Learning rate (AdamW, cosine decay); default 1e-3 for lora/ia3, 1e-5 for "
-                                        "full.", callback=finite(above=0)),
+    epochs: Epochs = None,
+    lr: LearningRate = None,
     full_lr: float = typer.Option(None, help="--compare: learning rate of full fine-tuning (default: --lr if given, "
                                              "else 1e-5).", callback=finite(above=0)),
     train_split: str = typer.Option("train", help="Split whose image-text pairs every method trains on."),
     val_split: str = typer.Option("val", help="Split scored after every epoch (the mean-R per epoch curves)."),
-    report_split: str = typer.Option("test", help="Held-out split of the final result."),
-    allow_same_split: bool = typer.Option(False, "--allow-same-split",
-                                          help="Allow validating or reporting on the training split."),
+    report_split: ReportSplit = "test",
+    allow_same_split: AllowSameSplit = False,
     compare: bool = typer.Option(False, "--compare", help="Run every method of --methods on the same pairs and write "
                                                           "comparison.json, comparison.md and the plots."),
     methods: str = typer.Option("vanilla,aat-ga,aat-bp,lora-r2,lora-r8,full", help=METHODS_HELP),
-    op: str = typer.Option("identity", help="--compare: ablation operator of the AAT masks."),
+    op: OperatorName = None,
     ga_beta: float = typer.Option(0.01, callback=finite(),
                                   help="aat-ga: fitness = mean-R - beta x fraction of heads ablated."),
-    population: int = typer.Option(16, min=2, help="aat-ga: population size."),
-    generations: int = typer.Option(8, min=1, help="aat-ga: generations."),
+    population: Population = None,
+    generations: Generations = None,
     bp_beta: float = typer.Option(0.1, callback=finite(), help="aat-bp: loss = contrastive + beta x mean(1 - gate)."),
     bp_epochs: int = typer.Option(None, min=0, help="aat-bp: epochs over the training pairs (default: --epochs)."),
     bp_lr: float = typer.Option(0.2, callback=finite(above=0), help="aat-bp: learning rate of the gate logits (Adam)."),
-    seed: int = typer.Option(0, min=0, help="Random seed (batch order, GA population, BP batches)."),
-    out: Path = typer.Option(Path("finetune-out"), "--out", "-o", help="Output folder: checkpoints (one folder per "
-                                                                       "method), metrics.json or comparison.json."),
-    batch_size: int = typer.Option(64, help="Image-text pairs per training step (contrastive batch); also images per "
-                                            "forward when scoring.", min=2),
+    seed: Seed = 0,
+    out: Out = None,
+    batch_size: BatchSize = None,
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     skip_bad: SkipBad = False,
@@ -84,7 +89,14 @@ def finetune_command(
     (text tower frozen), as a baseline for AAT: mean-R on --val-split after every epoch, on --report-split at the end.
     With --compare, every method of --methods learns from the same pairs (AAT-GA: a single-head scan, then the GA;
     AAT-BP: learned gates) and the table puts held-out mean-R beside trainable parameters (an AAT mask counts one bit
-    per head) and training time."""
+    per head) and training time.
+
+    --data: a retrieval dataset with splits (Karpathy JSON, e.g. the retrieval.json of 'clipheads world make').
+    --out: checkpoints (one folder per method), metrics.json or comparison.json. --op: the ablation operator of the
+    AAT masks (--compare). --lr: AdamW with cosine decay, default 1e-3 for lora/ia3, 1e-5 for full. --epochs: each
+    training image is seen once per epoch with one of its captions at random. --batch-size: image-text pairs per
+    training step (contrastive batch, at least 2), also images per forward when scoring.
+    """
     import clipheads
     from clipheads.baselines import CompareConfig, compare_baselines, parse_methods
     from clipheads.baselines.finetune import require_peft

@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 
-from clipheads.cli.options import Alpha, Device, ModelName, OperatorName
+from clipheads.cli.options import Alpha, Device, Heads, Images, MaskFile, ModelName, OperatorName, Out
 
 console = Console()
 
 
 def maps_command(
-    images: list[Path] = typer.Option(..., "--images", exists=True, help="Image file(s) or folder; repeatable."),
-    heads: str = typer.Option(..., "--heads", help="Heads to draw, e.g. L3.H7,L5.H1 (0-based)."),
-    out: Path = typer.Option(Path("maps"), "--out", "-o", help="Folder for the PNG files and maps.json."),
+    images: Images = ...,
+    heads: Heads = ...,
+    out: Out = None,
     text: str | None = typer.Option(None, help="Project the spatial decomposition on this text's embedding "
                                                "(default: no spatial maps, attention only)."),
-    mask: Path | None = typer.Option(None, "--mask", exists=True, help="Also draw the attention with this head "
-                                                                       "mask applied (clipheads mask/search)."),
-    op: OperatorName = "identity",
+    mask: MaskFile = None,
+    op: OperatorName = None,
     alpha: Alpha = None,
-    model: ModelName = "bundled",
+    model: ModelName = None,
     device: Device = "cpu",
 ) -> None:
     """Draw each head's class-token attention (with and without --mask) and, with --text, its spatial
     decomposition along the text over each image; attention matrices are computed for the heads' layers only.
-    Under --mask an ablated head's map shows what the operator did (identity: the class token reads only itself,
-    so no patch; cls: the same; zero/mean: nothing; scale: alpha times its attention); maps.json gives each map's
-    attention on the patches (patch_attention) and whether its head was ablated."""
+
+    --out: a folder for the PNG files and maps.json; --mask: also draw the attention with this mask applied. Under
+    --mask an ablated head's map shows what the operator did (identity: the class token reads only itself, so no
+    patch; cls: the same; zero/mean: nothing; scale: alpha times its attention); maps.json gives each map's attention
+    on the patches (patch_attention) and whether its head was ablated.
+    """
     import clipheads
     from clipheads.cli.patch_cmd import _images
     from clipheads.data import read_image

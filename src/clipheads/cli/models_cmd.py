@@ -9,7 +9,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, MeansKind, ModelName, Pretrained, SkipBad, finite
+from clipheads.cli.options import (
+    BatchSize,
+    Device,
+    Heads,
+    Layers,
+    MeansFrom,
+    MeansKind,
+    ModelName,
+    Out,
+    Pretrained,
+    SkipBad,
+    finite,
+)
 from clipheads.errors import DataError, MaskError
 
 console = Console()
@@ -17,7 +29,7 @@ console = Console()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def info(model: ModelName = "bundled", device: Device = "cpu", pretrained: Pretrained = None) -> None:
+def info(model: ModelName = None, device: Device = "cpu", pretrained: Pretrained = None) -> None:
     """Show a model's image-encoder attention: layers, heads per layer, head dim, image size."""
     import clipheads
 
@@ -34,20 +46,23 @@ def info(model: ModelName = "bundled", device: Device = "cpu", pretrained: Pretr
 
 
 def mask(
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the mask JSON."),
-    heads: str = typer.Option("", help="Heads to ablate, e.g. 'L3.H7,L5.H1'."),
-    layers: str = typer.Option("", help="Whole layers to ablate, e.g. '0-2,5' (ranges inclusive)."),
+    out: Out = None,
+    heads: Heads = None,
+    layers: Layers = None,
     gate: float = typer.Option(0.0, callback=finite(0, 1),
                                help="Gate of the chosen heads: 0 = ablate fully, between 0 and 1 = soft."),
-    means_from: Path = typer.Option(None, help="Folder of reference images: store each head's mean output in the "
-                                                "mask (needed by --op mean).", exists=True),
+    means_from: MeansFrom = None,
     means: MeansKind = "per-position",
-    model: ModelName = "bundled",
-    batch_size: int = typer.Option(32, min=1, help="Images per batch for --means-from."),
+    model: ModelName = None,
+    batch_size: BatchSize = None,
     device: Device = "cpu",
     skip_bad: SkipBad = False,
 ) -> None:
-    """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it."""
+    """Write a head mask (JSON) for a model; 'clipheads eval --mask' and the Python API read it.
+
+    --heads and --layers (whole layers) name the heads to ablate; --means-from stores each head's mean output over
+    those images in the mask (needed by --op mean), read --batch-size images at a time.
+    """
     import clipheads
     from clipheads.files import check_output_file
 

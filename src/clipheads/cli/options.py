@@ -17,10 +17,8 @@ import typer
 
 MODELS = ("'bundled' (shipped with clipheads), a Hugging Face id or folder, open_clip:ARCH (random init), "
           "open_clip:ARCH/TAG or open_clip:ARCH/path/to/checkpoint.pt, or a folder written by 'clipheads bake'.")
-MODEL_HELP = "Model (default: bundled): " + MODELS
-TASK_HELP = "retrieval (default metric mean_recall), selection (caption selection, acc) or zeroshot (acc1)."
+MODEL_HELP = "Model (default: bundled; captioner generate: the model the captioner was trained on): " + MODELS
 SPLIT_HELP = "Split of a file with splits (Karpathy JSON); 'none' uses the whole file."
-OP_HELP = "Ablation operator: identity (default), cls, zero, mean (head means of the search images) or scale."
 
 
 def finite(min: float | None = None, max: float | None = None, above: float | None = None
@@ -56,15 +54,24 @@ def check_device_option(value: str | None) -> str | None:
     return value
 
 
-DataPath = Annotated[Path, typer.Option("--data", "-d", exists=True, help="Dataset file or folder.")]
-ModelName = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
-TaskName = Annotated[str, typer.Option("--task", "-t", help=TASK_HELP)]
+DATA_HELP = ("Dataset: a file or folder of the kind the command reads (retrieval JSON or CSV with splits, a folder "
+             "of images, an ImageFolder, a Hugging Face dataset, webdataset shards, a world folder of 'clipheads "
+             "world make'; see the command's help).")
+DataPath = Annotated[Path, typer.Option("--data", "-d", exists=True, help=DATA_HELP)]
+
+
+def _default_model(ctx, param, value):
+    """--model's value: 'bundled' when not given, except for captioner generate (the captioner's own model)."""
+    return value if value is not None or command_path(ctx) == "captioner generate" else "bundled"
+
+
+ModelName = Annotated[str | None, typer.Option("--model", "-m", show_default=False, callback=_default_model,
+                                               help=MODEL_HELP)]
 ReportData = Annotated[Path | None, typer.Option(help="Held-out dataset file (default: --data; needed for tasks "
                                                       "whose files have no splits).", exists=True)]
-AllowSameSplit = Annotated[bool, typer.Option("--allow-same-split", help="Allow reporting on the searched split.")]
-OperatorName = Annotated[str, typer.Option(help=OP_HELP)]
-Alpha = Annotated[float | None, typer.Option(help="Factor of the scale operator.", callback=finite())]
-Templates = Annotated[Path | None, typer.Option(exists=True, help="zeroshot: prompt templates file.")]
+AllowSameSplit = Annotated[bool, typer.Option("--allow-same-split", help="Allow reporting (finetune: also "
+                                                                         "validating) on the split searched or "
+                                                                         "trained on.")]
 NumWorkers = Annotated[int, typer.Option(min=0, help="DataLoader workers reading images.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps ... (checked before anything is loaded).",
                                      callback=check_device_option)]
@@ -107,7 +114,8 @@ def with_precision(command: Callable) -> Callable:
     return run
 Pretrained = Annotated[str | None, typer.Option(help="open_clip pretrained tag or checkpoint file for --model ARCH "
                                                    "(as clip_benchmark's --model ViT-B-32 --pretrained TAG).")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip missing or corrupt images.")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip (and count) missing or corrupt images instead of "
+                                                          "stopping.")]
 MEANS_HELP = ("Head means for the mean operator: per-position (each head's mean over the images at each token "
               "position, the usual mean ablation) or pooled (over images and positions; foldable by bake).")
 MeansKind = Annotated[str, typer.Option("--means", help=MEANS_HELP)]
@@ -160,3 +168,181 @@ def prefer_old(new, old):
 SkewK = Annotated[int, typer.Option("--skew-k", min=1, help="bias: K of MaxSkew@K.")]
 ImageRoot = Annotated[Path | None, typer.Option("--image-root", exists=True, help="Folder the dataset file's image "
                                                 "paths are relative to (default: the file's own folder).")]
+
+
+# ------------------------------------------------------------------------ one meaning per option, across commands
+# Options that several commands take, each defined once: the same type, default and help everywhere (checked by
+# tests/cli/test_bad_inputs.py, which walks the app). Where the value a command uses when the option is not given
+# depends on the command, the option's default is None, its help states the rule, and :func:`per_command` computes
+# the value while the command line is parsed (from the option's table of command defaults, keyed by the command's
+# path such as ``"world train"``).
+
+def command_path(ctx) -> str:
+    """The command a click context runs, without the program: ``"scan"``, ``"world train"``."""
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(reversed(names)) or (ctx.info_name if ctx is not None else "")
+
+
+def per_command(defaults: dict[str, object], minimum: dict[str, int] | None = None,
+                then: Callable | None = None) -> Callable:
+    """A typer callback giving an option its command's default (``defaults[command]``; None where the command has
+    none) when it is not given, refusing values below the command's ``minimum``, then applying ``then`` (another
+    check, e.g. :func:`finite`)."""
+    def callback(ctx, param, value):
+        command = command_path(ctx)
+        if value is None:
+            value = defaults.get(command)
+        low = (minimum or {}).get(command)
+        if low is not None and value is not None and value < low:
+            raise typer.BadParameter(f"{value} is out of range: {command} needs at least {low}")
+        return value if then is None else then(value)
+
+    return callback
+
+
+def split_or_whole(split: str | None) -> str | None:
+    """A ``--split`` value as the readers take it: ``None`` (the whole file) for ``none``, ``all`` or nothing."""
+    return None if split is None or split.lower() in ("none", "all", "") else split
+
+
+# --out
+ONE_FILE = {"atlas": ".html", "eval": ".json", "mask": ".json"}  # commands that write one file, not a folder
+PRINT_ONLY = ("patch", "captioner generate")  # commands that print their result and write it only with --out
+
+
+def default_out(command: str) -> Path | None:
+    """Where a command writes when ``--out`` is not given: ``clipheads-<command>/`` (a folder), or
+    ``clipheads-<command>.<json|html>`` for the commands that write one file; None for those that only print."""
+    if command in PRINT_ONLY:
+        return None
+    return Path("clipheads-" + command.replace(" ", "-") + ONE_FILE.get(command, ""))
+
+
+def _out(ctx, param, value):
+    return default_out(command_path(ctx)) if value is None else value
+
+
+OUT_HELP = ("Where to write the results (default: clipheads-<command>/, or clipheads-<command>.json / .html for "
+            "eval, mask and atlas, which write one file; patch and captioner generate only print unless given a "
+            "JSON file here).")
+Out = Annotated[Path | None, typer.Option("--out", "-o", callback=_out, show_default=False, help=OUT_HELP)]
+
+# --batch-size
+BATCH_SIZES = {"atlas": 32, "captioner generate": 32, "ccs": 32, "describe": 32, "prune": 32, "mask": 32,
+               "eval": 64, "layers": 64, "scan": 64, "search": 64, "finetune": 64, "captioner train": 32,
+               "world train": 128}
+BatchSize = Annotated[int | None, typer.Option(
+    min=1, callback=per_command(BATCH_SIZES, minimum={"world train": 2, "finetune": 2}), show_default=False,
+    help="Examples per forward pass or training step: images (scan, search, layers: images x stacked masks), "
+         "image-text pairs when training contrastively, captions for captioner train (default: 128 for world "
+         "train, 64 for eval, scan, search, layers and finetune, 32 otherwise).")]
+
+# --seed
+Seed = Annotated[int, typer.Option(min=0, help="Random seed of everything the command draws (image subsets, text "
+                                                "pools, initial weights, batch order, GA populations, the world); "
+                                                "the same seed gives the same result.")]
+
+# --epochs
+EPOCHS = {"captioner train": 10, "finetune": 3}  # search: None (bp's default, 10)
+Epochs = Annotated[int | None, typer.Option(
+    min=0, callback=per_command(EPOCHS, minimum={"captioner train": 1, "finetune": 1}), show_default=False,
+    help="Passes over the training data (default: 10 for captioner train and for search's bp, 3 for finetune).")]
+
+# --lr
+LEARNING_RATES = {"captioner train": 1e-3, "world train": 1e-3}  # finetune and search: None (their method's)
+LearningRate = Annotated[float | None, typer.Option(
+    callback=per_command(LEARNING_RATES, then=finite(above=0)), show_default=False,
+    help="Peak learning rate (AdamW; default 1e-3, finetune's full 1e-5, search's bp 0.2 for the gate logits "
+         "with Adam).")]
+
+# --population, --generations (genetic search)
+Population = Annotated[int | None, typer.Option(
+    min=2, callback=per_command({"search": 32, "finetune": 16}), show_default=False,
+    help="Genetic search (search's ga, finetune's aat-ga): population size (default 32 for search, 16 for "
+         "finetune).")]
+Generations = Annotated[int | None, typer.Option(
+    min=1, callback=per_command({"search": 20, "finetune": 8}), show_default=False,
+    help="Genetic search (search's ga, finetune's aat-ga): generations (default 20 for search, 8 for finetune).")]
+
+# --max-images
+MaxImages = Annotated[int | None, typer.Option(
+    min=2, callback=per_command({"atlas": 200, "ccs": 2000, "describe": 2000}), show_default=False,
+    help="Use a fixed random subset of at most this many images (default 2000; atlas: 200).")]
+
+# --split
+SPLITS = {"eval": "test", "captioner train": "train", "layers": "none"}
+Split = Annotated[str | None, typer.Option(
+    callback=per_command(SPLITS), show_default=False,
+    help="Split of a file with splits (Karpathy JSON, CSV with a split column); 'none' or 'all' uses the whole "
+         "file (default: test for eval, train (with restval) for captioner train, the whole file otherwise).")]
+
+# --task
+TASKS = {"scan": "retrieval", "search": "retrieval", "layers": "selection"}
+TaskName = Annotated[str | None, typer.Option(
+    "--task", "-t", callback=per_command(TASKS), show_default=False,
+    help="retrieval (Karpathy JSON, COCO captions JSON, CSV image,caption; metric mean_recall), selection "
+         "(JSON/CSV image + candidates + answer; acc), zeroshot (ImageFolder or CSV image,label; acc1), and for "
+         "eval compositional (JSON pairs) or bias (counterfactual JSON); clip_benchmark's zeroshot_retrieval, "
+         "zeroshot_classification and image_caption_selection name the first three (default: retrieval for scan "
+         "and search, selection for layers; eval needs it).")]
+
+# --op, --alpha
+OPERATORS = {"bake": "zero", "prune": "scale"}
+OperatorName = Annotated[str | None, typer.Option(
+    callback=per_command(OPERATORS, then=lambda value: value if value is not None else "identity"),
+    show_default=False,
+    help="Ablation operator: identity, cls, zero, mean (head means: of the search images, or stored in the mask by "
+         "'clipheads mask --means-from') or scale (outputs times --alpha); bake folds zero, mean or scale into the "
+         "weights, prune applies scale or mean (default: identity; bake: zero; prune: scale).")]
+Alpha = Annotated[float | None, typer.Option(
+    callback=per_command({"prune": 0.0}, then=finite()), show_default=False,
+    help="Factor of the scale operator: a head's output times alpha, 0 removes it (prune's default: 0).")]
+
+# --metric
+Metric = Annotated[str | None, typer.Option(help="Metric to maximise and report (default per task: mean_recall, "
+                                                 "acc, acc1).")]
+
+# --templates (a file or a preset name, so not checked as a path)
+Templates = Annotated[Path | None, typer.Option(
+    help="zeroshot: prompt templates, one with {} per line, or a preset: openai (CLIP's 80, as clip_benchmark), "
+         "default (clipheads' set, used when not given).")]
+
+# --heads, --layers
+Heads = Annotated[str | None, typer.Option(help="Heads, e.g. L3.H7,L5.H1 (0-based): the heads to draw, patch or "
+                                                "ablate.")]
+Layers = Annotated[str | None, typer.Option(help="Layers, e.g. '0-2,5' (ranges inclusive, 0-based): whose heads to "
+                                                 "describe, score or show (default: all), or for mask whose heads "
+                                                 "to ablate (default: none).")]
+
+# --mask, --ccs, --descriptions, --means-from, --captioner, --images
+MaskFile = Annotated[Path | None, typer.Option("--mask", exists=True, help="Head mask JSON (from 'clipheads mask', "
+                                                                           "scan or search) to ablate.")]
+CCSFile = Annotated[Path | None, typer.Option("--ccs", exists=True, help="ccs.json of 'clipheads ccs' (concept "
+                                                                         "label and CCS per head).")]
+DescriptionsFile = Annotated[Path | None, typer.Option(
+    "--descriptions", exists=True, help="descriptions.json of 'clipheads describe' (TextSpan texts per head; ccs "
+                                        "skips TextSpan with it).")]
+MeansFrom = Annotated[Path | None, typer.Option(
+    "--means-from", exists=True, help="Folder of reference images whose mean head outputs the mean operator uses "
+                                      "(mask stores them in the mask).")]
+Captioner = Annotated[Path | None, typer.Option(
+    "--captioner", "-c", exists=True,
+    help="A captioner folder written by 'clipheads captioner train' (reads the CLIP model's image embedding), or a "
+         "Hugging Face VisionEncoderDecoderModel folder with a CLIP vision encoder (its own encoder's layers are "
+         "cancelled by layers).")]
+Images = Annotated[list[Path] | None, typer.Option("--images", "-i", exists=True,
+                                                   help="Image file or folder; repeat for more.")]
+
+# caption generation
+Beams = Annotated[int, typer.Option(min=1, help="Beam width of caption generation (1 = greedy).")]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Most tokens generated per caption, after any prefix.")]
+
+# held-out splits
+SearchSplit = Annotated[str, typer.Option(help="Split to scan or search on (search's bp trains on its pairs). "
+                                               + SPLIT_HELP)]
+REPORT_SPLIT_HELP = ("Held-out split of the final result; for scan and search 'none' is the whole --report-data "
+                     "file, or without --report-data no report (the old spelling of --no-report).")
+ReportSplit = Annotated[str, typer.Option(help=REPORT_SPLIT_HELP)]

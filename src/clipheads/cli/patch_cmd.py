@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.models_cmd import IMAGE_SUFFIXES
-from clipheads.cli.options import Device, ModelName
+from clipheads.cli.options import Device, Heads, ModelName, Out
 from clipheads.errors import DataError
 
 console = Console()
@@ -32,9 +32,9 @@ def patch_command(
                                       help="Source image(s) or folder (sorted); repeat the option for more."),
     destination: list[Path] = typer.Option(..., "--destination", exists=True,
                                            help="Destination image(s) or folder, paired one to one with --source."),
-    heads: str = typer.Option(..., "--heads", help="Heads to patch, e.g. L3.H7,L5.H1 (0-based)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the result as JSON to this file."),
-    model: ModelName = "bundled",
+    heads: Heads = ...,
+    out: Out = None,
+    model: ModelName = None,
     device: Device = "cpu",
 ) -> None:
     """Patch each head's output from the source image into the destination image, one head at a time and all

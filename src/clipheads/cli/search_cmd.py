@@ -17,25 +17,40 @@ from rich.console import Console
 from rich.table import Table
 
 from clipheads.cli.options import (
-    SPLIT_HELP,
     AllowSameSplit,
     Alpha,
+    BatchSize,
+    Beams,
     CachePrecision,
+    Captioner,
     DataPath,
     Device,
+    Epochs,
+    Generations,
+    LearningRate,
+    MaxNewTokens,
     MeansKind,
     MemoryBudget,
+    Metric,
     ModelName,
     NoReport,
     NumWorkers,
     OperatorName,
+    Out,
+    Population,
     Precision,
     ReportData,
+    ReportSplit,
+    SearchSplit,
+    Seed,
     SkipBad,
+    Split,
     TaskName,
     Templates,
     Threads,
     finite,
+    old_spelling,
+    prefer_old,
     with_precision,
 )
 
@@ -45,10 +60,6 @@ console = Console()
 
 def _split(split: str | None) -> str | None:
     return None if split is None or split.lower() in ("none", "all", "") else split
-
-
-REPORT_SPLIT_HELP = ("Held-out split to report on; 'none' is the whole --report-data file, or without --report-data "
-                     "no report (the old spelling of --no-report).")
 
 
 def _no_report(no_report: bool, report_data: Path | None, report_split: str) -> str:
@@ -316,30 +327,32 @@ def _print_result(result, out: Path) -> None:
 
 def scan_command(
     data: DataPath,
-    task: TaskName = "retrieval",
-    model: ModelName = "bundled",
-    search_split: str = typer.Option("val", help="Split to scan on. " + SPLIT_HELP),
-    report_split: str = typer.Option("test", help=REPORT_SPLIT_HELP),
+    task: TaskName = None,
+    model: ModelName = None,
+    search_split: SearchSplit = "val",
+    report_split: ReportSplit = "test",
     no_report: NoReport = False,
     report_data: ReportData = None,
     allow_same_split: AllowSameSplit = False,
-    op: OperatorName = "identity",
+    op: OperatorName = None,
     alpha: Alpha = None,
     means: MeansKind = "per-position",
-    metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
+    metric: Metric = None,
     templates: Templates = None,
     top_k: int = typer.Option(None, min=1, help="Evaluate the k most harmful heads together for k = 1..top-k."),
     checkpoint_every: int = typer.Option(None, min=1, help="Checkpoint every N heads (default: one layer's worth)."),
-    out: Path = typer.Option(Path("scan-out"), "--out", "-o", help="Output folder (re-run to resume)."),
-    batch_size: int = typer.Option(64, min=1, help="Rows (images x stacked masks) per forward."),
+    out: Out = None,
+    batch_size: BatchSize = None,
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
     memory_budget: MemoryBudget = None,
     cache_precision: CachePrecision = None,
     skip_bad: SkipBad = False,
-    method: str = typer.Option("exact", help="exact (one forward per head) or attribution (every head estimated "
-                                             "from one forward pass and its backward passes; retrieval only)."),
+    method: str = typer.Option("exact", "--scoring", help="exact (one forward per head) or attribution (every head "
+                                                          "estimated from one forward pass and its backward passes; "
+                                                          "retrieval only)."),
+    method_old: str = old_spelling("--method", "--scoring"),
     verify_top: int = typer.Option(None, help="attribution: ablate exactly the K heads estimated most harmful and the "
                                               "K most beneficial, and compare estimate and exact change.", min=1),
     surrogate: str = typer.Option("soft_recall", help="attribution: the smooth score differentiated: soft_recall "
@@ -358,10 +371,11 @@ def scan_command(
     from clipheads.search import RunFolder, check_splits, report_heldout, scan_heads, scan_search_result, write_result
     from clipheads.search.attribution import SURROGATES
 
+    method = prefer_old(method, method_old)
     if method not in ("exact", "attribution"):
-        raise ClipHeadsError(f"unknown --method {method!r}; choose exact or attribution")
+        raise ClipHeadsError(f"unknown --scoring {method!r}; choose exact or attribution")
     if verify_top is not None and method != "attribution":
-        raise ClipHeadsError("--verify-top checks an attribution estimate; use it with --method attribution")
+        raise ClipHeadsError("--verify-top checks an attribution estimate; use it with --scoring attribution")
     if surrogate not in SURROGATES:
         raise ClipHeadsError(f"unknown --surrogate {surrogate!r}; choose one of {', '.join(SURROGATES)}")
     report_split = _no_report(no_report, report_data, report_split)
@@ -419,7 +433,7 @@ def scan_command(
 
 def _attribution_scan(run: _Run, config: dict, evaluator, report, allow_same_split: bool, op: str,
                       alpha: float | None, top_k: int | None, verify_top: int | None, out: Path, **options) -> None:
-    """``scan --method attribution``: estimate every head's effect; score the top-k masks of the estimate exactly
+    """``scan --scoring attribution``: estimate every head's effect; score the top-k masks of the estimate exactly
     (best one reported on the held-out split); optionally verify the extreme estimates one head at a time.
     ``options`` (surrogate, order, probes) go to :meth:`_Run.attribution`."""
     import clipheads
@@ -482,17 +496,17 @@ def _attribution_scan(run: _Run, config: dict, evaluator, report, allow_same_spl
 
 def layers_command(
     data: DataPath,
-    task: TaskName = "selection",
-    model: ModelName = "bundled",
-    split: str = typer.Option("none", help=SPLIT_HELP),
+    task: TaskName = None,
+    model: ModelName = None,
+    split: Split = None,
     ranges: str = typer.Option(None, help="Layer groups, e.g. '0-2,3-5,6-8,9-11' (default: every layer alone)."),
-    op: OperatorName = "identity",
+    op: OperatorName = None,
     alpha: Alpha = None,
     means: MeansKind = "per-position",
-    metric: str = typer.Option(None, help="Metric to report (default per task)."),
+    metric: Metric = None,
     templates: Templates = None,
-    out: Path = typer.Option(Path("layers-out"), "--out", "-o", help="Output folder."),
-    batch_size: int = typer.Option(64, min=1, help="Rows (images x stacked masks) per forward."),
+    out: Out = None,
+    batch_size: BatchSize = None,
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
@@ -503,12 +517,9 @@ def layers_command(
                                   "driven by the image encoder with each layer/range cancelled (and unmodified), and "
                                   "compare its CLIP score with the selected caption's. Both are scored by the "
                                   "UNMODIFIED CLIP model, as in the layer-wise study. Needs --captioner."),
-    captioner: Path = typer.Option(None, "--captioner", "-c", help="With --generate: a folder written by 'clipheads "
-                                   "captioner train' (reads this CLIP model's image embedding), or a Hugging Face "
-                                   "VisionEncoderDecoderModel folder with a CLIP vision encoder (its own encoder's "
-                                   "layers are cancelled).", exists=True),
-    beams: int = typer.Option(1, min=1, help="With --generate: beam width (1 = greedy)."),
-    max_new_tokens: int = typer.Option(20, min=1, help="With --generate: most tokens generated after the prefix."),
+    captioner: Captioner = None,
+    beams: Beams = 1,
+    max_new_tokens: MaxNewTokens = 20,
     prefix_from_selection: bool = typer.Option(True, "--prefix-from-selection/--no-prefix-from-selection",
                                                help="With --generate: continue the caption the (cancelled) model "
                                                     "selected (caption selection); otherwise generate freely."),
@@ -633,24 +644,24 @@ def _print_layer_captions(result, examples: int) -> None:
 def search_command(
     data: DataPath,
     strategy: str = typer.Option("ga", help="ga (AAT-GA), bp (AAT-BP) or greedy (forward selection)."),
-    task: TaskName = "retrieval",
-    model: ModelName = "bundled",
-    search_split: str = typer.Option("val", help="Split to search on (BP trains on its pairs). " + SPLIT_HELP),
-    report_split: str = typer.Option("test", help=REPORT_SPLIT_HELP),
+    task: TaskName = None,
+    model: ModelName = None,
+    search_split: SearchSplit = "val",
+    report_split: ReportSplit = "test",
     no_report: NoReport = False,
     report_data: ReportData = None,
     allow_same_split: AllowSameSplit = False,
-    op: OperatorName = "identity",
+    op: OperatorName = None,
     alpha: Alpha = None,
     means: MeansKind = "per-position",
-    metric: str = typer.Option(None, help="Metric to maximise (default per task)."),
+    metric: Metric = None,
     templates: Templates = None,
     beta: float = typer.Option(None, callback=finite(),
                                help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate)). "
                                     "Default: ga 0.01, greedy 0.01, bp 0.1 (BPConfig)."),
     beta_sweep: str = typer.Option(None, help="ga: comma-separated betas, one GA each (metric vs beta curve)."),
-    population: int = typer.Option(32, min=2, help="ga: population size."),
-    generations: int = typer.Option(20, min=1, help="ga: generations."),
+    population: Population = None,
+    generations: Generations = None,
     elitism: int = typer.Option(2, min=0, help="ga: best masks kept unchanged each generation."),
     crossover: float = typer.Option(0.8, callback=finite(0, 1), help="ga: crossover rate."),
     mutation: float = typer.Option(None, callback=finite(0, 1),
@@ -661,20 +672,18 @@ def search_command(
                                                "the population with the top-k harmful heads; greedy: --candidates "
                                                "come from it; bp (with attribution only): heads ranked harmful start "
                                                "with their gate at 0.5."),
-    epochs: int = typer.Option(None, min=0, help="bp: epochs over the search split's image-text pairs (default 10)."),
-    lr: float = typer.Option(None, callback=finite(above=0),
-                             help="bp: learning rate of the gate logits (Adam; default 0.2). Adam moves a logit "
-                                  "by about lr per step: from --init-logit to 0 (gate 0.5) takes at least "
-                                  "init-logit / lr steps."),
+    epochs: Epochs = None,
+    lr: LearningRate = None,
     init_logit: float = typer.Option(None, callback=finite(),
                                      help="bp: initial gate logit of every head (default 1.5, gate 0.82)."),
-    threshold: float = typer.Option(None, callback=finite(0, 1),
+    threshold: float = typer.Option(None, "--gate-threshold", callback=finite(0, 1),
                                     help="bp: heads with gate below this are ablated (default 0.5)."),
+    threshold_old: float = old_spelling("--threshold", "--gate-threshold", callback=finite(0, 1)),
     max_heads: int = typer.Option(None, min=1, help="greedy: stop after this many heads."),
     candidates: int = typer.Option(None, min=1, help="greedy: only try the N most harmful heads of a scan."),
-    seed: int = typer.Option(0, min=0, help="Random seed (GA population, BP batches)."),
-    out: Path = typer.Option(Path("search-out"), "--out", "-o", help="Output folder (re-run to resume)."),
-    batch_size: int = typer.Option(64, min=1, help="Rows (images x stacked masks) per forward; BP: pairs per step."),
+    seed: Seed = 0,
+    out: Out = None,
+    batch_size: BatchSize = None,
     num_workers: NumWorkers = 0,
     device: Device = "cpu",
     precision: Precision = "fp32",
@@ -683,7 +692,11 @@ def search_command(
     skip_bad: SkipBad = False,
     threads: Threads = None,
 ) -> None:
-    """Search a head mask (AAT-GA, AAT-BP or greedy) on one split and report it on a held-out split."""
+    """Search a head mask (AAT-GA, AAT-BP or greedy) on one split and report it on a held-out split.
+
+    bp: --epochs over the search split's image-text pairs (default 10); --lr of the gate logits (Adam; default 0.2).
+    Adam moves a logit by about lr per step: from --init-logit to 0 (gate 0.5) takes at least init-logit / lr steps.
+    """
     from clipheads.errors import ClipHeadsError
     from clipheads.search import (
         BPConfig,
@@ -702,6 +715,7 @@ def search_command(
         raise ClipHeadsError(f"unknown --strategy {strategy!r}; choose ga, bp or greedy")
     if seed_from not in ("scan", "attribution", "none"):
         raise ClipHeadsError(f"unknown --seed-from {seed_from!r}; choose scan, attribution or none")
+    threshold = prefer_old(threshold, threshold_old)
     betas = _parse_betas(beta_sweep) if beta_sweep else None
     if betas is not None and strategy != "ga":
         raise ClipHeadsError("--beta-sweep runs AAT-GA once per beta; use it with --strategy ga")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import Device, Precision, Threads, finite
+from clipheads.cli.options import DATA_HELP, BatchSize, Device, LearningRate, Out, Precision, Seed, Threads
 
 console = Console()
 
@@ -25,10 +25,8 @@ world_app = typer.Typer(
 
 @world_app.command("make")
 def make(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the world to (created; an earlier world "
-                                                      "there is replaced: only the files its world.json lists; a "
-                                                      "folder with anything else is refused)."),
-    seed: int = typer.Option(0, min=0, help="World seed: the same seed writes byte-identical files."),
+    out: Out = None,
+    seed: Seed = 0,
     n_train: int = typer.Option(20000, min=0, help="Training images (0: held-out data only, e.g. for evaluation)."),
     n_val: int = typer.Option(1000, min=0, help="Images of the validation split val_ood (marker random: search "
                                                 "heads here)."),
@@ -39,7 +37,11 @@ def make(
     threads: Threads = None,
 ) -> None:
     """Render a world and write it in the standard formats (retrieval JSON, ImageFolder, caption selection,
-    compositional pairs, counterfactual groups)."""
+    compositional pairs, counterfactual groups). The same --seed writes byte-identical files.
+
+    --out: the folder (created; an earlier world there is replaced: only the files its world.json lists; a folder
+    with anything else is refused).
+    """
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import Laps, command_stages
     from clipheads.world import MARKER_COLOURS, SPLITS, WorldSizes, make_world
@@ -74,23 +76,26 @@ def _rel(path: Path | None, root: Path) -> str:
 
 @world_app.command("train")
 def train(
-    data: Path = typer.Option(..., "--data", "-d", exists=True,
-                              help="A world folder written by 'clipheads world make'."),
-    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (Hugging Face format; load it "
-                                                     "with --model OUT)."),
+    data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
+    out: Out = None,
     config: str = typer.Option("small", help="Model size: 'small' (the bundled model: 6 layers x 8 heads, ~1.7M "
                                              "parameters, CPU) or 'gpu' (12 layers x 12 heads, ViT-B/16-like)."),
     steps: int = typer.Option(1200, min=1, help="Optimiser steps (the bundled model: 1200 steps of 128)."),
-    batch_size: int = typer.Option(128, min=2, help="Image-caption pairs per step (contrastive batch)."),
-    lr: float = typer.Option(1e-3, callback=finite(above=0), help="Peak learning rate (AdamW, warm-up then cosine)."),
-    seed: int = typer.Option(0, min=0, help="Seed of the initialisation and of the batch order."),
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
+    seed: Seed = 0,
     precision: Precision = "fp32",
     device: Device = "cpu",
     eval_images: int = typer.Option(1000, min=1, help="Images per held-out split for the model card's metrics."),
     threads: Threads = None,
 ) -> None:
     """Train a small CLIP with the contrastive loss on a world's train split and write a checkpoint with a model card
-    (data, config, seed, time, held-out metrics, the command to reproduce) and checksums."""
+    (data, config, seed, time, held-out metrics, the command to reproduce) and checksums.
+
+    --data: a world folder written by 'clipheads world make'; --out: the checkpoint folder (Hugging Face format; load
+    it with --model OUT). --batch-size: image-caption pairs per step (contrastive batch, at least 2); --lr: the peak
+    of AdamW's warm-up then cosine schedule.
+    """
     from clipheads.files import check_output_dir
     from clipheads.world.train import TRAINING_FILE, TrainConfig, train_clip
 

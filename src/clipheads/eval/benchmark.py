@@ -59,6 +59,6 @@ def clip_benchmark_result(task: str, dataset: str, model: str, metrics: dict[str
 
 
 def clip_benchmark_path(out: str | Path) -> Path:
-    """Where the clip_benchmark result goes beside clipheads' own JSON: ``eval-retrieval.clip_benchmark.json``."""
+    """Where the clip_benchmark result goes beside clipheads' own JSON: ``clipheads-eval.clip_benchmark.json``."""
     out = Path(out)
     return out.with_name(f"{out.stem}.clip_benchmark.json")

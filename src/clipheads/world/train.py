@@ -188,16 +188,26 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_lambda(steps: int, warmup_fraction: float):
+def lr_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float):
+    """The learning-rate schedule of world training: linear warm-up over ``W = max(1, round(steps x
+    warmup_fraction))`` steps, then cosine decay to 0. Update ``s`` (0-based) uses the peak lr times ``(s + 1) / W``
+    for ``s < W``, else ``(1 + cos(pi (s - W) / (steps - W))) / 2``: the first update already moves (lr / W), and the
+    peak is used twice (``s = W - 1`` and ``s = W``).
+
+    transformers' ``get_wsd_schedule`` (warm-up W, one stable step, cosine decay over ``steps - W``) started one step
+    in (``last_epoch=0``: its step 0, lr 0 before any update, counts as done) gives exactly these floats at every step
+    (``tests/world/test_world_train.py``). ``get_cosine_schedule_with_warmup`` does not: its first update has lr 0,
+    and for the bundled run (1200 steps, W = 48) it differs in the 48 warm-up steps by lr / 48 (2.08e-5 at lr 1e-3);
+    started one step in, it matches the warm-up but shifts the cosine by one step (1152 steps differ, at most
+    1.36e-6).
+    """
+    from transformers import get_wsd_schedule
+
     warmup = max(1, round(steps * warmup_fraction))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    for group in optimizer.param_groups:  # what the scheduler records itself when it starts at its step 0
+        group["initial_lr"] = group["lr"]
+    return get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_stable_steps=1, num_decay_steps=steps - warmup,
+                            decay_type="cosine", min_lr_ratio=0.0, last_epoch=0)
 
 
 def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | None = None,
@@ -238,7 +248,7 @@ def train_clip(data_dir: str | Path, out_dir: str | Path, config: TrainConfig | 
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.steps, config.warmup_fraction))
+    scheduler = lr_schedule(optimizer, config.steps, config.warmup_fraction)
     autocast = precision.autocast(device)
     n = len(images)
     batch_size = min(config.batch_size, n)
