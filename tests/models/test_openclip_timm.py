@@ -220,13 +220,21 @@ def test_gate_gradients_match_finite_differences(timm_backend, pixels):
     assert gates.grad.abs().min() > 0
 
 
-def test_fast_path_is_on_for_class_token_towers_only(siglip, eva02):
+def test_fast_path_features_equal_the_plain_path(siglip, eva02):
+    """The class-token tower (EVA02) reads the class token out; the attention-pooled one (SigLIP's
+    AttentionPoolLatent reads every token) runs its last layer whole: both equal the plain ablated encode_image."""
     from clipheads.search import MaskEvaluator, Objective
 
-    pixels = torch.randn(4, 3, 32, 32)
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     objective = Objective(lambda f: float(f.norm()), "norm")
-    assert MaskEvaluator(eva02, pixels, objective, batch_size=8).fast_path
-    assert not MaskEvaluator(siglip, pixels, objective, batch_size=8).fast_path  # AttentionPoolLatent reads all
+    for backend in (eva02, siglip):
+        evaluator = MaskEvaluator(backend, pixels, objective, batch_size=8)
+        assert evaluator.fast_path
+        masks = [clipheads.HeadMask.from_heads(h, backend) for h in ("L0.H1", "L1.H0,L1.H3")]
+        for mask, features in zip(masks, evaluator.features_many(masks), strict=True):
+            with torch.no_grad(), clipheads.ablate(backend, mask):
+                expected = backend.encode_image(pixels)
+            assert (features - expected).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("config", ["ViT-B-16-SigLIP", "EVA01-g-14", "EVA02-E-14"])

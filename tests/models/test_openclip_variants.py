@@ -105,5 +105,8 @@ def test_scan_finds_a_planted_head(variant):
         return -float((F.normalize(features, dim=-1) - target).pow(2).sum(dim=-1).mean())
 
     evaluator = MaskEvaluator(variant_copy, pixels, Objective(match, "match"), batch_size=16)
-    assert not evaluator.fast_path
+    mask = clipheads.HeadMask.from_heads("L1.H2", variant_copy)  # the fast path (last layer run whole) is exact
+    with torch.no_grad(), clipheads.ablate(variant_copy, mask):
+        expected = variant_copy.encode_image(pixels)
+    assert (evaluator.features_many([mask])[0] - expected).abs().max() <= 1e-6
     assert scan_heads(evaluator).ranking()[0] == "L1.H2"
