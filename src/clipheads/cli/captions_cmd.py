@@ -28,6 +28,7 @@ from clipheads.cli.options import (
     Threads,
     old_spelling,
     prefer_old,
+    with_load_options,
 )
 from clipheads.errors import DataError
 
@@ -106,6 +107,7 @@ def _pixel_batches(preprocess, files: list[Path], batch_size: int):
 
 
 @captioner_app.command("train")
+@with_load_options
 def train(
     data: Path = typer.Option(..., "--data", "-d", exists=True, help=DATA_HELP),
     out: Out = None,
@@ -166,6 +168,7 @@ def train(
 
 
 @captioner_app.command("generate")
+@with_load_options
 def generate(
     captioner_dir: Captioner = ...,
     images: Images = ...,

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clipheads.cli.options import ModelName, Out, Seed, Threads
+from clipheads.cli.options import ModelName, Out, Seed, Threads, with_load_options
 
 console = Console()
 
@@ -48,4 +48,4 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+    app.command("demo")(with_load_options(demo))

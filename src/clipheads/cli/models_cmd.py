@@ -18,7 +18,6 @@ from clipheads.cli.options import (
     MeansKind,
     ModelName,
     Out,
-    Pretrained,
     SkipBad,
     finite,
     with_load_options,
@@ -30,11 +29,11 @@ console = Console()
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def info(model: ModelName = None, device: Device = "cpu", pretrained: Pretrained = None) -> None:
+def info(model: ModelName = None, device: Device = "cpu") -> None:
     """Show a model's image-encoder attention: layers, heads per layer, head dim, image size."""
     import clipheads
 
-    backend = clipheads.load(model, device=device, pretrained=pretrained)
+    backend = clipheads.load(model, device=device)
     a = backend.architecture
     table = Table(title=backend.name, show_header=False)
     rows = {"backend": backend.kind, "class": type(backend.model).__name__, "layers": a.n_layers,

@@ -167,18 +167,21 @@ ModelCacheDir = Annotated[Path | None, typer.Option(
 
 
 def with_load_options(command: Callable) -> Callable:
-    """``command`` with the options ``--attn-implementation``, ``--revision`` and ``--model-cache-dir``: every
-    ``clipheads.load`` of a model by name inside it takes them (:func:`clipheads.models.load_options`)."""
+    """``command`` with the options ``--attn-implementation``, ``--revision``, ``--model-cache-dir`` and
+    ``--pretrained``: every ``clipheads.load`` of a model by name inside it takes them
+    (:func:`clipheads.models.load_options`)."""
     import functools
     import inspect
 
-    extra = {"attn_implementation": AttnImplementation, "revision": Revision, "model_cache_dir": ModelCacheDir}
+    extra = {"attn_implementation": AttnImplementation, "revision": Revision, "model_cache_dir": ModelCacheDir,
+             "pretrained": Pretrained}
 
     @functools.wraps(command)
-    def run(*args, attn_implementation=None, revision=None, model_cache_dir=None, **kwargs):
+    def run(*args, attn_implementation=None, revision=None, model_cache_dir=None, pretrained=None, **kwargs):
         from clipheads.models import load_options
 
-        with load_options(attn_implementation=attn_implementation, revision=revision, cache_dir=model_cache_dir):
+        with load_options(attn_implementation=attn_implementation, revision=revision, cache_dir=model_cache_dir,
+                          pretrained=pretrained):
             return command(*args, **kwargs)
 
     signature = inspect.signature(command, eval_str=True)

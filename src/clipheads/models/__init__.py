@@ -52,11 +52,12 @@ _LOAD_DEFAULTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("cl
 
 @contextmanager
 def load_options(attn_implementation: str | None = None, revision: str | None = None,
-                 cache_dir: str | Path | None = None) -> Iterator[dict]:
+                 cache_dir: str | Path | None = None, pretrained: str | None = None) -> Iterator[dict]:
     """Inside, :func:`load` of a model by name or folder takes these options where its call does not give them (the
-    CLI's ``--attn-implementation``, ``--revision`` and ``--cache-dir`` reach every load of a command this way)."""
+    CLI's ``--attn-implementation``, ``--revision``, ``--model-cache-dir`` and ``--pretrained`` reach every load of a
+    command this way)."""
     given = {k: v for k, v in dict(attn_implementation=attn_implementation, revision=revision,
-                                   cache_dir=cache_dir).items() if v is not None}
+                                   cache_dir=cache_dir, pretrained=pretrained).items() if v is not None}
     token = _LOAD_DEFAULTS.set(given)
     try:
         yield given
@@ -123,6 +124,7 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend | tuple = BUNDLED, d
         attn_implementation = attn_implementation or defaults.get("attn_implementation")
         revision = revision or defaults.get("revision")
         cache_dir = cache_dir or defaults.get("cache_dir")
+        pretrained = pretrained or defaults.get("pretrained")
     hf_options = dict(attn_implementation=attn_implementation, revision=revision, cache_dir=cache_dir)
     open_clip_options = dict(precision=precision, force_image_size=force_image_size,
                              force_quick_gelu=force_quick_gelu or None)
@@ -146,6 +148,11 @@ def load(name_or_path: str | Path | nn.Module | CLIPBackend | tuple = BUNDLED, d
                            attn_implementation=attn_implementation, revision=revision, cache_dir=cache_dir)
     name = str(name_or_path)
     if name == BUNDLED:
+        given = [f"{k}={v!r}" for k, v in dict(pretrained=pretrained, revision=revision).items() if v]
+        if given:
+            raise ModelLoadError(f"{', '.join(given)}: the bundled model has no pretrained tags or revisions; name the "
+                                 "model these are for with --model (e.g. --model ViT-B-32 --pretrained "
+                                 "laion2b_s34b_b79k)")
         path = bundled_model_path()
         if not (path / "config.json").exists():
             raise ModelLoadError(f"the bundled model is missing from {path}; reinstall clipheads or run "
