@@ -15,7 +15,9 @@ all-ones mask is the library's forward bit for bit.
 What is refused, in one line each: trunks other than these two classes (ConvNeXt, FastViT, Swin, rel-pos ViTs),
 attention classes other than the two above (e.g. PE-Core's ``AttentionRope``), and folding (``bake``) or decomposing
 heads through a sub-LN ``norm`` or a gate (EVA02's ``scale_attn_inner``): there the output projection is not linear
-in one head's output.
+in one head's output; decomposing through post-norm blocks (EVA02-E's ``EvaBlockPostNorm``, which normalises the
+attention output before the residual) or an average pool. The decomposition reads SigLIP's ``AttentionPoolLatent``
+(:meth:`attention_pool`) and EVA01's class token.
 """
 
 from __future__ import annotations
@@ -144,8 +146,8 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
     blocks (``trunk.blocks[l].attn``, ``L{l}.H{h}``). The staged view runs timm's own modules: ``embed`` =
     ``patch_embed`` -> ``_pos_embed`` (-> ``patch_drop``) -> ``norm_pre``; ``run_layers`` = the blocks (EVA: with
     the trunk's rotary embedding); ``pool`` = ``norm`` -> ``forward_head`` (class token, average or the
-    ``AttentionPoolLatent`` probe of SigLIP) -> the tower's ``head``. On a trunk without a class token (SigLIP) the
-    ``cls`` operator makes every token attend to the first token, as for transformers' SigLIP.
+    ``AttentionPoolLatent`` probe of SigLIP) -> the tower's ``head``. On a trunk without a class token (SigLIP,
+    ViTamin) the ``cls`` operator is refused (``has_class_token``), as for transformers' SigLIP.
     """
 
     kind = KIND
@@ -220,6 +222,37 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
         trunk = self._trunk
         token_pool = trunk.attn_pool is None and trunk.global_pool == "token" and trunk.num_prefix_tokens >= 1
         return 1 if token_pool else None
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token and any register tokens (timm's ``num_prefix_tokens``)."""
+        return int(self._trunk.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the trunk has a class token (timm's ``cls_token``; SigLIP and ViTamin trunks have none)."""
+        return getattr(self._trunk, "cls_token", None) is not None
+
+    def attention_pool(self):
+        """The trunk's ``AttentionPoolLatent`` (SigLIP) after its final ``norm``, as
+        :meth:`clipheads.models.pooling.AttentionPool.from_timm`; ``None`` for trunks without one.
+
+        Raises:
+            ClipHeadsError: something after the pool that is not the identity (a projection of the tower's head, an
+                ``fc_norm``): the decomposition's read-out term would then not be in the pooled vector's space.
+        """
+        trunk = self._trunk
+        if getattr(trunk, "attn_pool", None) is None:
+            return None
+        from clipheads.models.pooling import AttentionPool
+
+        after = [m for m in (trunk.fc_norm, trunk.head, *self._visual.head.children())
+                 if not isinstance(m, (nn.Identity, nn.Dropout))]
+        if after:
+            raise ClipHeadsError(f"{self.name}: the attention pool is followed by "
+                                 f"{', '.join(type(m).__name__ for m in after)}; the decomposition reads the pool "
+                                 "when nothing but the identity follows it (open_clip's timm_proj 'none')")
+        return AttentionPool.from_timm(trunk.norm, trunk.attn_pool)
 
     def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
