@@ -91,6 +91,35 @@ def test_check_output_dir_refuses_each_kind_of_bad_path(tmp_path):
     assert check_output_dir(tmp_path / "empty", marker="config.json")
 
 
+def test_a_results_folder_lists_its_outputs_and_refuses_a_users_file_of_the_same_kind(tmp_path):
+    from clipheads.files import MANIFEST, read_manifest
+
+    out = tmp_path / "out"
+    products = {"summary.json": "json", "*.png": "png"}
+    check_output_dir(out, products)
+    write_json_atomic(out / "summary.json", {"x": 1})
+    write_bytes_atomic(out / "a.png", b"\x89PNG\r\n\x1a\n")
+    assert read_manifest(out) == {"summary.json", "a.png"}
+    assert check_output_dir(out, products) == out  # clipheads' own results: replaced on the next run
+    (out / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nmine")  # the user's picture under a product name
+    with pytest.raises(OutputError, match="b.png.*not on the list of files clipheads wrote") as info:
+        check_output_dir(out, products)
+    assert "\n" not in str(info.value)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text('{"my": "numbers"}')  # valid JSON, but the user's
+    with pytest.raises(OutputError, match="summary.json.*not on the list of files clipheads wrote"):
+        check_output_dir(mine, products)
+    (mine / "summary.json").unlink()
+    (mine / MANIFEST).write_text("my notes")  # a file under the list's name that is not clipheads' list
+    with pytest.raises(OutputError, match="not clipheads' list"):
+        check_output_dir(mine, products)
+    assert (mine / MANIFEST).read_text() == "my notes"
+    other = tmp_path / "other"  # a folder never checked as a results folder gets no list
+    write_json_atomic(other / "r.json", {"x": 1})
+    assert not (other / MANIFEST).exists()
+
+
 def _deny_writes(monkeypatch, folder: Path) -> None:
     """No permission to write in ``folder``: chmod 0o500, or (as root, who ignores it) a denying ``os.access``."""
     if os.geteuid() != 0:

@@ -1,6 +1,10 @@
 """Small file helpers: atomic writes so that an interrupted run never leaves a half-written result, and the checks
 every writing command runs on its output paths before any work (:func:`check_output_dir`, :func:`check_output_file`).
 
+A results folder (one checked with ``products``) lists what clipheads wrote in it in ``clipheads-outputs.json``
+(:data:`MANIFEST`, kept by the atomic writers): a later run replaces only listed files, so a user's own
+``summary.json`` beside them is refused, never overwritten.
+
 File-system errors become one-line :class:`~clipheads.errors.OutputError` messages that name the path and what to do.
 """
 
@@ -35,6 +39,11 @@ _ADVICE = {
 WRITE_ERRNOS = frozenset(_ADVICE)
 # the most of an unwritable result the CLI prints instead (characters)
 MAX_PAYLOAD = 5_000_000
+# the list of the files clipheads wrote in a results folder, and its format tag
+MANIFEST = "clipheads-outputs.json"
+MANIFEST_FORMAT = "clipheads.outputs/1"
+# results folders checked in this process (real paths): what the atomic writers write there is listed in MANIFEST
+_RESULT_DIRS: set[str] = set()
 
 
 def output_error(exc: OSError, path: str | os.PathLike, payload: str | None = None,
@@ -77,6 +86,8 @@ def _write_atomic(path: str | os.PathLike, payload: bytes, text: str | None) -> 
             os.fchmod(handle.fileno(), _mode_for(path))  # mkstemp makes 0600 files
             handle.write(payload)
         os.replace(tmp, path)
+        if path.name != MANIFEST and os.path.realpath(path.parent) in _RESULT_DIRS:
+            _list_output(path)
     except OSError as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -107,6 +118,34 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
         OutputError: the file cannot be written.
     """
     _write_atomic(path, payload, None)
+
+
+def read_manifest(folder: str | os.PathLike) -> set[str] | None:
+    """The names listed in ``folder``'s :data:`MANIFEST` (files clipheads wrote there); ``None`` if it has none.
+
+    Raises:
+        OutputError: a file of that name that is not clipheads' list (one line; it is never overwritten).
+    """
+    path = Path(folder) / MANIFEST
+    if not os.path.lexists(path):
+        return None
+    try:
+        data = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT and isinstance(data.get("files"), list)
+            and all(isinstance(name, str) for name in data["files"])):
+        raise OutputError(f"{str(path)!r} exists and is not clipheads' list of its outputs; clipheads does not "
+                          "overwrite it: move it or choose another output folder", path=path)
+    return set(data["files"])
+
+
+def _list_output(path: Path) -> None:
+    """Add ``path``'s name to its folder's :data:`MANIFEST` (written atomically)."""
+    listed = read_manifest(path.parent) or set()
+    if path.name not in listed:
+        _write_atomic(path.parent / MANIFEST, (json.dumps({"format": MANIFEST_FORMAT, "files": sorted(
+            listed | {path.name})}, indent=1) + "\n").encode(), None)
 
 
 def _first_existing(path: Path) -> tuple[Path, list[Path]]:
@@ -156,9 +195,11 @@ def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = 
     Args:
         path: the folder (it may not exist yet: then its deepest existing ancestor must be a writable folder).
         products: what the command writes there, ``{name: kind}`` with kind ``"json"``, ``"png"``, ``"html"``,
-            ``"text"`` or ``"dir"``; a name may end in ``*`` (``"mask_*.json"``). An existing entry of that name must be
-            of that kind (a file clipheads could have written), so that a user's file of another kind is never
-            overwritten.
+            ``"text"`` or ``"dir"``; a name may end in ``*`` (``"mask_*.json"``). An existing file of that name must be
+            of that kind and listed in the folder's :data:`MANIFEST` (written there by clipheads), so that a user's
+            file is never overwritten; a folder (``"dir"``) is checked by its own marker where it is written (a
+            world's ``world.json``). The folder is then a results folder for this process: every file written
+            there with :func:`write_json_atomic`/:func:`write_bytes_atomic` is added to its :data:`MANIFEST`.
         marker: for folders whose files clipheads writes as a whole (checkpoints, search runs): the file an earlier
             clipheads run left there; a non-empty folder without it is refused.
 
@@ -167,8 +208,9 @@ def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = 
 
     Raises:
         OutputError: a file is where the folder should be or above it, the folder is not writable (permission,
-            read-only file system), an existing entry has a product's name but another kind, or ``marker`` is missing
-            from a non-empty folder.
+            read-only file system), an existing entry has a product's name but another kind or is not listed in the
+            folder's :data:`MANIFEST`, a :data:`MANIFEST` that is not clipheads', or ``marker`` is missing from a
+            non-empty folder.
     """
     path = Path(path)
     if os.path.lexists(path):
@@ -178,14 +220,32 @@ def check_output_dir(path: str | os.PathLike, products: dict[str, str] | None = 
         if marker is not None and not (path / marker).is_file() and any(not _is_temp(e.name) for e in path.iterdir()):
             raise OutputError(f"{str(path)!r} is not empty and holds no {marker} of an earlier clipheads run; "
                               "clipheads does not mix its files with others: choose a new or empty folder", path=path)
+        listed = read_manifest(path) if products else None
         for entry in sorted(path.iterdir()):
             kind = _product_kind(entry.name, products or {})
             if kind is not None and not _is_kind(entry, kind):
                 raise OutputError(f"{str(entry)!r} exists and is not {_KIND_TEXT[kind]} clipheads writes; clipheads "
                                   "does not overwrite it: move it or choose another output folder", path=entry)
+            if kind is not None and kind != "dir" and entry.name not in (listed or ()):
+                raise OutputError(f"{str(entry)!r} exists and is not on the list of files clipheads wrote there "
+                                  f"({MANIFEST}; an older clipheads kept none); clipheads does not overwrite it: move "
+                                  "it or choose another output folder", path=entry)
     else:
         _check_creatable(path, "folder")
+    if products:
+        _RESULT_DIRS.add(os.path.realpath(path))
     return path
+
+
+def enclosing_folder(path: str | os.PathLike, marker: str, is_own=None) -> Path | None:
+    """The nearest folder strictly above ``path`` that holds the file ``marker`` (for which ``is_own(file)`` is true,
+    when given: the marker is really clipheads'), e.g. the run folder a new ``--out`` would be nested in; ``None``
+    if there is none."""
+    for folder in Path(os.path.abspath(path)).parents:
+        candidate = folder / marker
+        if candidate.is_file() and (is_own is None or is_own(candidate)):
+            return folder
+    return None
 
 
 def check_output_file(path: str | os.PathLike, kind: str = "json",

@@ -175,3 +175,23 @@ def test_eval_split_none_uses_the_whole_file_as_scan_does(model_dir: Path, data:
                                       "--split", split, "--batch-size", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["dataset"]["n_images"] == 4
+
+
+def test_eval_bias_k_above_an_attributes_images_is_refused_in_one_line(model_dir: Path, data: Path, run_main):
+    """MaxSkew@K over 2 images of one attribute with K = 5 would silently be MaxSkew@2 under the name @5: refused
+    before the model is loaded; K = 2 runs and names itself."""
+    images = [{"image": f"img/{i}.png", "group": f"g{i // 2}", "attribute": "colour" if i < 2 else "hue",
+               "value": ["a", "b"][i % 2]} for i in range(4)]
+    (data / "bias.json").write_text(json.dumps({"queries": ["a photo"], "images": images}))
+    args = ["eval", "--model", model_dir, "--task", "bias", "--data", data / "bias.json", "--out", data / "b.json"]
+    code, _, err = run_main(*args, "--skew-k", 2)
+    assert code == 0, err
+    assert set(json.loads((data / "b.json").read_text())["metrics"]) == {
+        "max_skew@2", "max_skew@2/colour", "max_skew@2/hue"}
+    (data / "b.json").unlink()
+    code, _, err = run_main(*args, "--skew-k", 5, forbid_load=True)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "MaxSkew@5 ranks the 2 images of attribute" in lines[0], err
+    assert "--skew-k 2" in lines[0] and not (data / "b.json").exists()
+    code, _, err = run_main(*args, "--k", 3, forbid_load=True)  # the old spelling too
+    assert code == 2 and "MaxSkew@3" in err

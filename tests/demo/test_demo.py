@@ -68,6 +68,17 @@ def test_demo_refuses_a_folder_whose_world_is_not_its_own(tmp_path, run_main):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing written before the refusal
 
 
+def test_a_users_own_summary_json_in_the_demo_folder_is_refused_before_any_work(tmp_path, run_main):
+    """A valid JSON file of the user's under a result's name: not in clipheads' list of its outputs, so refused."""
+    (tmp_path / "summary.json").write_text('{"my": "own results"}\n')
+    code, _, err = run_main("demo", "--quick", "--out", tmp_path, forbid_load=True)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "summary.json" in lines[0]
+    assert "not on the list of files clipheads wrote" in lines[0]
+    assert (tmp_path / "summary.json").read_text() == '{"my": "own results"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
 def test_a_demo_folder_passes_its_own_checks_and_keeps_other_files(tmp_path):
     from clipheads.demo.pipeline import DEMO_OUTPUTS
     from clipheads.errors import OutputError
@@ -77,6 +88,7 @@ def test_a_demo_folder_passes_its_own_checks_and_keeps_other_files(tmp_path):
     from clipheads.world.make import check_world_folder
 
     sizes = WorldSizes(train=0, val_ood=2, test_ood=2, test_iid=2, test_anti=2, compositional=0, counterfactual=1)
+    check_output_dir(tmp_path, DEMO_OUTPUTS)  # as the demo does first: its writes are then listed
     make_world(tmp_path / "world", sizes=sizes, progress=False)  # what an earlier demo left
     write_json_atomic(tmp_path / "summary.json", {"model": "bundled"})
     write_json_atomic(tmp_path / "mask_greedy.json", {"format": "clipheads.HeadMask/1"})

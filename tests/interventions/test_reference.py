@@ -17,8 +17,9 @@ _spec.loader.exec_module(_layer_parts_module)
 _layer_parts = _layer_parts_module.layer_parts
 
 
-def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None):
-    """Reference forward: explicit softmax(QK^T / sqrt(d)) per head, edited, mixed with the soft gate."""
+def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None, maps: list | None = None):
+    """Reference forward: explicit softmax(QK^T / sqrt(d)) per head, edited, mixed with the soft gate; each layer's
+    edited attention matrices [B, H, T, T] are appended to ``maps`` when given."""
     heads, d = backend.n_heads, backend.head_dim
     x = backend.embed(pixels)
     batch, tokens, width = x.shape
@@ -36,6 +37,8 @@ def naive_encode(backend, pixels, gates, op: str, alpha: float = 0.0, means=None
         else:  # zero and mean: the attention contributes nothing, mean adds a constant afterwards
             edited = torch.zeros_like(attn)
         g = gates[layer].view(1, heads, 1, 1)
+        if maps is not None:
+            maps.append(g * attn + (1 - g) * edited)
         z = (g * attn + (1 - g) * edited) @ v  # [B, H, T, d]
         if op == "mean":  # pooled means [L, H, d] or per-position means [L, H, T, d]
             z = z + (1 - g) * means[layer].view(1, heads, -1, d)
@@ -60,6 +63,29 @@ def test_operator_matches_naive_reference(tiny_backend, pixels, op, soft):
         vanilla = tiny_backend.encode_image(pixels)
     assert (got - expected).abs().max() <= 1e-5
     assert (got - vanilla).abs().max() > 1e-3, "the intervention must change the output"
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_attention_maps_under_ablation_match_naive_reference(tiny_backend, pixels, op, soft):
+    """Maps under an ablation are the reference's edited attention matrices: identity -> the identity matrix, cls ->
+    the class token's column, zero/mean -> zeros, scale -> alpha times the pattern, mixed by the soft gate."""
+    from clipheads.explain.spatial import attention_maps
+
+    torch.manual_seed(0)
+    shape = (tiny_backend.n_layers, tiny_backend.n_heads)
+    gates = torch.rand(shape) if soft else (torch.rand(shape) > 0.5).float()
+    gates[0, 0] = 0.0
+    means = torch.randn(*shape, tiny_backend.head_dim) if op == "mean" else None
+    mask = clipheads.HeadMask.from_tensor(gates, tiny_backend)
+    expected: list[torch.Tensor] = []
+    with torch.no_grad():
+        naive_encode(tiny_backend, pixels, gates, op, alpha=0.3, means=means, maps=expected)
+    got = attention_maps(tiny_backend, pixels, list(range(shape[0])), mask=mask, op=op, alpha=0.3, means=means)
+    for layer in range(shape[0]):
+        assert (got.weights[:, layer] - expected[layer]).abs().max() <= 1e-5, layer
+    if not soft and op != "scale":
+        assert torch.equal(got.weights[:, 0, 0], expected[0][:, 0])  # the operator's matrix exactly
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])

@@ -169,6 +169,8 @@ def test_max_skew_hand_computed():
                                torch.tensor([math.log(2)]))
     with pytest.raises(DataError, match="K >= 1"):
         max_skew(scores, values, 0)
+    with pytest.raises(DataError, match="MaxSkew@5 ranks the 4 images, fewer than K = 5"):  # never capped silently
+        max_skew(scores, values, 5)
 
 
 def test_bias_metrics_per_attribute_mean_over_queries():
@@ -182,6 +184,9 @@ def test_bias_metrics_per_attribute_mean_over_queries():
     assert result.max_skew == pytest.approx({"colour": math.log(2), "size": 0.0})
     assert result.metrics["max_skew@2"] == pytest.approx(math.log(2) / 2)
     assert result.per_query["colour"] == pytest.approx([math.log(2)] * 2)
+    with pytest.raises(DataError, match="MaxSkew@3 ranks the 2 images of attribute 'size'") as info:
+        bias_metrics(queries, images, attributes, values, k=3)  # would be MaxSkew@2 for size under the name @3
+    assert "\n" not in str(info.value)
 
 
 def test_metric_conventions_of_clip_benchmark():

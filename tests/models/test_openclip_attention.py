@@ -71,8 +71,45 @@ def test_hooked_forward_unbatched_and_sequence_first(attn):
     assert (got_sf - expected_sf).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("case", list(_masks(4)))
+def test_hooked_forward_returns_the_modules_weights(attn, case):
+    """need_weights=True (per head and averaged): the module's own weights, bit for bit, under a pass-through hook."""
+    backend, module = attn
+    kwargs = _masks(module.num_heads)[case]
+    x = torch.randn(B, T, module.embed_dim)
+    with torch.inference_mode():
+        expected, per_head = module(x, x, x, average_attn_weights=False, **kwargs)
+        averaged = module(x, x, x, **kwargs)[1]
+        backend.set_head_hook(0, lambda z, v: z)
+        got, got_per_head = module(x, x, x, average_attn_weights=False, **kwargs)
+        got_averaged = module(x, x, x, **kwargs)[1]
+        one = x[0]
+        unbatched = module(one, one, one, average_attn_weights=False,
+                           **{k: v[0] if k == "key_padding_mask" else v for k, v in kwargs.items()
+                              if k != "attn_mask" or v.dim() == 2})[1]
+        backend.clear_head_hooks()
+    assert per_head.shape == (B, module.num_heads, T, T) and averaged.shape == (B, T, T)
+    assert torch.equal(got_per_head, per_head) and torch.equal(got_averaged, averaged)
+    assert unbatched.shape == (module.num_heads, T, T)
+    finite = torch.isfinite(expected)
+    assert (got[finite] - expected[finite]).abs().max() <= 1e-5
+
+
+def test_weights_under_attention_dropout_in_training_are_refused(attn):
+    backend, module = attn
+    module.dropout, module.training = 0.1, True
+    try:
+        backend.set_head_hook(0, lambda z, v: z)
+        x = torch.randn(B, T, module.embed_dim)
+        with pytest.raises(ClipHeadsError, match="dropout") as info:
+            module(x, x, x)
+        assert "\n" not in str(info.value)
+        assert module(x, x, x, need_weights=False)[1] is None  # without weights it runs
+    finally:
+        module.dropout, module.training = 0.0, False
+
+
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda m, x: m(x, x, x), "need_weights=False"),
     (lambda m, x: m(x, x.clone(), x.clone(), need_weights=False), "self-attention only"),
     (lambda m, x: m(x, x, x, need_weights=False, is_causal=True), "needs attn_mask"),
 ])

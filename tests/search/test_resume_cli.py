@@ -42,9 +42,9 @@ def model(tmp_path_factory):
     return path
 
 
-def refused(run_main, *args) -> str:
+def refused(run_main, *args, forbid_load: bool = False) -> str:
     """Run a command that must be refused: exit code 2 and exactly one ``error:`` line (returned)."""
-    code, out, err = run_main(*args)
+    code, out, err = run_main(*args, forbid_load=forbid_load)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, out, err)
     assert "Traceback" not in out + err
@@ -164,3 +164,19 @@ def test_a_folder_from_an_older_clipheads_is_refused(model, tmp_path, run_main):
     line = refused(run_main, *scan_args(model, tmp_path / "w" / "data.json", out))
     assert "does not record what its results depend on" in line
     assert os.listdir(out) == ["config.json"]
+
+
+def test_a_run_nested_inside_another_runs_folder_is_refused_before_any_work(model, tmp_path, run_main):
+    _world(tmp_path / "w", seed=0)
+    data = tmp_path / "w" / "data.json"
+    code, _, err = run_main(*scan_args(model, data, tmp_path / "s1"))
+    assert code == 0, err
+    # a config.json above --out that is not a clipheads run's does not count
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.json").write_text('{"my": "settings"}')
+    code, _, err = run_main(*scan_args(model, data, tmp_path / "proj" / "runs" / "s2"))
+    assert code == 0, err
+    before = sorted(p.name for p in (tmp_path / "s1").iterdir())
+    line = refused(run_main, *scan_args(model, data, tmp_path / "s1" / "sub"), forbid_load=True)
+    assert "inside the run folder" in line and str(tmp_path / "s1") in line
+    assert sorted(p.name for p in (tmp_path / "s1").iterdir()) == before  # nothing written into the run

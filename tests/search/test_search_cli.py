@@ -126,6 +126,22 @@ def test_bp_uses_the_library_defaults_and_says_why_nothing_was_ablated(world, tm
     assert summary["nothing_ablated"].startswith("nothing ablated: lowest gate 0.82")
 
 
+def test_nothing_ablated_is_printed_once(world, tmp_path):
+    """The real command line (its own log handler on stderr): the "nothing ablated" line appears once, under the
+    result table, not a second time as a log warning (the library still logs it for library users)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "clipheads", "search", "--model", str(world / "model"), "--data",
+                           str(world / "karpathy.json"), "--batch-size", "16", "--strategy", "bp", "--epochs", "0",
+                           "--out", str(tmp_path / "none")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout + done.stderr).count("nothing ablated") == 1, done.stdout + done.stderr
+    assert "nothing ablated: lowest gate 0.82" in done.stdout
+
+
 def test_search_help_states_bpconfig_defaults():
     from clipheads.search import BPConfig
 

@@ -74,10 +74,18 @@ def _quiet_libraries() -> None:
     logging.getLogger("clipheads").setLevel(logging.WARNING)  # but clipheads' own warnings reach the user
 
 
+def _not_printed_by_the_cli(record: logging.LogRecord) -> bool:
+    """Log records the CLI prints itself (marked ``extra={"cli_prints": True}``, e.g. a search's "nothing ablated"
+    line, printed under its result table) are not printed again by the CLI's log handler."""
+    return not getattr(record, "cli_prints", False)
+
+
 def configure_logging() -> None:
     """Warnings of clipheads' own loggers (``clipheads.*``: retries, skipped images) on stderr; third-party
     libraries (open_clip, transformers, httpx) only at ERROR."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.addFilter(_not_printed_by_the_cli)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
     _quiet_libraries()
     logging.getLogger("clipheads").setLevel(logging.WARNING)
 

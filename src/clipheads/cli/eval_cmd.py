@@ -156,6 +156,11 @@ def eval_command(
         dataset = _load_data(task, data, None if whole else split, image_root, templates, classnames,
                              {"image": image_column, "text": text_column, "label": label_column,
                               "group": group_column, "attributes": attribute_columns, "queries": queries})
+    if task == "bias":  # a K above an attribute's image count: refused before the model is loaded
+        from clipheads.metrics.bias import check_skew_k
+
+        check_skew_k(prefer_old(skew_k, k), {a: dataset.attributes.count(a) for a in set(dataset.attributes)},
+                     dataset.source)
     backend = clipheads.load(model, device=device, dtype=parse_precision(precision).weights)
     # the stages: the dataset and the model are read first, so that their errors come before any stage line
     n_images = len(getattr(dataset, "image_paths", None) or ())  # the images to encode, where listed

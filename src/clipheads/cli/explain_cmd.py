@@ -276,8 +276,9 @@ def ccs(
     from clipheads.explain.plots import plot_ccs_heatmap
     from clipheads.explain.textspan import TextSpanResult
 
-    check_output_dir(out, {"descriptions.json": "json", "ccs.json": "json", "ccs_progress.json": "json",
-                           "ccs_heatmap.png": "png"})
+    check_output_dir(out, {"ccs.json": "json", "ccs_progress.json": "json", "ccs_heatmap.png": "png",
+                           # written only when described here: a --descriptions file in --out is an input
+                           **({"descriptions.json": "json"} if descriptions is None else {})})
     check_convention(convention)
     from clipheads.cli import stages as cost
     from clipheads.cli.stages import command_stages

@@ -35,7 +35,10 @@ def maps_command(
     """Draw each head's class-token attention (with and without --mask) and, with --text, its spatial
     decomposition along the text over each image; attention matrices are computed for the heads' layers only.
 
-    --out: a folder for the PNG files and maps.json; --mask: also draw the attention with this mask applied.
+    --out: a folder for the PNG files and maps.json; --mask: also draw the attention with this mask applied. Under
+    --mask an ablated head's map shows what the operator did (identity: the class token reads only itself, so no
+    patch; cls: the same; zero/mean: nothing; scale: alpha times its attention); maps.json gives each map's attention
+    on the patches (patch_attention) and whether its head was ablated.
     """
     import clipheads
     from clipheads.cli.patch_cmd import _images
@@ -71,11 +74,15 @@ def maps_command(
     for name, result in runs.items():
         for layer, head in parsed:
             rows = result.cls_row(layer, head)
+            label = clipheads.head_label(layer, head)
+            # an ablated head's map is what its operator did (identity: the class token reads only itself)
+            ablated = label in result.ablated  # gate below 1 under --mask
+            what = f" ({op} ablated)" if ablated else ""
             for i, path in enumerate(paths):
-                label = clipheads.head_label(layer, head)
                 target = save_overlay(pil[i], rows[i], out / f"{name}_{label}_{path.stem}.png",
-                                      title=f"{label} {name.replace('_', ' ')}: {path.name}")
-                written.append({"kind": name, "head": label, "image": str(path), "png": target.name})
+                                      title=f"{label} {name.replace('_', ' ')}{what}: {path.name}")
+                written.append({"kind": name, "head": label, "image": str(path), "png": target.name,
+                                "ablated": ablated, "patch_attention": float(rows[i].sum())})
     if text is not None:
         spatial = spatial_decomposition(backend, pixels, parsed)
         values = spatial.grid(spatial.project(backend.encode_text([text], normalize=True)[0]))

@@ -292,11 +292,17 @@ def _search_work(strategy: str, config, betas: list[float] | None, seeded: str |
 
 
 def _check_out(out: Path) -> None:
-    """Before the model is loaded: ``--out`` must be writable and new, empty or an earlier run's folder."""
-    from clipheads.files import check_output_dir
-    from clipheads.search.state import CONFIG
+    """Before the model is loaded: ``--out`` must be writable and new, empty or an earlier run's folder, and not
+    inside another run's folder (``scan --out s1/sub``: its files would mix with that run's)."""
+    from clipheads.errors import OutputError
+    from clipheads.files import check_output_dir, enclosing_folder
+    from clipheads.search.state import CONFIG, is_run_config
 
     check_output_dir(out, marker=CONFIG)
+    outer = enclosing_folder(out, CONFIG, is_run_config)
+    if outer is not None:
+        raise OutputError(f"--out {str(out)!r} is inside the run folder {str(outer)!r} (its {CONFIG} is an earlier "
+                          "clipheads run's); runs are not nested: choose a folder outside it", path=out)
 
 
 def _parse_betas(spec: str) -> list[float]:

@@ -37,6 +37,7 @@ from clipheads.metrics import (
     zeroshot_classifier,
     zeroshot_metrics,
 )
+from clipheads.metrics.bias import check_skew_k
 from clipheads.models import CLIPBackend, as_backend
 
 Model = CLIPBackend | nn.Module
@@ -118,7 +119,13 @@ def evaluate_compositional(model: Model, dataset: CompositionalDataset, mask: He
 def evaluate_bias(model: Model, dataset: CounterfactualDataset, mask: HeadMask | None = None,
                   op: str | Operator = "identity", *, alpha: float | None = None, k: int = 10,
                   options: EncodeOptions | None = None, **overrides) -> BiasResult:
-    """MaxSkew@K of every attribute for the neutral queries (averaged over the queries)."""
+    """MaxSkew@K of every attribute for the neutral queries (averaged over the queries).
+
+    Raises:
+        DataError: ``k`` above the number of images of an attribute, before any image is encoded (and again after
+            ``skip_bad`` dropped images).
+    """
+    check_skew_k(k, {a: dataset.attributes.count(a) for a in set(dataset.attributes)}, dataset.source)
     backend = as_backend(model)
     opts = EncodeOptions.make(options, **overrides)
     images = encode_images(backend, dataset.image_paths, mask, op, alpha=alpha, options=opts)

@@ -1,11 +1,15 @@
 """Where heads look and what they write from where: attention maps and the per-token (spatial) decomposition.
 
 * :func:`attention_maps`: each head's attention matrix ``softmax(q k^T * scale)`` (``[N, S, H, T, T]``; row 0 is the
-  class token's) for the requested layers only. The layers in front run through the library's own (fused) modules,
-  the forward stops after the last requested layer, and nothing is computed for other layers. With ``mask=`` the
-  maps are taken with that ablation applied: a layer's maps then show where its heads look given the residual
-  stream the ablated layers in front of it produced (a head ablated in that layer itself is listed in
-  :attr:`AttentionMaps.ablated`; its pattern is shown as computed, before the operator replaces its output).
+  class token's) for the requested layers only, computed by the library's own code
+  (:meth:`~clipheads.models.base.CLIPBackend.attention_weights`: transformers' ``eager_attention_forward``, open_clip's
+  ``nn.MultiheadAttention`` with ``need_weights=True``). The layers in front run through the library's own (fused)
+  modules, the forward stops after the last requested layer, and nothing is computed for other layers. With
+  ``mask=`` the maps are taken with that ablation applied: a layer's maps then show where its heads look given the
+  residual stream the ablated layers in front of it produced, and a head ablated in that layer itself (listed in
+  :attr:`AttentionMaps.ablated`) shows what its operator did (identity: the identity matrix; cls: every row on the
+  class token; zero and mean: zeros; scale: ``alpha`` times its pattern; see
+  :meth:`~clipheads.interventions.operators.Operator.mix_attention`), as the model returns them under that ablation.
 * :func:`spatial_decomposition`: a head's direct contribution to the image embedding (the term of
   :func:`clipheads.explain.decompose`) split over the tokens it reads from: the class token's output of head ``h``
   is ``sum_j A[0, j] v_j W_O[:, h]^T``, so token ``j`` contributes ``A[0, j] v_j W_O[:, h]^T``, linearised through
@@ -109,7 +113,8 @@ def attention_maps(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers:
         mask, op, op_args: an ablation applied while the maps are taken (as :func:`clipheads.ablate`).
 
     Returns:
-        :class:`AttentionMaps` with ``weights [N, len(layers), H, T, T]`` (float32, on the CPU).
+        :class:`AttentionMaps` with ``weights [N, len(layers), H, T, T]`` (float32, on the CPU); the rows of an
+        ablated head are its operator's map (see the module docstring), the rows of every other head sum to 1.
     """
     backend = as_backend(model)
     backend.require_unablated("attention maps")
@@ -123,8 +128,7 @@ def attention_maps(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers:
         done = 0
         for layer in chosen:
             x = backend.run_layers(x, done, layer)
-            q, k, _, scale = _qkv(backend, layer, x)
-            maps[layer] = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).cpu()
+            maps[layer] = backend.attention_weights(layer, x).float().cpu()
             x = backend.run_layers(x, layer, layer + 1)
             done = layer + 1
 

@@ -46,6 +46,8 @@ def _make_hook(gates: torch.Tensor, layer: int, intervention: Intervention):
         # index at call time so that a learned gate tensor (AAT-BP) is read after every optimiser step
         return intervention.operator.mix(z, v, gates[layer], layer)
 
+    # what the layer's attention maps become (read by the backends when weights are asked for)
+    hook.attention = lambda weights: intervention.operator.mix_attention(weights, gates[layer])
     return hook
 
 

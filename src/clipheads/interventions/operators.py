@@ -12,6 +12,12 @@ Shapes: ``z`` (the head outputs before ``out_proj``) and ``v`` (the values) are 
   (``[n_layers, n_heads, d_head]``: over images and positions, which :func:`clipheads.bake` can fold into
   ``out_proj``'s bias).
 * ``scale`` - the head's output is multiplied by ``alpha`` (soft pruning).
+
+Attention maps under an ablation (:meth:`Operator.mix_attention`) show what the operator did, as the matrix ``A'``
+with ``z' = A' v + c`` (``c = 0`` except for ``mean``): ``identity`` -> the identity matrix (each token reads its own
+value), ``cls`` -> every row one-hot on the class token, ``zero`` -> all zeros, ``mean`` -> all zeros (the output is
+the reference mean ``c``, a constant that reads no token of the image), ``scale`` -> ``alpha`` times the computed
+weights (rows sum to ``alpha``). A soft gate ``g`` mixes them as it mixes the outputs: ``g*A + (1-g)*A_op``.
 """
 
 from __future__ import annotations
@@ -92,6 +98,26 @@ class Operator:
                                     f"give {z.shape[1]}: compute the means at this image size")
             means = means.transpose(0, 1)
         return means.expand_as(z)  # mean
+
+    def attention_replacement(self, weights: torch.Tensor) -> torch.Tensor:
+        """What the attention weights ``[..., H, Tq, T]`` of fully ablated heads become (see the module docstring):
+        the matrix ``A'`` with ``z' = A' v + c``; square ``Tq == T`` weights for ``identity``."""
+        if self.name == "identity":
+            eye = torch.eye(weights.shape[-2], weights.shape[-1], device=weights.device, dtype=weights.dtype)
+            return eye.expand_as(weights)
+        if self.name == "cls":
+            one_hot = torch.zeros(weights.shape[-1], device=weights.device, dtype=weights.dtype)
+            one_hot[0] = 1
+            return one_hot.expand_as(weights)
+        if self.name == "scale":
+            return weights * self.alpha
+        return torch.zeros_like(weights)  # zero, mean
+
+    def mix_attention(self, weights: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """``g*A + (1-g)*A_op`` per head for attention weights ``[B, H, Tq, T]`` (``[H, Tq, T]`` unbatched): the maps
+        the heads have under this ablation; heads with ``g == 1`` keep their weights bit for bit."""
+        g = gates.to(weights.device, weights.dtype).view(-1, 1, 1)
+        return g * weights + (1 - g) * self.attention_replacement(weights)
 
     def mix(self, z: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, layer: int) -> torch.Tensor:
         """``g*z + (1-g)*replacement`` per head; exact for ``g`` in {0, 1} and differentiable in ``g``."""

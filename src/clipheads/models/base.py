@@ -24,8 +24,16 @@ from torch.nn.utils import parametrize
 
 from clipheads.errors import ClipHeadsError
 
-# hook(z, v) -> z', all [batch, pos, head, d_head]
+# hook(z, v) -> z', all [batch, pos, head, d_head]. A hook may carry ``hook.attention(weights) -> weights'`` (weights
+# [batch, head, pos, pos]): what the layer's attention maps become under it (the ablation engine's hooks say what
+# their operator did); without it the backends return the weights as computed.
 HeadHook = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def hooked_weights(hook: HeadHook | None, weights: torch.Tensor | None) -> torch.Tensor | None:
+    """Attention weights ``[B, H, Tq, T]`` as the layer's head hook leaves them (see :data:`HeadHook`)."""
+    mapping = getattr(hook, "attention", None)
+    return weights if weights is None or mapping is None else mapping(weights)
 
 # what encode_image accepts (see CLIPBackend.as_pixels)
 ImageInput = torch.Tensor | Image.Image | Sequence[Image.Image]
@@ -257,6 +265,13 @@ class CLIPBackend(ABC):
         """The rest of ``layer``: ``x + out_proj(z)``, then the MLP block; ``x [B, Tq, W]`` is the residual at the
         positions of ``z``."""
         raise NotImplementedError(f"{type(self).__name__} cannot split its layers")
+
+    def attention_weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``[B, H, T, T]`` of ``layer`` on the residual ``x [B, T, W]`` entering it, computed by the
+        library's own code (transformers: the model's ``eager_attention_forward``; open_clip: the block's
+        ``nn.MultiheadAttention`` with ``need_weights=True``), with the layer's head hook applied
+        (:func:`hooked_weights`: an ablated head shows what its operator did). Rows sum to 1 for unablated heads."""
+        raise ClipHeadsError(f"{self.name}: {type(self).__name__} cannot return attention weights")
 
     def head_hook(self, layer: int) -> HeadHook | None:
         return getattr(self.attention_module(layer), "_clipheads_hook", None)

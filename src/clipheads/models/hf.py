@@ -5,9 +5,11 @@ and the two towers used apart, ``CLIPVisionModelWithProjection`` + ``CLIPTextMod
 
 Head hooks use the official extension point of ``transformers``: an attention function registered with
 ``AttentionInterface`` under the name ``"clipheads"``. While at least one layer is hooked, the vision tower's
-config selects it; it calls the implementation the model was using (``sdpa`` by default, fused kernel) and
-then lets the layer's hook replace the outputs of the ablated heads. Without hooks the vision tower is switched
-back to its own implementation, so an untouched model runs exactly the library's code.
+config selects it; it calls the implementation the model was using (``sdpa`` by default, fused kernel; ``eager``
+through the model's own ``eager_attention_forward``) and then lets the layer's hook replace the outputs of the
+ablated heads. Layers without a hook run that implementation unchanged, and an ``eager`` model still returns its
+attention weights (``output_attentions=True``), the ablated heads' maps showing what the operator did. Without hooks
+the vision tower is switched back to its own implementation, so an untouched model runs exactly the library's code.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import inspect
 import math
 import os
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,19 +31,42 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from clipheads.errors import ClipHeadsError, ModelLoadError
-from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
+from clipheads.models.base import Architecture, CLIPBackend, HeadHook, hooked_weights, recall_input, remember_inputs
 
 ATTENTION_NAME = "clipheads"
 
 
 def _clipheads_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """Attention function for ``AttentionInterface``: the model's own kernel, then the layer's head hook."""
-    inner = ALL_ATTENTION_FUNCTIONS[getattr(module, "_clipheads_inner", "sdpa")]
+    """Attention function for ``AttentionInterface``: the model's own implementation (``module._clipheads_inner``:
+    ``sdpa``, ``eager``, ...), then the layer's head hook on the outputs ``[B, T, H, d]`` and, when the implementation
+    returns attention weights ``[B, H, T, T]`` (eager), the hook's map of them (an ablated head's map shows what its
+    operator did, see :meth:`clipheads.interventions.operators.Operator.mix_attention`).
+
+    Raises:
+        ClipHeadsError: ``output_attentions=True`` while the model's implementation returns no weights (sdpa, flash):
+            one line asking for eager attention instead of the library's empty tuple.
+    """
+    inner = getattr(module, "_clipheads_inner", None) or ALL_ATTENTION_FUNCTIONS["sdpa"]
     out, weights = inner(module, query, key, value, attention_mask, **kwargs)  # out: [B, T, H, d]
+    if weights is None and kwargs.get("output_attentions"):
+        raise ClipHeadsError(f"output_attentions=True: this model runs {getattr(module, '_clipheads_impl', 'sdpa')} "
+                             "attention, which returns no attention weights; use eager attention: "
+                             "model.set_attn_implementation('eager'), or from_pretrained(..., "
+                             "attn_implementation='eager') and clipheads.load(model)")
     hook = getattr(module, "_clipheads_hook", None)
     if hook is not None:
         out = hook(out, value.transpose(1, 2))
+        weights = hooked_weights(hook, weights)
     return out, weights
+
+
+def _eager_function(module: nn.Module):
+    """The ``eager_attention_forward`` of ``module``'s own modeling file (what the model runs as ``eager``)."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise ModelLoadError(f"{type(module).__name__}: its modeling module has no eager_attention_forward; clipheads "
+                             "cannot run its eager attention")
+    return function
 
 
 AttentionInterface.register(ATTENTION_NAME, _clipheads_attention)
@@ -207,11 +233,15 @@ class HFBackend(CLIPBackend):
         if "_clipheads_own_impl" not in self._vision.__dict__:
             own = self._vision.config._attn_implementation or "sdpa"
             self._vision.__dict__["_clipheads_own_impl"] = own
-            inner = own if own in ALL_ATTENTION_FUNCTIONS else "sdpa"  # eager has no registered function
             for i in range(self.n_layers):
-                self.attention_module(i)._clipheads_inner = inner
+                module = self.attention_module(i)
+                # the function the layer runs without clipheads: a registered one, or the model's own eager code
+                module._clipheads_inner = (ALL_ATTENTION_FUNCTIONS[own] if own != "eager" and own in
+                                           ALL_ATTENTION_FUNCTIONS else _eager_function(module))
+                module._clipheads_impl = own
+            mask_kind = own if own in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
             for config in {id(c): c for c in (self._vision.config, self.attention_module(0).config)}.values():
-                _INNER_OF_CONFIG[id(config)] = inner if inner in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+                _INNER_OF_CONFIG[id(config)] = mask_kind
             self._set_impl(ATTENTION_NAME)
         self.attention_module(layer)._clipheads_hook = hook
 
@@ -223,8 +253,18 @@ class HFBackend(CLIPBackend):
             self._set_impl(self._vision.__dict__.pop("_clipheads_own_impl"))
             for i in range(self.n_layers):
                 del self.attention_module(i)._clipheads_inner
+                del self.attention_module(i)._clipheads_impl
             for config in (self._vision.config, self.attention_module(0).config):
                 _INNER_OF_CONFIG.pop(id(config), None)
+
+    def attention_weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        block = self._layers[layer]
+        attn = block.self_attn
+        h = block.layer_norm1(x)
+        shape = (*h.shape[:-1], -1, attn.head_dim)
+        q, k, v = (proj(h).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        _, weights = _eager_function(attn)(attn, q, k, v, None, scaling=attn.scale, dropout=0.0)
+        return hooked_weights(self.head_hook(layer), weights)
 
 
 def load_hf(name_or_path: str, device=None, dtype=None, *, attn_implementation: str | None = None,

@@ -23,7 +23,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from clipheads.errors import ClipHeadsError, ModelLoadError
-from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
+from clipheads.models.base import (
+    Architecture,
+    CLIPBackend,
+    HeadHook,
+    hooked_weights,
+    recall_input,
+    remember_inputs,
+)
 
 PREFIX = "open_clip:"
 
@@ -35,15 +42,26 @@ def _hooked_mha_forward(self: nn.MultiheadAttention, query, key, value, key_padd
     Same arguments and masks as the module it replaces (boolean or additive ``attn_mask`` of shape ``[T, T]`` or
     ``[B*H, T, T]``, ``key_padding_mask [B, T]``, ``is_causal``, batched or unbatched input, dropout in training);
     it reads the weights as the module does (``in_proj_weight``, ``out_proj.weight``), so adapters that merge or
-    parametrize them (peft's LoRA) keep their effect. Attention weights are never materialised: ``need_weights=True``
-    and cross-attention are refused in one line (open_clip's blocks call it with ``need_weights=False``).
+    parametrize them (peft's LoRA) keep their effect. With ``need_weights=True`` it also returns the attention weights
+    as the module does (``[B, T, T]`` averaged over heads, or ``[B, H, T, T]`` with ``average_attn_weights=False``;
+    unbatched without ``B``): the module's own computation of them (one more attention pass, only when asked), with
+    the ablated heads' maps showing what the operator did (``Operator.mix_attention``: identity -> the identity
+    matrix). Cross-attention, and weights under attention dropout in training (they would not be the ones the output
+    used), are refused in one line.
     """
     if key is not query or value is not query:
         raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention supports self-attention only (query, key and "
                              "value the same tensor)")
+    weights = None
     if need_weights:
-        raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention returns no attention weights; call it with "
-                             "need_weights=False (as open_clip's blocks do)")
+        if self.training and self.dropout > 0:
+            raise ClipHeadsError("a clipheads-hooked nn.MultiheadAttention returns no attention weights under "
+                                 "attention dropout in training mode; call model.eval() or pass need_weights=False")
+        _, weights = type(self).forward(self, query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+                                        attn_mask=attn_mask, average_attn_weights=False, is_causal=is_causal)
+        weights = hooked_weights(self._clipheads_hook, weights)  # [B, H, T, T] or [H, T, T]
+        if average_attn_weights:
+            weights = weights.mean(dim=-3)
     unbatched = query.dim() == 2
     x = query.unsqueeze(0) if unbatched else (query if self.batch_first else query.transpose(0, 1))
     if unbatched and key_padding_mask is not None:
@@ -72,8 +90,8 @@ def _hooked_mha_forward(self: nn.MultiheadAttention, query, key, value, key_padd
     z = self._clipheads_hook(z.transpose(1, 2), v.transpose(1, 2))  # [B, T, H, d]
     out = F.linear(z.reshape(batch, tokens, width), self.out_proj.weight, self.out_proj.bias)
     if unbatched:
-        return out.squeeze(0), None
-    return (out if self.batch_first else out.transpose(0, 1)), None
+        return out.squeeze(0), weights
+    return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
 # peft wrappers around nn.MultiheadAttention whose forward calls the wrapped module with the adapted weights merged
@@ -213,6 +231,15 @@ class OpenCLIPBackend(CLIPBackend):
     def attention_module(self, layer: int) -> nn.MultiheadAttention:
         """Layer ``layer``'s ``nn.MultiheadAttention`` (inside peft's LoRA wrappers, if any)."""
         return base_attention(self._blocks[layer].attn, f"{self.name}: block {layer}'s ")
+
+    def attention_weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        block = self._blocks[layer]
+        h = block.ln_1(x)
+        if not self.attention_module(layer).batch_first:
+            h = h.transpose(0, 1)
+        # the block's module as the block calls it (peft's wrapper, if any); a hooked layer's forward maps the weights
+        _, weights = block.attn(h, h, h, need_weights=True, average_attn_weights=False)
+        return weights
 
     def _install(self, layer: int, hook: HeadHook) -> None:
         attn = self.attention_module(layer)

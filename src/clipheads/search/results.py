@@ -133,4 +133,5 @@ def write_result(result: SearchResult, folder: RunFolder | None) -> None:
     log.info("%s: %d heads ablated, %s %.4f -> %.4f on %s", result.strategy, mask.n_ablated, result.metric,
              result.search_baseline, result.search_metric, result.search_split or "the search split")
     if mask.n_ablated == 0:
-        log.warning("%s: %s", result.strategy, result.why_nothing_ablated())
+        # the CLI prints this line under its result table, so its log handler skips the record (cli_prints)
+        log.warning("%s: %s", result.strategy, result.why_nothing_ablated(), extra={"cli_prints": True})

@@ -25,6 +25,15 @@ STATE = "state.json"
 HISTORY = "history.jsonl"
 
 
+def is_run_config(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the ``config.json`` of a clipheads run folder (a JSON object with a ``run_key``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "run_key" in data
+
+
 class ConfigMismatchError(RunKeyError):
     """An output folder holds a run with another configuration."""
 
