@@ -28,7 +28,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from clipheads.errors import ClipHeadsError, ModelLoadError
-from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
+from clipheads.models.base import (
+    Architecture,
+    CLIPBackend,
+    HeadHook,
+    hooked_weights,
+    recall_input,
+    remember_inputs,
+)
 from clipheads.models.openclip import OpenCLIPBackend
 
 KIND = "open_clip-timm"
@@ -256,6 +263,23 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
 
     def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self._qkv(layer, x)
+        if queries is not None:
+            q = q[:, :, :queries]
+        z = F.scaled_dot_product_attention(q, k, v)
+        return z.transpose(1, 2), v.transpose(1, 2)
+
+    def attention_weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``[B, H, T, T]`` of ``layer`` on the residual ``x [B, T, W]`` entering it, as timm's
+        explicit-softmax branch computes them (``softmax(q k^T * attn.scale)`` after ``q_norm``/``k_norm`` and EVA's
+        rope; timm returns no weights), with the layer's head hook applied (an ablated head shows its operator)."""
+        q, k, _ = self._qkv(layer, x)
+        weights = torch.softmax((q * self._blocks[layer].attn.scale) @ k.transpose(-2, -1), dim=-1)
+        return hooked_weights(self.head_hook(layer), weights)
+
+    def _qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v [B, H, T, d]`` of ``layer`` on the residual ``x [B, T, W]``, read off timm's modules as its
+        forward does (packed, packed with q/v biases or separate projections; q/k norms; EVA's rope)."""
         block = self._blocks[layer]
         attn = block.attn
         h = x if _post_norm(block) else block.norm1(x)
@@ -277,10 +301,7 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
             npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-        if queries is not None:
-            q = q[:, :, :queries]
-        z = F.scaled_dot_product_attention(q, k, v)
-        return z.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
 
     def layer_finish(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         block = self._blocks[layer]
