@@ -177,3 +177,14 @@ def test_non_additive_eva02_heads_are_refused_in_one_line(config, reason, images
     with pytest.raises(ClipHeadsError, match=reason) as err:
         decompose(backend, images)
     assert "\n" not in str(err.value) and backend.hooked_layers == []
+
+
+def test_a_timm_pool_followed_by_a_projection_is_refused_in_one_line(images):
+    """open_clip's ``timm_proj='linear'`` after the attention pool: the pool's read-out term would not be in the
+    embedding's space, so the decomposition says so instead of mixing spaces."""
+    backend = tiny_timm_open_clip("ViT-B-16-SigLIP")
+    model = copy.deepcopy(backend.model)
+    model.visual.head = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ClipHeadsError, match="followed by Linear") as err:
+        decompose(as_backend(model), images)
+    assert "\n" not in str(err.value)
