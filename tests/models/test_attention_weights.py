@@ -43,8 +43,8 @@ def eager_backend(request):
 
 @pytest.mark.parametrize("op", OPERATORS)
 def test_transformers_eager_returns_weights_under_ablation(eager_backend, pixels, op):
-    if op == "cls" and not eager_backend.has_class_token:
-        pytest.skip("no class token (SigLIP): cls is refused (tests/interventions/test_reference.py)")
+    if op == "cls" and eager_backend.prefix_tokens == 0:
+        pytest.skip("no class token (SigLIP): the cls operator is refused (tests/search/test_engine_siglip.py)")
     vision = eager_backend.model.vision_model
     with torch.no_grad():
         vanilla = vision(pixel_values=pixels, output_attentions=True)

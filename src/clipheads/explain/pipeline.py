@@ -31,9 +31,13 @@ def explain_plan(model: CLIPBackend, n_images: int, chunk: int, layers: str | Se
         ClipHeadsError: a bad size, or a budget too small for the moments and one image.
     """
     chosen = list(range(model.n_layers)) if layers is None else parse_layers(layers, model.n_layers)
-    _, projection, _ = _final_stage(model)
     width = model.n_heads * model.head_dim
-    dim = width if projection is None else int(projection.shape[-1])
+    pool = model.attention_pool()
+    if pool is not None:  # an attention-pooling head (SigLIP): its output projection sets the embedding's size
+        dim = int(pool.out_weight.shape[0])
+    else:
+        _, projection, _ = _final_stage(model)
+        dim = width if projection is None else int(projection.shape[-1])
     return plan_explain(n_images=n_images, chunk=chunk, n_layers=model.n_layers, n_heads=model.n_heads,
                         n_chosen=len(chosen), width=width, dim=dim,
                         budget=None if memory_budget is None else parse_size(memory_budget))
