@@ -15,8 +15,12 @@ from clipheads.models import as_backend
 from clipheads.models.random_init import random_hf_clip, tiny_open_clip
 
 
-@pytest.fixture(scope="module", params=["hf", "open_clip"])
+@pytest.fixture(scope="module", params=["hf", "chinese", "open_clip"])
 def model(request):
+    if request.param == "chinese":  # ChineseCLIPModel: the same vision code under other class names
+        from clipheads.models.random_init import tiny_model
+
+        return tiny_model("chinese")
     return random_hf_clip("tiny") if request.param == "hf" else tiny_open_clip()
 
 

@@ -1,5 +1,5 @@
-"""The head decomposition of SigLIP (attention-pooling head, no class token) against a naive reference that builds
-every attention matrix explicitly, and its terms summing to the embedding in both conventions."""
+"""The head decomposition of SigLIP and SigLIP 2 (fixed grid; attention-pooling head, no class token) against a naive
+reference that builds every attention matrix explicitly, and its terms summing to the embedding in both conventions."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ def siglip():
     return tiny_model("siglip", seed=3)
 
 
+@pytest.fixture(scope="module")
+def siglip2():
+    return tiny_model("siglip2", seed=3)
+
+
+@pytest.fixture(params=["siglip", "siglip2"])
+def family(request):
+    """SigLIP and SigLIP 2 (its fixed grid: ``embed`` lays the square image out as NaFlex patches)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture()
 def images():
     torch.manual_seed(3)
@@ -32,7 +43,7 @@ def naive(model, pixels):
     pooling head read literally: ``post_layernorm`` frozen at each token's statistics, the probe's softmax over the
     tokens per pooling head, ``out_proj`` per pooling head; the pooling MLP on the pooled vector."""
     vision = model.model.vision_model
-    x = vision.embeddings(pixels)
+    x = model.embed(pixels)  # SigLIP: vision.embeddings(pixels); SigLIP 2: the same on its NaFlex patches
     terms = {"embedding": x}
     for layer, block in enumerate(vision.encoder.layers):
         attn = block.self_attn
@@ -79,20 +90,20 @@ def naive(model, pixels):
                                 readout=readout, embedding=pooled + readout, norm=norm)
 
 
-def test_centred_terms_equal_the_naive_reference_and_sum_to_the_embedding(siglip, images):
-    terms, through, ref = naive(siglip, images)
+def test_centred_terms_equal_the_naive_reference_and_sum_to_the_embedding(family, images):
+    terms, through, ref = naive(family, images)
     assert (ref["pooled"] - ref["library"]).abs().max() <= 1e-5  # the reference reads the pool as the library does
-    parts = decompose(siglip, images, convention="centred")
+    parts = decompose(family, images, convention="centred")
     with torch.inference_mode():
-        embedding = siglip.encode_image(images)
+        embedding = family.encode_image(images)
     assert (parts.total() - embedding).abs().max() <= 1e-5
     gamma, std = ref["norm"].weight, ref["std"]
 
     def centred(c):
         return through(gamma * (c - c.mean(-1, keepdim=True)) / std)
 
-    for layer in range(siglip.n_layers):
-        for head in range(siglip.n_heads):
+    for layer in range(family.n_layers):
+        for head in range(family.n_heads):
             assert (parts.heads[:, layer, head] - centred(terms[(layer, head)])).abs().max() <= 1e-5
         assert (parts.mlp[:, layer] - centred(terms[("mlp", layer)])).abs().max() <= 1e-5
         assert (parts.attention_bias()[:, layer] - centred(terms[("bias", layer)])).abs().max() <= 1e-5
@@ -102,14 +113,14 @@ def test_centred_terms_equal_the_naive_reference_and_sum_to_the_embedding(siglip
     assert parts.heads.abs().max() > 1e-2 and parts.readout.abs().max() > 1e-2
 
 
-def test_textspan_terms_equal_the_naive_reference_and_sum_to_the_normalised_embedding(siglip, images):
-    terms, through, ref = naive(siglip, images)
-    parts = decompose(siglip, images, convention="textspan")
+def test_textspan_terms_equal_the_naive_reference_and_sum_to_the_normalised_embedding(family, images):
+    terms, through, ref = naive(family, images)
+    parts = decompose(family, images, convention="textspan")
     with torch.inference_mode():
-        embedding = siglip.encode_image(images, normalize=True)
+        embedding = family.encode_image(images, normalize=True)
     assert (parts.total() - embedding).abs().max() <= 1e-5
     assert parts.ln_bias.abs().max() == 0
-    n_heads, shares = siglip.n_heads, 2 * siglip.n_layers + 1
+    n_heads, shares = family.n_heads, 2 * family.n_layers + 1
     norm, mean, std = ref["norm"], ref["mean"], ref["std"]
     scale = ref["embedding"].norm(dim=-1, keepdim=True)
     biases = ref["constant"] - through(norm.bias.expand_as(mean.expand(-1, -1, norm.weight.shape[0])))
@@ -118,7 +129,7 @@ def test_textspan_terms_equal_the_naive_reference_and_sum_to_the_normalised_embe
         post = norm.weight * (c - mean / share) / std + norm.bias / share
         return (through(post) + biases / share) / scale
 
-    for layer in range(siglip.n_layers):
+    for layer in range(family.n_layers):
         for head in range(n_heads):
             expected = shared(terms[(layer, head)] + terms[("bias", layer)] / n_heads, shares * n_heads)
             assert (parts.heads[:, layer, head] - expected).abs().max() <= 1e-5

@@ -162,3 +162,91 @@ def test_open_clip_maps_keep_a_lora_adapters_effect(pixels):
     got = attention_maps(clipheads.load(tuned), pixels, [0, 1]).weights
     assert torch.allclose(got, attention_maps(clipheads.load(merged), pixels, [0, 1]).weights, atol=1e-6)
     assert (got - attention_maps(clipheads.load(plain), pixels, [0, 1]).weights).abs().max() > 1e-3
+
+
+# ------------------------------------------------- the other families of the README's table
+def _family(kind: str):
+    from clipheads.models.tiny_copies import TINY_TIMM_CONFIGS, tiny_open_clip_copy, tiny_timm_open_clip
+
+    if kind in TINY_TIMM_CONFIGS:
+        return tiny_timm_open_clip(kind, seed=3)
+    if kind in ("ViT-L-14-CLIPA", "coca_ViT-B-32"):
+        return tiny_open_clip_copy(kind, seed=3)
+    return tiny_model(kind, seed=3)
+
+
+def _library_attentions(backend, pixels) -> list[torch.Tensor]:
+    """Each layer's attention weights [B, H, T, T] as the library returns them: transformers' eager
+    ``output_attentions=True`` (SigLIP 2 on its NaFlex patches, the towers through the vision tower), open_clip's
+    ``nn.MultiheadAttention`` with ``need_weights=True`` on each block's input."""
+    model = backend.model
+    if backend.kind != "hf":
+        weights = []
+        for layer, block in enumerate(model.visual.transformer.resblocks):
+            h = block.ln_1(backend.run_layers(backend.embed(pixels), 0, layer))
+            weights.append(block.attn(h, h, h, need_weights=True, average_attn_weights=False)[1])
+        return weights
+    if type(model).__name__ == "CLIPTowers":
+        return list(model.vision(pixel_values=pixels, output_attentions=True).attentions)
+    if type(model).__name__ == "Siglip2Model":
+        inputs = backend.naflex_inputs(pixels)
+        return list(model.vision_model(inputs["pixel_values"], inputs["pixel_attention_mask"],
+                                       inputs["spatial_shapes"], output_attentions=True).attentions)
+    return list(model.vision_model(pixel_values=pixels, output_attentions=True).attentions)
+
+
+@pytest.mark.parametrize("kind", ["altclip", "metaclip2", "siglip2", "towers", "ViT-L-14-CLIPA", "coca_ViT-B-32"])
+def test_maps_under_ablation_are_the_librarys_own_on_every_family(kind, pixels):
+    """clipheads' attention maps equal the library's own weights, unablated and under an identity ablation (the
+    ablated head's map the identity matrix), on AltCLIP, MetaCLIP 2, SigLIP 2, the towers apart, CLIPA and CoCa."""
+    from clipheads.explain.spatial import attention_maps
+
+    backend = _family(kind)
+    if backend.kind == "hf":  # eager: the attention implementation that returns weights
+        (backend.model.vision if kind == "towers" else backend.model).set_attn_implementation("eager")
+    mask = clipheads.HeadMask.from_heads([f"L{LAYER}.H{HEAD}"], backend)
+    with torch.no_grad():
+        own = _library_attentions(backend, pixels)
+        with clipheads.ablate(backend, mask, op="identity"):
+            own_ablated = _library_attentions(backend, pixels)
+    maps = attention_maps(backend, pixels, [0, 1])
+    ablated = attention_maps(backend, pixels, [0, 1], mask=mask, op="identity")
+    for layer in (0, 1):
+        assert (maps.weights[:, layer] - own[layer]).abs().max() <= 1e-6
+        assert (ablated.weights[:, layer] - own_ablated[layer]).abs().max() <= 1e-6
+    assert torch.equal(ablated.weights[:, LAYER, HEAD], torch.eye(own[0].shape[-1]).expand_as(own[0][:, HEAD]))
+    assert (maps.weights[:, LAYER, HEAD] - ablated.weights[:, LAYER, HEAD]).abs().max() > 0.1
+    assert torch.allclose(maps.weights.sum(-1), torch.ones(()))
+
+
+@pytest.mark.parametrize("kind", ["ViT-B-16-SigLIP", "EVA02-B-16", "EVA01-g-14", "EVA02-E-14"])
+def test_timm_maps_are_what_the_heads_read_under_ablation(kind, pixels):
+    """timm returns no weights: the maps (timm's explicit-softmax formula, after q/k norms and EVA's rope) times the
+    values are the per-head outputs timm's own forward computes (recorded by a head hook), and under an identity
+    ablation the ablated head's map is the identity matrix, the others unchanged."""
+    from clipheads.explain.spatial import attention_maps
+
+    backend = _family(kind)
+    seen = {}
+
+    def record(z, v):
+        seen["z"], seen["v"] = z, v
+        return z
+
+    with torch.no_grad():
+        x = backend.run_layers(backend.embed(pixels), 0, LAYER)
+        backend.set_head_hook(LAYER, record)
+        try:
+            backend.run_layers(x, LAYER, LAYER + 1)
+        finally:
+            backend.clear_head_hooks()
+    maps = attention_maps(backend, pixels, [LAYER])
+    read = maps.weights[:, 0] @ seen["v"].transpose(1, 2)  # [B, H, T, d]
+    assert (read - seen["z"].transpose(1, 2)).abs().max() <= 1e-5 * seen["z"].abs().max()
+    assert torch.allclose(maps.weights.sum(-1), torch.ones(()))
+    mask = clipheads.HeadMask.from_heads([f"L{LAYER}.H{HEAD}"], backend)
+    ablated = attention_maps(backend, pixels, [LAYER], mask=mask, op="identity")
+    others = [h for h in range(backend.n_heads) if h != HEAD]
+    assert torch.equal(ablated.weights[:, 0, others], maps.weights[:, 0, others])
+    eye = torch.eye(maps.weights.shape[-1]).expand_as(maps.weights[:, 0, HEAD])
+    assert torch.equal(ablated.weights[:, 0, HEAD], eye)

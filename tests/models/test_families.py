@@ -131,6 +131,7 @@ def test_single_head_scan_equals_one_at_a_time(family):
     weights = torch.randn(family.encode_image(pixels[:1]).shape[-1], generator=generator)
     objective = Objective(lambda f: float((torch.tanh(f) * weights).sum()), "feature_sum")
     evaluator = MaskEvaluator(family, pixels, objective, op="zero", batch_size=8)
+    assert evaluator.fast_path  # split layers (SigLIP 2: the last layer whole, its pool reads every token)
     scan = scan_heads(evaluator, max_top_k=1)
     for layer, head in [(0, 0), (1, 3)]:
         mask = clipheads.HeadMask.from_heads([(layer, head)], family)

@@ -117,6 +117,8 @@ def test_tiny_copies_keep_the_real_blocks(timm_backend):
 @pytest.mark.parametrize("op", OPERATORS)
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_operator_matches_naive_reference(timm_backend, pixels, op, soft):
+    if op == "cls" and not timm_backend.has_class_token:
+        pytest.skip("no class token: cls is refused (test_cls_is_refused_without_a_class_token)")
     torch.manual_seed(0)
     shape = (timm_backend.n_layers, timm_backend.n_heads)
     gates = torch.rand(shape) if soft else (torch.rand(shape) > 0.5).float()
@@ -159,6 +161,8 @@ def test_timm_explicit_softmax_path(timm_backend, pixels, op):
     way: exact with all ones, and the operators match the naive reference."""
     import copy
 
+    if op == "cls" and not timm_backend.has_class_token:
+        pytest.skip("no class token: cls is refused (test_cls_is_refused_without_a_class_token)")
     backend = clipheads.load(copy.deepcopy(timm_backend.model))
     for block in backend.model.visual.trunk.blocks:
         block.attn.fused_attn = False
@@ -220,6 +224,20 @@ def test_gate_gradients_match_finite_differences(timm_backend, pixels):
     assert gates.grad.abs().min() > 0
 
 
+def test_cls_is_refused_without_a_class_token(siglip, eva02):
+    """SigLIP's trunk has no class token (token 0 is a patch): ``cls`` is refused in one line, as on transformers'
+    SigLIP; EVA's class token takes it."""
+    from clipheads.errors import OperatorError
+
+    assert not siglip.has_class_token and siglip.prefix_tokens == 0
+    assert eva02.has_class_token and eva02.prefix_tokens == 1
+    with pytest.raises(OperatorError, match="needs a class token") as err:
+        clipheads.apply(siglip, clipheads.HeadMask.from_heads("L0.H0", siglip), op="cls")
+    assert "\n" not in str(err.value) and siglip.hooked_layers == []
+    with clipheads.ablate(eva02, clipheads.HeadMask.from_heads("L0.H0", eva02), op="cls"):
+        assert eva02.hooked_layers == [0]
+
+
 def test_fast_path_features_equal_the_plain_path(siglip, eva02):
     """The class-token tower (EVA02) reads the class token out; the attention-pooled one (SigLIP's
     AttentionPoolLatent reads every token) runs its last layer whole: both equal the plain ablated encode_image."""
@@ -269,14 +287,6 @@ def test_save_load_and_info(timm_backend, tmp_path, run_main, pixels):
     assert code == 0, err
     assert "open_clip-timm" in out and "L1.H3" in out
     assert "heads in total" in out and " 8" in out
-
-
-def test_decomposition_is_refused_in_one_line(timm_backend, pixels):
-    from clipheads.explain.decomposition import decompose
-
-    with pytest.raises(ClipHeadsError, match="TimmModel on a timm .* trunk") as err:
-        decompose(timm_backend, pixels)
-    assert "\n" not in str(err.value)
 
 
 def test_unsupported_trunks_and_attention_are_refused_in_one_line(siglip):

@@ -22,11 +22,29 @@ def _surrogate(backend, pixels, texts, t2i, gates, op, surrogate):
     return float(SURROGATES[surrogate](_features(backend, pixels, gates, op), texts, t2i, backend.logit_scale))
 
 
-@pytest.mark.parametrize("kind", ["hf", "open_clip"])
-@pytest.mark.parametrize(("op", "surrogate"), [("identity", "contrastive"), ("zero", "contrastive"),
-                                               ("identity", "soft_recall")])
+def _family(kind: str):
+    """A tiny random model of one family of the README's table (transformers, open_clip, timm trunks)."""
+    from clipheads.models.tiny_copies import TINY_TIMM_CONFIGS, tiny_open_clip_copy, tiny_timm_open_clip
+
+    if kind in TINY_TIMM_CONFIGS:
+        return tiny_timm_open_clip(kind, seed=11)
+    if kind in ("ViT-L-14-CLIPA", "coca_ViT-B-32"):
+        return tiny_open_clip_copy(kind, seed=11)
+    return tiny_model(kind, seed=11)
+
+
+# the families of the README's table besides hf/open_clip (and SigLIP: test_attribution_siglip.py)
+FAMILIES = ["chinese", "altclip", "metaclip2", "siglip2", "towers", "ViT-B-16-SigLIP", "EVA01-g-14", "EVA02-B-16",
+            "EVA02-E-14", "ViT-L-14-CLIPA", "coca_ViT-B-32"]
+
+
+@pytest.mark.parametrize(("kind", "op", "surrogate"),
+                         [(kind, op, surrogate) for kind in ("hf", "open_clip")
+                          for op, surrogate in [("identity", "contrastive"), ("zero", "contrastive"),
+                                                ("identity", "soft_recall")]]
+                         + [(kind, "identity", "contrastive") for kind in FAMILIES])
 def test_attribution_equals_finite_differences(kind, op, surrogate):
-    backend = tiny_model(kind, seed=11)
+    backend = _family(kind)
     backend.model.double()
     torch.manual_seed(0)
     pixels = torch.randn(6, 3, 32, 32, dtype=torch.float64)
@@ -44,6 +62,7 @@ def test_attribution_equals_finite_differences(kind, op, surrogate):
                       - _surrogate(backend, pixels, texts, t2i, down, op, surrogate)) / (2 * eps)
         assert result.estimated_delta[layer, head].item() == pytest.approx(-derivative, rel=1e-4, abs=1e-8)
     assert result.surrogate == pytest.approx(_surrogate(backend, pixels, texts, t2i, ones, op, surrogate), rel=1e-9)
+    assert result.estimated_delta.abs().max() > 1e-6  # the heads move the surrogate: the comparison means something
 
 
 def test_soft_recall_tends_to_mean_recall():

@@ -37,6 +37,12 @@ the token's mean and ``beta`` and the pool's ``W_O b_V + b_O`` shared out equall
 above). The pooling MLP's output depends on the whole pooled vector and belongs to no encoder head: it is the term
 ``Decomposition.readout``; under ``centred``, ``ln_bias`` holds the pool's constant ``W_O (W_V beta + b_V) + b_O``.
 The terms sum to the image embedding (normalised under ``textspan``), tested against a hand-built reference.
+
+The same two readings cover every backend: transformers SigLIP and SigLIP 2 (fixed grid) through
+``AttentionPool.from_siglip``, open_clip's timm SigLIP trunks through ``AttentionPool.from_timm`` (the backend's
+``attention_pool()``), and timm class-token trunks (EVA01: ``trunk.norm`` at token 0, then the linear head; rotary
+embeddings act inside the attention, so the heads stay additive). Refused in one line: EVA02's sub-LN over the
+concatenated heads and EVA02-E's post-norm blocks (a norm between the heads and the residual).
 """
 
 from __future__ import annotations
@@ -113,10 +119,8 @@ def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | Non
         projection = model.visual_projection
         return model.vision_model.post_layernorm, projection.weight.T, projection.bias
     visual = model.visual  # open_clip: _pool (ln_post + class token) -> @ proj
-    if getattr(visual, "trunk", None) is not None:  # TimmModel (SigLIP, EVA): timm's norm/pool/head, not yet here
-        raise ClipHeadsError(f"{backend.name}: the image tower is an open_clip TimmModel on a timm "
-                             f"{type(visual.trunk).__name__} trunk; the head decomposition supports open_clip "
-                             "VisionTransformer and transformers towers only")
+    if getattr(visual, "trunk", None) is not None:  # TimmModel (EVA): trunk.norm -> class token -> head(s)
+        return _timm_final_stage(backend, visual)
     if visual.attn_pool is not None or visual.pool_type != "tok":
         raise ClipHeadsError(f"{backend.name}: the image tower pools with {visual.pool_type!r}"
                              f"{' and an attentional pooler' if visual.attn_pool is not None else ''}; the head "
@@ -124,10 +128,69 @@ def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | Non
     return visual.ln_post, visual.proj, None
 
 
+def _timm_final_stage(backend: CLIPBackend, visual: nn.Module
+                      ) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
+    """The final norm and projection of an open_clip ``TimmModel`` that reads its class token (EVA): ``trunk.norm``
+    at token 0, then the trunk's classifier head and the tower's head, each the identity, a dropout or a linear
+    (composed into one ``[width, D]`` matrix and bias). Anything else is refused in one line."""
+    trunk = visual.trunk
+    pooling = "an attention pool" if getattr(trunk, "attn_pool", None) is not None else f"{trunk.global_pool!r}"
+    if getattr(trunk, "attn_pool", None) is not None or trunk.global_pool != "token" or trunk.cls_token is None:
+        raise ClipHeadsError(f"{backend.name}: the timm trunk pools with {pooling}, not its class token; the head "
+                             "decomposition reads a class token or an attention pool (SigLIP)")
+    if not isinstance(trunk.norm, nn.LayerNorm) or not isinstance(trunk.fc_norm, nn.Identity):
+        raise ClipHeadsError(f"{backend.name}: the timm trunk's final norm is {type(trunk.norm).__name__} (fc_norm "
+                             f"{type(trunk.fc_norm).__name__}); the decomposition linearises one LayerNorm")
+    matrix, bias = None, None
+    for module in (trunk.head, *visual.head.children()):
+        if isinstance(module, (nn.Identity, nn.Dropout)):
+            continue
+        if type(module) is not nn.Linear:
+            raise ClipHeadsError(f"{backend.name}: the tower's head holds a {type(module).__name__}, not a linear "
+                                 "projection; the head decomposition needs a linear read-out")
+        weight = module.weight.float().T  # [in, out]
+        bias = (bias @ weight if bias is not None else None)
+        if module.bias is not None:
+            bias = module.bias.float() if bias is None else bias + module.bias.float()
+        matrix = weight if matrix is None else matrix @ weight
+    return trunk.norm, matrix, bias
+
+
 def _layer_scale(backend: CLIPBackend, layer: int) -> nn.Module:
-    """What multiplies the attention output before it joins the residual (open_clip's LayerScale, else identity)."""
-    blocks = getattr(getattr(getattr(backend.model, "visual", None), "transformer", None), "resblocks", None)
+    """What multiplies the attention output before it joins the residual (open_clip's LayerScale ``ls_1``, timm's
+    ``ls1``, EVA's ``gamma_1``; else identity). Refuses (one line) a block that normalises the attention output
+    before the residual (timm's ``EvaBlockPostNorm``, EVA02-E): a head's share is then not additive."""
+    visual = getattr(backend.model, "visual", None)
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None:  # open_clip TimmModel
+        from clipheads.models.openclip_timm import _head_mixing
+
+        block = trunk.blocks[layer]
+        mixing = _head_mixing(block.attn)
+        if mixing is not None:
+            raise ClipHeadsError(f"{backend.name}: layer {layer} applies {mixing} before its output projection, so "
+                                 "the heads' outputs are not additive; the head decomposition is refused for it")
+        if type(block).__name__ == "EvaBlockPostNorm":
+            raise ClipHeadsError(f"{backend.name}: layer {layer} normalises its attention output before the "
+                                 "residual (post-norm EvaBlockPostNorm), so the heads' outputs are not additive; the "
+                                 "head decomposition is refused for it")
+        if hasattr(block, "ls1"):
+            return block.ls1
+        gamma = getattr(block, "gamma_1", None)
+        return nn.Identity() if gamma is None else _Multiply(gamma)
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
     return blocks[layer].ls_1 if blocks is not None else nn.Identity()
+
+
+class _Multiply(nn.Module):
+    """``x * gamma`` (EVA's layer scale, a bare parameter)."""
+
+    def __init__(self, gamma: torch.Tensor) -> None:
+        super().__init__()
+        self.gamma = gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.float()
 
 
 @torch.inference_mode()
@@ -193,14 +256,17 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
         its norm under ``textspan``).
 
     Raises:
-        ClipHeadsError: an unknown convention, an ablated model or a tower that pools neither its class token nor
-            with an attention-pooling head (open_clip's ``avg``/attentional poolers).
+        ClipHeadsError: an unknown convention, an ablated model, a tower that pools neither its class token nor
+            with an attention-pooling head (open_clip's ``avg``/attentional poolers: CLIPA, CoCa), or heads whose
+            outputs are not additive (EVA02's sub-LN over the heads, EVA02-E's post-norm blocks).
     """
     check_convention(convention)
     backend = as_backend(model)
     backend.require_unablated("the decomposition")
     chosen = list(range(backend.n_layers)) if layers is None else parse_layers(layers, backend.n_layers)
     pool = backend.attention_pool()
+    for layer in range(backend.n_layers):  # refuse non-additive heads before any work
+        _layer_scale(backend, layer)
     if pool is not None:
         return _pooled_decomposition(backend, pool, pixels, chosen, convention)
     norm, projection, projection_bias = _final_stage(backend)

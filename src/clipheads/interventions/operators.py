@@ -74,10 +74,11 @@ class Operator:
 
     def check_fits(self, backend) -> Operator:
         """``self``, or an :class:`OperatorError` (one line) when the model has nothing the operator needs: ``cls``
-        on a tower without a class token (SigLIP: token 0 is an image patch)."""
-        if self.name == "cls" and getattr(backend, "prefix_tokens", 1) == 0:
-            raise OperatorError(f"operator 'cls' needs a class token, but {backend.name} has none (it pools with an "
-                                "attention-pooling head); use identity, zero, mean or scale")
+        on a tower without a class token (``backend.has_class_token`` False: transformers' and timm's SigLIP, timm
+        trunks built with ``class_token=False`` such as ViTamin; token 0 is then an image patch or a register)."""
+        if self.name == "cls" and not getattr(backend, "has_class_token", True):
+            raise OperatorError(f"operator 'cls' needs a class token, but {backend.name} has none (token 0 is not a "
+                                "class token); use identity, zero, mean or scale")
         return self
 
     def replacement(self, z: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:

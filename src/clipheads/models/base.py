@@ -243,6 +243,12 @@ class CLIPBackend(ABC):
         """Tokens in front of the image patches in the residual stream (1: the class token; 0: none, SigLIP)."""
         return 1
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the residual stream's token 0 is a class token (what the ``cls`` operator attends to); ``False``
+        for towers of patches only (SigLIP) or of register tokens without a class token."""
+        return self.prefix_tokens > 0
+
     def attention_pool(self):
         """The probe-attention read-out (:class:`clipheads.models.pooling.AttentionPool`) of a tower that pools
         with an attention-pooling head instead of a class token; ``None`` for class-token towers."""

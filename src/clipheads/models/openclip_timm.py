@@ -15,7 +15,9 @@ all-ones mask is the library's forward bit for bit.
 What is refused, in one line each: trunks other than these two classes (ConvNeXt, FastViT, Swin, rel-pos ViTs),
 attention classes other than the two above (e.g. PE-Core's ``AttentionRope``), and folding (``bake``) or decomposing
 heads through a sub-LN ``norm`` or a gate (EVA02's ``scale_attn_inner``): there the output projection is not linear
-in one head's output.
+in one head's output; decomposing through post-norm blocks (EVA02-E's ``EvaBlockPostNorm``, which normalises the
+attention output before the residual) or an average pool. The decomposition reads SigLIP's ``AttentionPoolLatent``
+(:meth:`attention_pool`) and EVA01's class token.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from clipheads.errors import ClipHeadsError, ModelLoadError
-from clipheads.models.base import Architecture, CLIPBackend, HeadHook, recall_input, remember_inputs
+from clipheads.models.base import (
+    Architecture,
+    CLIPBackend,
+    HeadHook,
+    hooked_weights,
+    recall_input,
+    remember_inputs,
+)
 from clipheads.models.openclip import OpenCLIPBackend
 
 KIND = "open_clip-timm"
@@ -144,8 +153,8 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
     blocks (``trunk.blocks[l].attn``, ``L{l}.H{h}``). The staged view runs timm's own modules: ``embed`` =
     ``patch_embed`` -> ``_pos_embed`` (-> ``patch_drop``) -> ``norm_pre``; ``run_layers`` = the blocks (EVA: with
     the trunk's rotary embedding); ``pool`` = ``norm`` -> ``forward_head`` (class token, average or the
-    ``AttentionPoolLatent`` probe of SigLIP) -> the tower's ``head``. On a trunk without a class token (SigLIP) the
-    ``cls`` operator makes every token attend to the first token, as for transformers' SigLIP.
+    ``AttentionPoolLatent`` probe of SigLIP) -> the tower's ``head``. On a trunk without a class token (SigLIP,
+    ViTamin) the ``cls`` operator is refused (``has_class_token``), as for transformers' SigLIP.
     """
 
     kind = KIND
@@ -221,8 +230,56 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
         token_pool = trunk.attn_pool is None and trunk.global_pool == "token" and trunk.num_prefix_tokens >= 1
         return 1 if token_pool else None
 
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patches: the class token and any register tokens (timm's ``num_prefix_tokens``)."""
+        return int(self._trunk.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the trunk has a class token (timm's ``cls_token``; SigLIP and ViTamin trunks have none)."""
+        return getattr(self._trunk, "cls_token", None) is not None
+
+    def attention_pool(self):
+        """The trunk's ``AttentionPoolLatent`` (SigLIP) after its final ``norm``, as
+        :meth:`clipheads.models.pooling.AttentionPool.from_timm`; ``None`` for trunks without one.
+
+        Raises:
+            ClipHeadsError: something after the pool that is not the identity (a projection of the tower's head, an
+                ``fc_norm``): the decomposition's read-out term would then not be in the pooled vector's space.
+        """
+        trunk = self._trunk
+        if getattr(trunk, "attn_pool", None) is None:
+            return None
+        from clipheads.models.pooling import AttentionPool
+
+        after = [m for m in (trunk.fc_norm, trunk.head, *self._visual.head.children())
+                 if not isinstance(m, (nn.Identity, nn.Dropout))]
+        if after:
+            raise ClipHeadsError(f"{self.name}: the attention pool is followed by "
+                                 f"{', '.join(type(m).__name__ for m in after)}; the decomposition reads the pool "
+                                 "when nothing but the identity follows it (open_clip's timm_proj 'none')")
+        return AttentionPool.from_timm(trunk.norm, trunk.attn_pool)
+
     def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self._qkv(layer, x)
+        if queries is not None:
+            q = q[:, :, :queries]
+        z = F.scaled_dot_product_attention(q, k, v)
+        return z.transpose(1, 2), v.transpose(1, 2)
+
+    def attention_weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``[B, H, T, T]`` of ``layer`` on the residual ``x [B, T, W]`` entering it, as timm's
+        explicit-softmax branch computes them (``softmax(q k^T * attn.scale)`` after ``q_norm``/``k_norm`` and EVA's
+        rope; timm returns no weights), with the layer's head hook applied (an ablated head shows its operator)."""
+        q, k, _ = self._qkv(layer, x)
+        weights = torch.softmax((q * self._blocks[layer].attn.scale) @ k.transpose(-2, -1), dim=-1)
+        return hooked_weights(self.head_hook(layer), weights)
+
+    def _qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``q, k, v [B, H, T, d]`` of ``layer`` on the residual ``x [B, T, W]``, read off timm's modules as its
+        forward does (packed, packed with q/v biases or separate projections; q/k norms; EVA's rope)."""
         block = self._blocks[layer]
         attn = block.attn
         h = x if _post_norm(block) else block.norm1(x)
@@ -244,10 +301,7 @@ class OpenCLIPTimmBackend(OpenCLIPBackend):
             npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
             q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
-        if queries is not None:
-            q = q[:, :, :queries]
-        z = F.scaled_dot_product_attention(q, k, v)
-        return z.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
 
     def layer_finish(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         block = self._blocks[layer]
