@@ -43,6 +43,20 @@ The same two readings cover every backend: transformers SigLIP and SigLIP 2 (fix
 ``attention_pool()``), and timm class-token trunks (EVA01: ``trunk.norm`` at token 0, then the linear head; rotary
 embeddings act inside the attention, so the heads stay additive). Refused in one line: EVA02's sub-LN over the
 concatenated heads and EVA02-E's post-norm blocks (a norm between the heads and the residual).
+
+open_clip ``VisionTransformer`` towers without a class-token read-out:
+
+* CLIPA (``pool_type='avg'``, ``final_ln_after_pool``): the embedding is ``ln_post(mean_{t>=1} x_t) @ proj``. The
+  mean is linear, so every term is its mean over the patch tokens, then read exactly as a class token (``ln_post``
+  frozen at the pooled vector's statistics). An average pool *before* ``ln_post`` (no open_clip config) is refused.
+* CoCa (``AttentionalPooler``): the contrastive embedding is ``ln_post(attn_pool(x))[:, 0] @ proj``; each of the
+  pooler's queries attends on its own, so query 0 (``ln_q(query)[0]``) is a fixed probe over ``ln_k(tokens)``, read
+  through ``AttentionPool.from_open_clip`` as above (``ln_k`` in the role of ``post_layernorm``), and then ``ln_post``
+  is linearised at the pooled vector's statistics as for a class token, and ``proj`` applied. ``textspan`` shares
+  ``ln_post``'s mean and bias out like the others (``readout`` and ``ln_bias`` are zero); under ``centred``,
+  ``ln_bias`` is ``ln_post``'s bias through ``proj`` and ``readout`` the pooler's biases through the frozen
+  ``ln_post`` (per image: ``std`` is the image's). open_clip's two-pooler layouts (``parallel``/``cascade``) are
+  refused in one line.
 """
 
 from __future__ import annotations
@@ -72,7 +86,9 @@ class Decomposition:
             (``centred``; zero under ``textspan``, where the biases are shared out over the other terms).
         convention: ``textspan`` (published: biases and mean shared out, normalised) or ``centred``.
         readout: ``[N, D]`` what an attention-pooling head's MLP adds to the pooled vector (SigLIP; see
-            :func:`decompose`), a term of its own that belongs to no encoder head; ``None`` for class-token towers.
+            :func:`decompose`), or CoCa's pooler biases through its frozen ``ln_post`` (``centred``; zero under
+            ``textspan``), a term of its own that belongs to no encoder head; ``None`` for class-token and CLIPA
+            towers.
     """
 
     heads: torch.Tensor
@@ -110,7 +126,8 @@ class Decomposition:
 
 
 def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
-    """The final layer norm and the image projection (``[width, D]`` matrix, optional bias) of the class token."""
+    """The final layer norm and the image projection (``[width, D]`` matrix, optional bias) of the class token (or of
+    the patch tokens' mean: CLIPA, see :func:`_average_pooled`)."""
     model = backend.model
     if hasattr(model, "vision_model") and not hasattr(model, "visual_projection"):
         raise ClipHeadsError(f"{backend.name}: the image tower pools with an attention-pooling head (SigLIP), not a "
@@ -270,9 +287,10 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
         its norm under ``textspan``).
 
     Raises:
-        ClipHeadsError: an unknown convention, an ablated model, a tower that pools neither its class token nor
-            with an attention-pooling head (open_clip's ``avg``/attentional poolers: CLIPA, CoCa), or heads whose
-            outputs are not additive (EVA02's sub-LN over the heads, EVA02-E's post-norm blocks).
+        ClipHeadsError: an unknown convention, an ablated model, a tower that pools neither its class token, nor
+            the mean of its patch tokens before ``ln_post`` (CLIPA), nor with one attention-pooling query (SigLIP,
+            CoCa's query 0), or heads whose outputs are not additive (EVA02's sub-LN over the heads, EVA02-E's
+            post-norm blocks).
     """
     check_convention(convention)
     backend = as_backend(model)

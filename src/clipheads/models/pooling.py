@@ -16,7 +16,9 @@ head (``pooling_head.attention.out.post``), the MLP's output (``pooling_head.mlp
 :meth:`AttentionPool.from_siglip` for transformers' ``SiglipMultiheadAttentionPoolingHead`` (``nn.MultiheadAttention``
 with packed ``in_proj``); :meth:`AttentionPool.from_timm` for timm's ``AttentionPoolLatent`` (open_clip's SigLIP
 towers on timm trunks: ``q(latent)``, packed ``kv``, optional ``q_norm``/``k_norm``, ``proj``, ``norm`` + ``mlp``), so
-that a backend for those trunks gets the decomposition by returning it from ``attention_pool()``.
+that a backend for those trunks gets the decomposition by returning it from ``attention_pool()``;
+:meth:`AttentionPool.from_open_clip` for open_clip's ``AttentionalPooler`` (CoCa) at its query 0, with ``ln_k`` as the
+norm and the embedding ``ln_post(pooled) @ proj`` (``post_norm``, ``projection``: linearised, not a term of its own).
 """
 
 from __future__ import annotations
