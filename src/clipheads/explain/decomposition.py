@@ -43,6 +43,20 @@ The same two readings cover every backend: transformers SigLIP and SigLIP 2 (fix
 ``attention_pool()``), and timm class-token trunks (EVA01: ``trunk.norm`` at token 0, then the linear head; rotary
 embeddings act inside the attention, so the heads stay additive). Refused in one line: EVA02's sub-LN over the
 concatenated heads and EVA02-E's post-norm blocks (a norm between the heads and the residual).
+
+open_clip ``VisionTransformer`` towers without a class-token read-out:
+
+* CLIPA (``pool_type='avg'``, ``final_ln_after_pool``): the embedding is ``ln_post(mean_{t>=1} x_t) @ proj``. The
+  mean is linear, so every term is its mean over the patch tokens, then read exactly as a class token (``ln_post``
+  frozen at the pooled vector's statistics). An average pool *before* ``ln_post`` (no open_clip config) is refused.
+* CoCa (``AttentionalPooler``): the contrastive embedding is ``ln_post(attn_pool(x))[:, 0] @ proj``; each of the
+  pooler's queries attends on its own, so query 0 (``ln_q(query)[0]``) is a fixed probe over ``ln_k(tokens)``, read
+  through ``AttentionPool.from_open_clip`` as above (``ln_k`` in the role of ``post_layernorm``), and then ``ln_post``
+  is linearised at the pooled vector's statistics as for a class token, and ``proj`` applied. ``textspan`` shares
+  ``ln_post``'s mean and bias out like the others (``readout`` and ``ln_bias`` are zero); under ``centred``,
+  ``ln_bias`` is ``ln_post``'s bias through ``proj`` and ``readout`` the pooler's biases through the frozen
+  ``ln_post`` (per image: ``std`` is the image's). open_clip's two-pooler layouts (``parallel``/``cascade``) are
+  refused in one line.
 """
 
 from __future__ import annotations
@@ -72,7 +86,9 @@ class Decomposition:
             (``centred``; zero under ``textspan``, where the biases are shared out over the other terms).
         convention: ``textspan`` (published: biases and mean shared out, normalised) or ``centred``.
         readout: ``[N, D]`` what an attention-pooling head's MLP adds to the pooled vector (SigLIP; see
-            :func:`decompose`), a term of its own that belongs to no encoder head; ``None`` for class-token towers.
+            :func:`decompose`), or CoCa's pooler biases through its frozen ``ln_post`` (``centred``; zero under
+            ``textspan``), a term of its own that belongs to no encoder head; ``None`` for class-token and CLIPA
+            towers.
     """
 
     heads: torch.Tensor
@@ -110,7 +126,8 @@ class Decomposition:
 
 
 def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | None, torch.Tensor | None]:
-    """The final layer norm and the image projection (``[width, D]`` matrix, optional bias) of the class token."""
+    """The final layer norm and the image projection (``[width, D]`` matrix, optional bias) of the class token (or of
+    the patch tokens' mean: CLIPA, see :func:`_average_pooled`)."""
     model = backend.model
     if hasattr(model, "vision_model") and not hasattr(model, "visual_projection"):
         raise ClipHeadsError(f"{backend.name}: the image tower pools with an attention-pooling head (SigLIP), not a "
@@ -121,11 +138,20 @@ def _final_stage(backend: CLIPBackend) -> tuple[nn.LayerNorm, torch.Tensor | Non
     visual = model.visual  # open_clip: _pool (ln_post + class token) -> @ proj
     if getattr(visual, "trunk", None) is not None:  # TimmModel (EVA): trunk.norm -> class token -> head(s)
         return _timm_final_stage(backend, visual)
+    if visual.attn_pool is None and visual.pool_type == "avg" and visual.final_ln_after_pool:
+        return visual.ln_post, visual.proj, None  # CLIPA: ln_post(mean of the patch tokens) @ proj
     if visual.attn_pool is not None or visual.pool_type != "tok":
         raise ClipHeadsError(f"{backend.name}: the image tower pools with {visual.pool_type!r}"
-                             f"{' and an attentional pooler' if visual.attn_pool is not None else ''}; the head "
-                             "decomposition supports class-token pooling only")
+                             f"{' and an attentional pooler' if visual.attn_pool is not None else ''}"
+                             f"{'' if visual.final_ln_after_pool else ' after ln_post'}; the head decomposition "
+                             "reads a class token, an average pool followed by ln_post (CLIPA) or an attention pool")
     return visual.ln_post, visual.proj, None
+
+
+def _average_pooled(backend: CLIPBackend) -> bool:
+    """Whether the embedding reads the mean of the patch tokens (open_clip ``pool_type='avg'``: CLIPA), not token 0."""
+    visual = getattr(backend.model, "visual", None)
+    return getattr(visual, "attn_pool", 0) is None and getattr(visual, "pool_type", None) == "avg"
 
 
 def _timm_final_stage(backend: CLIPBackend, visual: nn.Module
@@ -194,21 +220,26 @@ class _Multiply(nn.Module):
 
 
 @torch.inference_mode()
-def _residual_terms(backend: CLIPBackend, pixels: torch.Tensor):
-    """Class-token terms of the last residual stream: embedding ``[B, W]``, heads ``[B, L, H, W]``, attention
-    bias ``[B, L, W]``, MLP ``[B, L, W]``, and the final residual ``[B, W]`` they sum to."""
+def _residual_terms(backend: CLIPBackend, pixels: torch.Tensor, average: bool = False):
+    """Class-token terms of the last residual stream (with ``average``, terms of the mean of its patch tokens 1..T-1,
+    which is linear: CLIPA's pool): embedding ``[B, W]``, heads ``[B, L, H, W]``, attention bias ``[B, L, W]``, MLP
+    ``[B, L, W]``, and the final residual ``[B, W]`` (pooled) they sum to."""
     n_layers, n_heads, head_dim = backend.n_layers, backend.n_heads, backend.head_dim
     recorded: dict[int, torch.Tensor] = {}
 
+    def read(tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` -> ``[B, ...]``: what the pool reads (token 0, or the patch tokens' mean)."""
+        return tokens[:, 1:].float().mean(dim=1) if average else tokens[:, 0]
+
     def recorder(layer: int):
         def hook(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            recorded[layer] = z[:, 0]  # [B, H, d]
+            recorded[layer] = read(z)  # [B, H, d]
             return z
 
         return hook
 
     x = backend.embed(pixels.to(backend.device, backend.dtype))
-    embedding = x[:, 0].float()
+    embedding = read(x).float()
     heads, biases, mlps = [], [], []
     try:
         for layer in range(n_layers):
@@ -221,13 +252,13 @@ def _residual_terms(backend: CLIPBackend, pixels: torch.Tensor):
             head_out = scale(torch.einsum("bhd,whd->bhw", recorded.pop(layer).float(), weight))
             bias = torch.zeros_like(head_out[:, 0]) if proj.bias is None else scale(proj.bias.float()).expand_as(
                 head_out[:, 0])
-            mlps.append(x_next[:, 0].float() - x[:, 0].float() - head_out.sum(dim=1) - bias)
+            mlps.append(read(x_next).float() - read(x).float() - head_out.sum(dim=1) - bias)
             heads.append(head_out)
             biases.append(bias)
             x = x_next
     finally:
         backend.clear_head_hooks()
-    return embedding, torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(mlps, 1), x[:, 0].float()
+    return embedding, torch.stack(heads, 1), torch.stack(biases, 1), torch.stack(mlps, 1), read(x).float()
 
 
 CONVENTIONS = ("textspan", "centred")
@@ -256,9 +287,10 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
         its norm under ``textspan``).
 
     Raises:
-        ClipHeadsError: an unknown convention, an ablated model, a tower that pools neither its class token nor
-            with an attention-pooling head (open_clip's ``avg``/attentional poolers: CLIPA, CoCa), or heads whose
-            outputs are not additive (EVA02's sub-LN over the heads, EVA02-E's post-norm blocks).
+        ClipHeadsError: an unknown convention, an ablated model, a tower that pools neither its class token, nor
+            the mean of its patch tokens before ``ln_post`` (CLIPA), nor with one attention-pooling query (SigLIP,
+            CoCa's query 0), or heads whose outputs are not additive (EVA02's sub-LN over the heads, EVA02-E's
+            post-norm blocks).
     """
     check_convention(convention)
     backend = as_backend(model)
@@ -270,7 +302,7 @@ def decompose(model: CLIPBackend | nn.Module, pixels: torch.Tensor, layers: str 
     if pool is not None:
         return _pooled_decomposition(backend, pool, pixels, chosen, convention)
     norm, projection, projection_bias = _final_stage(backend)
-    embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels)
+    embedding, heads, biases, mlps, residual = _residual_terms(backend, pixels, _average_pooled(backend))
     if convention == "textspan":
         return _textspan_terms(norm, projection, projection_bias, chosen, embedding, heads, biases, mlps, residual)
 
@@ -386,11 +418,37 @@ class PooledLinearisation:
         centred = self.gamma * (residual.float() - self.mean) / self.std
         self.pooled = pool.through(centred, self.pattern) + pool.constant()  # [B, D]: the attention's output
         self.embedding = pool.finish(self.pooled).float()  # the model's image embedding
-        self.readout = self.embedding - self.pooled  # what the pooling head's MLP adds
         self.scale = self.embedding.norm(dim=-1) if convention == "textspan" else torch.ones_like(self.pooled[:, 0])
+        self.ln_bias = pool.constant()  # centred: the biases' part of the pooled vector, the same for every image
+        self.readout = self.embedding - self.pooled  # what the pooling head's MLP adds
+        if pool.post_norm is not None:  # CoCa: ln_post(pooled) @ proj, frozen at the pooled vector's statistics
+            post = pool.post_norm
+            self.post_mean, self.post_std = self.pooled.mean(-1, keepdim=True), torch.sqrt(
+                self.pooled.var(-1, unbiased=False, keepdim=True) + post.eps)  # [B, 1]
+            self.post_gamma = post.weight.float() if post.weight is not None else torch.ones_like(self.pooled[0])
+            self.post_beta = post.bias.float() if post.bias is not None else torch.zeros_like(self.pooled[0])
+            self.projection = (pool.projection.float() if pool.projection is not None
+                               else torch.eye(self.pooled.shape[-1], device=self.pooled.device))
+            self.ln_bias = self.post_beta @ self.projection
+            # the pool's biases through the frozen ln_post: per image, a term of no head (shared out under textspan)
+            self.readout = (self._post(self.pool.constant().expand_as(self.pooled)) if convention == "centred"
+                            else torch.zeros_like(self.embedding))
 
     def _view(self, stat: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         return stat.view(stat.shape[0], *(1,) * (term.dim() - 3), stat.shape[1], 1)
+
+    def _post(self, out: torch.Tensor, share: int | None = None) -> torch.Tensor:
+        """Pooled-space terms ``[B, ..., D]`` -> the embedding through the frozen post-pool norm and projection
+        (identity without one): centred on their own mean (``share`` None), or with one ``share``-th of the pooled
+        vector's mean and of the norm's bias (``textspan``)."""
+        if self.pool.post_norm is None:
+            return out
+        shape = (out.shape[0],) + (1,) * (out.dim() - 1)
+        std = self.post_std.view(shape)
+        if share is None:
+            return (self.post_gamma * (out - out.mean(-1, keepdim=True)) / std) @ self.projection
+        post = self.post_gamma * (out - self.post_mean.view(shape) / share) / std + self.post_beta / share
+        return post @ self.projection
 
     def __call__(self, term: torch.Tensor, share: int = 1, per_token: bool = False) -> torch.Tensor:
         """``[B, ..., T, W]`` -> ``[B, ..., D]`` (``[B, ..., T, D]`` with ``per_token``). ``centred``: the term
@@ -398,12 +456,14 @@ class PooledLinearisation:
         and of every bias, over the embedding's norm."""
         mean, std = self._view(self.mean, term), self._view(self.std, term)
         if self.convention == "centred":
-            return self.pool.through(self.gamma * (term - term.mean(-1, keepdim=True)) / std, self.pattern, per_token)
+            return self._post(self.pool.through(self.gamma * (term - term.mean(-1, keepdim=True)) / std, self.pattern,
+                                                per_token))
         post = self.gamma * (term - mean / share) / std + self.beta / share
         bias = self.pool.value_out_bias() / share
         if per_token:
             bias = bias / term.shape[-2]
-        out = self.pool.through(post, self.pattern, per_token) + bias
+        out = self._post(self.pool.through(post, self.pattern, per_token) + bias,
+                         share * term.shape[-2] if per_token else share)
         scale = self.scale.view(-1, *(1,) * (out.dim() - 1))
         return out / scale
 
@@ -428,8 +488,7 @@ def _pooled_decomposition(backend: CLIPBackend, pool, pixels: torch.Tensor, chos
             heads.append(head_terms)
             mlps.append(linear(mlp, components))
         embedding = linear(start.float(), components)
-        zero = torch.zeros_like(linear.pooled[0])
-        ln_bias = pool.constant() if convention == "centred" else zero
+        ln_bias = linear.ln_bias if convention == "centred" else torch.zeros_like(linear.embedding[0])
         readout = linear.readout / linear.scale[:, None]
         return Decomposition(heads=torch.stack(heads, 1)[:, chosen].cpu(), layers=chosen,
                              attention=torch.stack(attention, 1).cpu(), mlp=torch.stack(mlps, 1).cpu(),

@@ -34,7 +34,7 @@ def explain_plan(model: CLIPBackend, n_images: int, chunk: int, layers: str | Se
     width = model.n_heads * model.head_dim
     pool = model.attention_pool()
     if pool is not None:  # an attention-pooling head (SigLIP): its output projection sets the embedding's size
-        dim = int(pool.out_weight.shape[0])
+        dim = int(pool.out_weight.shape[0] if pool.projection is None else pool.projection.shape[-1])
     else:
         _, projection, _ = _final_stage(model)
         dim = width if projection is None else int(projection.shape[-1])

@@ -205,6 +205,9 @@ def spatial_decomposition(model: CLIPBackend | nn.Module, pixels: torch.Tensor, 
     pool = backend.attention_pool()
     if pool is not None:
         return _pooled_spatial(backend, pool, pixels, chosen, convention)
+    if getattr(getattr(backend.model, "visual", None), "pool_type", "tok") == "avg":  # CLIPA: no class-token row
+        raise ClipHeadsError(f"{backend.name}: the image tower averages its patch tokens; the spatial decomposition "
+                             "reads a class token's attention row or an attention pool")
     norm, projection, projection_bias = _final_stage(backend)
     layers = sorted({layer for layer, _ in chosen})
     d = backend.head_dim

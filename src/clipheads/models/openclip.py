@@ -208,6 +208,26 @@ class OpenCLIPBackend(CLIPBackend):
         visual = self._visual
         return 1 if visual.attn_pool is None and visual.pool_type == "tok" else None
 
+    def attention_pool(self):
+        """CoCa's ``AttentionalPooler`` at the query that makes the contrastive embedding (query 0, then ``ln_post``
+        and ``proj``), as :meth:`clipheads.models.pooling.AttentionPool.from_open_clip`; ``None`` for towers without
+        one (class token, CLIPA's average pool).
+
+        Raises:
+            ClipHeadsError: open_clip's two-pooler layouts (``attentional_pool='parallel'``/``'cascade'``, marked WIP
+                upstream) or a pool over several queries (``pool_type`` ``'avg'``/``'none'`` after the pooler).
+        """
+        visual = self._visual
+        if visual.attn_pool is None:
+            return None
+        from clipheads.models.pooling import AttentionPool
+
+        if getattr(visual, "attn_pool_contrastive", None) is not None or visual.pool_type != "tok":
+            layout = getattr(visual, "attn_pool_type", "") or f"pool_type {visual.pool_type!r}"
+            raise ClipHeadsError(f"{self.name}: the attentional pooler's {layout} layout reads the pooler through "
+                                 "more than one query or norm; the decomposition reads one query (CoCa's)")
+        return AttentionPool.from_open_clip(visual.attn_pool, visual.ln_post, visual.proj)
+
     def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         block = self._blocks[layer]

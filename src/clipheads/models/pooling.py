@@ -16,7 +16,9 @@ head (``pooling_head.attention.out.post``), the MLP's output (``pooling_head.mlp
 :meth:`AttentionPool.from_siglip` for transformers' ``SiglipMultiheadAttentionPoolingHead`` (``nn.MultiheadAttention``
 with packed ``in_proj``); :meth:`AttentionPool.from_timm` for timm's ``AttentionPoolLatent`` (open_clip's SigLIP
 towers on timm trunks: ``q(latent)``, packed ``kv``, optional ``q_norm``/``k_norm``, ``proj``, ``norm`` + ``mlp``), so
-that a backend for those trunks gets the decomposition by returning it from ``attention_pool()``.
+that a backend for those trunks gets the decomposition by returning it from ``attention_pool()``;
+:meth:`AttentionPool.from_open_clip` for open_clip's ``AttentionalPooler`` (CoCa) at its query 0, with ``ln_k`` as the
+norm and the embedding ``ln_post(pooled) @ proj`` (``post_norm``, ``projection``: linearised, not a term of its own).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class AttentionPool:
         out_weight: ``[D, H', d']``; out_bias: ``[D]``.
         scale: the softmax scale (``d'^-1/2``).
         finish: ``pooled [B, D] -> embedding [B, D]``: what follows the attention (``pooled + MLP(LN(pooled))``).
+        post_norm: a layer norm on the pooled vector, then ``projection`` (``[D, D']``, ``None``: the identity):
+            the embedding is ``post_norm(pooled) @ projection`` (open_clip's CoCa: ``ln_post``, ``proj``), which the
+            decompositions linearise at each image's pooled statistics; ``None`` where ``finish`` adds a term of its
+            own (SigLIP's MLP).
     """
 
     norm: nn.LayerNorm
@@ -54,6 +60,8 @@ class AttentionPool:
     out_bias: torch.Tensor
     scale: float
     finish: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: nn.LayerNorm | None = None
+    projection: torch.Tensor | None = None
 
     @classmethod
     def from_siglip(cls, norm: nn.LayerNorm, head: nn.Module) -> AttentionPool:
@@ -124,6 +132,49 @@ class AttentionPool:
 
         return cls(norm, query, key, w_kv[width:].view(n_heads, d, -1), b_kv[width:].view(n_heads, d), out_weight,
                    out_bias, float(pool.scale), finish)
+
+    @classmethod
+    def from_open_clip(cls, pooler: nn.Module, ln_post: nn.LayerNorm, proj: torch.Tensor | None, query: int = 0
+                       ) -> AttentionPool:
+        """The pieces of open_clip's ``AttentionalPooler`` (CoCa) read at one of its learned queries: the query
+        ``ln_q(pooler.query)[query]`` attends over ``ln_k(tokens)`` through ``pooler.attn`` (an
+        ``nn.MultiheadAttention`` whose keys and values may be narrower than its width, ``kdim``/``vdim``), and the
+        embedding is ``ln_post(pooled) @ proj`` (open_clip ``VisionTransformer._pool`` with ``pool_type='tok'``:
+        query 0 is the contrastive embedding, the others feed CoCa's text decoder). Each query attends on its own, so
+        that query is a fixed probe like SigLIP's.
+
+        Raises:
+            ClipHeadsError: a pooling attention that is not a plain ``nn.MultiheadAttention`` (an adapter on it).
+        """
+        attn = pooler.attn
+        if type(attn) is not nn.MultiheadAttention or type(attn.out_proj.weight) is not nn.Parameter:
+            raise ClipHeadsError(f"the attentional pooler's attention is a {type(attn).__name__} with an adapter or "
+                                 "a wrapper; merge adapters into the weights first")
+        n_heads, width = attn.num_heads, attn.embed_dim
+        d = width // n_heads
+        if attn._qkv_same_embed_dim:
+            w_q, w_k, w_v = attn.in_proj_weight.float().chunk(3)
+        else:  # kdim/vdim != embed_dim (CoCa: the tower's width != the embedding's)
+            w_q, w_k, w_v = (attn.q_proj_weight.float(), attn.k_proj_weight.float(), attn.v_proj_weight.float())
+        bias = attn.in_proj_bias.float() if attn.in_proj_bias is not None else torch.zeros(3 * width,
+                                                                                            device=w_q.device)
+        b_q, b_k, b_v = bias.chunk(3)
+        probe = pooler.ln_q(pooler.query)[query].float()
+        projected = (probe @ w_q.T + b_q).view(n_heads, d)
+
+        def key(u: torch.Tensor) -> torch.Tensor:
+            return (u.float() @ w_k.T + b_k).view(*u.shape[:2], n_heads, d).transpose(1, 2)
+
+        out = attn.out_proj
+        out_bias = out.bias.float() if out.bias is not None else torch.zeros(out.weight.shape[0], device=w_q.device)
+
+        def finish(pooled: torch.Tensor) -> torch.Tensor:
+            pooled = ln_post(pooled.to(pooler.query.dtype))
+            return pooled @ proj if proj is not None else pooled
+
+        return cls(pooler.ln_k, projected, key, w_v.view(n_heads, d, -1), b_v.view(n_heads, d),
+                   out.weight.float().view(-1, n_heads, d), out_bias, d ** -0.5, finish, post_norm=ln_post,
+                   projection=proj)
 
     @property
     def n_heads(self) -> int:

@@ -80,10 +80,12 @@ TINY_VIT_CONFIGS = {
 }
 
 
-def tiny_open_clip_copy(config: str = "ViT-L-14-CLIPA", seed: int = 0) -> OpenCLIPBackend:
+def tiny_open_clip_copy(config: str = "ViT-L-14-CLIPA", seed: int = 0, embed_dim: int = 64) -> OpenCLIPBackend:
     """A random open_clip model of ``config`` (a key of :data:`TINY_VIT_CONFIGS`) at test size, its vision options
     (``pool_type``, ``no_ln_pre``, ``final_ln_after_pool``, ``attentional_pool`` ...) as in the real config, the
-    text tower (and CoCa's decoder) small on CLIP's BPE; built by ``open_clip.create_model`` and wrapped."""
+    text tower (and CoCa's decoder) small on CLIP's BPE; built by ``open_clip.create_model`` and wrapped.
+    ``embed_dim``: the joint embedding's size (the tower's width is 64; another size gives CoCa's pooler keys and
+    values narrower or wider than its queries, as in the real ``coca_ViT-B-32``: 768 -> 512)."""
     import open_clip
 
     if config not in TINY_VIT_CONFIGS:
@@ -91,7 +93,7 @@ def tiny_open_clip_copy(config: str = "ViT-L-14-CLIPA", seed: int = 0) -> OpenCL
     cfg = copy.deepcopy(open_clip.get_model_config(config))
     cfg["vision_cfg"] = {**cfg["vision_cfg"], **_VIT, **TINY_VIT_CONFIGS[config]}
     text = {k: v for k, v in cfg["text_cfg"].items() if k in ("embed_cls", "output_tokens")}
-    cfg.update(embed_dim=64, text_cfg={**_TEXT, **text})
+    cfg.update(embed_dim=embed_dim, text_cfg={**_TEXT, **text})
     if "multimodal_cfg" in cfg:
         cfg["multimodal_cfg"] = {**_TEXT, "layers": 1, "attn_pooler_heads": 4}
     torch.manual_seed(seed)
