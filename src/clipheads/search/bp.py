@@ -112,6 +112,8 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
             harmful start with gate 0.5 (logit 0) instead of ``sigmoid(init_logit)``.
     """
     check_splits(evaluator, report, allow_same_split)
+    require(not evaluator.sharded, "AAT-BP needs every image's search cache on every rank (its batches are random "
+            "rows of it); build its MaskEvaluator without shard_images")
     started = time.perf_counter()
     backend = evaluator.backend
     captions_of = captions_by_image(text_to_image, evaluator.n_images)
