@@ -74,23 +74,32 @@ def one_size(n: int, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     sync()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     evaluator = MaskEvaluator(model, pixels, Objective(score, "caption_log_prob"), batch_size=args.batch_size,
                               memory_budget=args.budget, other_bytes=0 if cuda else pixels.numel() * 4)
     sync()
-    build = time.perf_counter() - start
+    build, build_cpu = time.perf_counter() - start, time.process_time() - cpu
+    progress(f"#   N={n}: cache built in {build:.1f} s ({build_cpu:.1f} s CPU): {evaluator.plan.describe()}")
     layers = mask_layers(model.n_layers, args.masks)
-    times = []
+    times, cpu_times = [], []
     for layer in layers:  # one at a time: the time of one mask, not of a stacked group
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         evaluator.evaluate(HeadMask.from_heads([(layer, 0)], model))
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
+        progress(f"#   N={n}: mask L{layer}.H0 {times[-1]:.1f} s ({cpu_times[-1]:.1f} s CPU)")
     per_mask = sum(times) / len(times)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"n": n, "plan": evaluator.plan.short(), "describe": evaluator.plan.describe(), "peak": peak,
-            "rss_model": rss_model, "build": build, "per_mask": per_mask, "layers": layers, "times": times}
+            "rss_model": rss_model, "build": build, "per_mask": per_mask, "layers": layers, "times": times,
+            "build_cpu": build_cpu, "per_mask_cpu": sum(cpu_times) / len(cpu_times)}
+
+
+def progress(line: str) -> None:
+    """A progress line on stderr (the parent's stderr: shown while a long size runs)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -121,9 +130,9 @@ def main() -> None:
         child = [sys.executable, __file__, "--child", str(n), "--budget", args.budget, "--backend", args.backend,
                  "--batch-size", str(args.batch_size), "--masks", str(args.masks), "--threads", str(args.threads),
                  "--device", args.device]
-        done = subprocess.run(child, capture_output=True, text=True)
+        done = subprocess.run(child, stdout=subprocess.PIPE, text=True)  # its stderr: progress and errors, as they come
         if done.returncode != 0:
-            print(f"N={n} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            print(f"N={n} failed (exit status {done.returncode}; its error is above)")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(r)
@@ -138,6 +147,9 @@ def main() -> None:
         per_image = " ".join(f"N={r['n']}:{r['per_mask'] / r['n']:.3f}" for r in results)
         build = " ".join(f"N={r['n']}:{r['build'] / r['n']:.3f}" for r in results)
         print(f"# seconds per mask per image: {per_image}; cache build seconds per image: {build}")
+        cpu = " ".join(f"N={r['n']}:{r['build_cpu'] / r['n']:.3f}/{r['per_mask_cpu'] / r['n']:.3f}" for r in results)
+        print(f"# CPU seconds of this process per image (cache build/per mask; wall time also counts waiting for a "
+              f"core on a shared machine): {cpu}")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"# total {time.perf_counter() - begin:.0f} s wall; load average at the end {load}")
 
