@@ -84,3 +84,36 @@ def test_sharded_cache_two_processes_equal_one(tmp_path, planted_module):
         assert two["mask"] == one["mask"]
         best = [h["best_fitness"] for h in one["history"]]
         assert [h["best_fitness"] for h in two["history"]] == pytest.approx(best, abs=1e-6)
+
+
+def test_cli_scan_under_torchrun_shards_the_cache(tmp_path):
+    """``clipheads scan`` under torchrun: each rank caches 3 of the 6 search images, the plan is printed once, and
+    the scan equals one process's."""
+    import numpy as np
+    from PIL import Image
+
+    from clipheads.models.random_init import random_hf_clip, save_hf
+
+    save_hf(random_hf_clip("tiny", seed=3), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        images.append({"filename": f"{i}.png", "split": "val" if i < 6 else "test", "imgid": i,
+                       "sentences": [{"raw": f"a photo {i}"}, {"raw": f"the picture {i % 4}"}]})
+    (tmp_path / "karpathy.json").write_text(json.dumps({"dataset": "toy", "images": images}))
+    args = ["-m", "clipheads", "scan", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "karpathy.json"),
+            "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.stdout.count("search cache plan (6 images, 3 on this rank)") == 1  # printed by rank 0 only
+    assert "search cache plan (6 images)" in one.stdout
+    scans = [json.loads((tmp_path / name / "scan.json").read_text()) for name in ("one", "two")]
+    torch.testing.assert_close(torch.tensor(scans[1]["scores"]), torch.tensor(scans[0]["scores"]), atol=1e-6, rtol=0)
+    assert scans[1]["baseline"] == pytest.approx(scans[0]["baseline"], abs=1e-6)
+    assert scans[1]["harmful"] == scans[0]["harmful"]
