@@ -4,9 +4,11 @@ torchrun.
 
 Measured here: the FLOPs of one image's forward through each vision tower (``torch.utils.flop_counter`` at batch
 1: the three models built on the meta device, which has shapes and no weights; ViT-B/16 also counted on a random
-model built with weights, to show the two counts agree), and the seconds per image-forward of random ViT-B/16 and
-ViT-L/14 on this CPU (1 thread, ``--images`` images per forward, the faster of two forwards, in CPU time of this
-process: on a machine shared with other jobs wall time is inflated by waiting for a core; both are printed).
+model on the CPU, where the fused CPU attention kernel has no formula in the counter: that count lacks the attention
+products q k^T and A v, which the meta device runs as counted ``bmm``), and the seconds per image-forward of random
+ViT-B/16 and ViT-L/14 on this CPU (1 thread, ``--images`` images per forward, the faster of two forwards, in CPU
+time of this process: on a machine shared with other jobs wall time is inflated by waiting for a core; both are
+printed).
 
 Projected from them (clipheads' evaluator: the residual stream entering every layer is cached once, a mask whose
 first ablated layer is ``l`` re-runs layers ``l..L-1``):
@@ -86,7 +88,7 @@ def main() -> None:
         if name in MEASURED:
             visual = open_clip.create_model(arch, pretrained=None).visual.eval()
             if name == "ViT-B/16":
-                measured = f", random weights {count(visual, 'cpu')[0] / 1e9:.2f} GFLOPs"
+                measured = f", random weights on CPU {count(visual, 'cpu')[0] / 1e9:.2f} (no attention products)"
             seconds, wall = seconds_per_image(visual, args.images)
             rate = flops / seconds
             del visual
