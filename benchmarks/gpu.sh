@@ -14,5 +14,6 @@ for n in 8 32; do
 done
 python benchmarks/attribution_scan.py --device cuda 2>&1 | tail -25 > "$out/gpu-attribution.txt"
 python benchmarks/overhead.py --device cuda 2>&1 | tail -12 > "$out/gpu-overhead.txt"
-python benchmarks/search_scaling.py --device cuda --sizes 64,256,1024 --budget 2GiB 2>&1 | tail -8 > "$out/gpu-search-scaling.txt"
+python benchmarks/search_scaling.py --device cuda --sizes 64,256,1024 --budget 2GiB --batch-size 64 2>&1 | tail -10 > "$out/gpu-search-scaling.txt"
+python benchmarks/search_bf16.py --device cuda 2>&1 | tail -4 > "$out/gpu-search-bf16.txt"
 tail -n +1 "$out"/gpu-*.txt

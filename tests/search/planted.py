@@ -70,9 +70,40 @@ def scan_and_ga(out: str, distributed: Distributed) -> dict:
             "bp_gates": bp.gates.tolist(), "bp_mask": bp.mask.ablated, "bp_loss": [h["loss"] for h in bp.history]}
 
 
+def sharded(out: str, distributed: Distributed) -> dict:
+    """The scan, a short AAT-GA and layer features with every rank caching only its share of 9 images (5 + 4 on two
+    ranks) under a budget that keeps every 2nd layer; rank 0's progress bars go to ``out/stderr-0.txt``."""
+    backend = planted_model()
+    pixels, captions, objective = planted_task(backend, n_images=9)
+    with open(f"{out}/stderr-{distributed.rank}.txt", "w") as stderr:
+        saved, sys.stderr = sys.stderr, stderr
+        try:
+            evaluator = MaskEvaluator(backend, pixels, objective, batch_size=4, distributed=distributed,
+                                      shard_images=True, cache_stride=2, progress=True)
+            scan = scan_heads(evaluator)
+        finally:
+            sys.stderr = saved
+    result = ga_search(evaluator, GAConfig(beta=0.5, population=8, generations=2, seed=3), scan=scan)
+    layers = evaluator.features_many([clipheads.HeadMask.from_heads([(layer, 0)], backend) for layer in range(2)])
+    try:
+        bp_search(evaluator, captions, torch.arange(len(pixels)), BPConfig(epochs=1, batch_size=4))
+        bp = "ran"
+    except clipheads.ClipHeadsError as error:
+        bp = str(error)
+    return {"scores": scan.scores.tolist(), "mask": result.mask.ablated, "history": result.history,
+            "baseline": evaluator.baseline_features.tolist(), "layers": [f.tolist() for f in layers],
+            "cached_rows": [len(evaluator.residual(layer)) for layer in evaluator.cached_layers],
+            "n_cached": len(evaluator.cached_layers), "sharded": evaluator.sharded, "bp": bp}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist = Distributed.from_env()
+    if sys.argv[2:] == ["sharded"]:
+        summary = sharded(sys.argv[1], dist)
+        with open(f"{sys.argv[1]}/result-{dist.rank}.json", "w") as handle:
+            json.dump({"world_size": dist.world_size, **summary}, handle)
+        sys.exit(0)
     summary = scan_and_ga(sys.argv[1], dist)
     if dist.is_main:
         with open(f"{sys.argv[1]}/result.json", "w") as handle:

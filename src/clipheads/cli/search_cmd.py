@@ -99,6 +99,7 @@ class _Run:
         self.batch_size = batch_size
         self._data_path, self.search_split = data, _split(search_split)
         self.means_kind = "per-position"  # of the head means for op=mean (--means)
+        self.shard_images = True  # under torchrun each rank caches only its share of the images (not for AAT-BP)
 
     @cached_property
     def data(self):
@@ -148,13 +149,14 @@ class _Run:
                                   batch_size=self.batch_size, split=data.split, distributed=self.dist,
                                   cache_stride=self.backend.n_layers if held_out else None, progress=not held_out,
                                   memory_budget=max(1, self.budget - self.budget_used), other_bytes=pixels,
-                                  cache_dtype=self.cache_dtype)
+                                  cache_dtype=self.cache_dtype, shard_images=self.shard_images)
         self.budget_used += evaluator.plan.cache_bytes + pixels
         from clipheads.search.memory import format_size
 
         stored = (data.pixels.describe() if hasattr(data.pixels, "describe") else
                   f"pixels {str(data.pixels.dtype).removeprefix('torch.')} ({format_size(data.pixels.nbytes)})")
-        self.print(f"{'held-out' if held_out else 'search'} cache plan ({len(data.pixels)} images): "
+        share = f", {evaluator.share.stop - evaluator.share.start} on this rank" if evaluator.sharded else ""
+        self.print(f"{'held-out' if held_out else 'search'} cache plan ({len(data.pixels)} images{share}): "
                    f"{evaluator.plan.describe()}; {stored}")
         return evaluator
 
@@ -773,6 +775,7 @@ def search_command(
     RunFolder.check(out, settings)  # another run in --out is refused before anything is encoded
     if strategy == "bp":
         _require_pairs(run, "AAT-BP trains its gates")
+        run.shard_images = False  # its batches are random rows of every image's cache
     if seed_from == "attribution":
         _require_pairs(run, "--seed-from attribution differentiates a smooth retrieval score")
     report, evaluator = _load_splits(run, stages, data, report_data, report_split, op, alpha, allow_same_split, work)

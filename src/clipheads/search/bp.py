@@ -165,6 +165,8 @@ def bp_search(evaluator: MaskEvaluator, text_features: torch.Tensor, text_to_ima
         ClipHeadsError: the evaluator's budget does not hold the checkpointed graph of one batch.
     """
     check_splits(evaluator, report, allow_same_split)
+    require(not evaluator.sharded, "AAT-BP needs every image's search cache on every rank (its batches are random "
+            "rows of it); build its MaskEvaluator without shard_images")
     if checkpointing is None:
         checkpointing = plan_checkpointing(evaluator, config.batch_size)
     log.info("AAT-BP: activation checkpointing %s", "on" if checkpointing else "off")

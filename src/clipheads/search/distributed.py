@@ -73,6 +73,27 @@ class Distributed:
             merged.update(part or {})
         return merged
 
+    def image_share(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` images (rows): ``n // world_size`` each, one more for the first
+        ``n % world_size`` ranks; in rank order the shares tile ``0..n``."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def gather_rows(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's :meth:`image_share` of ``n`` rows, concatenated in rank order: ``local [share, ...]`` ->
+        ``[n, ...]`` on every rank (``all_gather`` of equal padded blocks; the tensors stay where they are: CPU
+        for gloo, this rank's GPU for NCCL)."""
+        if not self.active:
+            return local
+        size = -(-n // self.world_size)
+        padded = local.new_zeros((size, *local.shape[1:]))
+        padded[:len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        shares = [Distributed(rank, self.world_size).image_share(n) for rank in range(self.world_size)]
+        return torch.cat([part[:share.stop - share.start] for part, share in zip(parts, shares, strict=True)])
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

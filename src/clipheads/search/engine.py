@@ -87,6 +87,11 @@ class MaskEvaluator:
         other_bytes: bytes the caller holds in the same memory (e.g. decoded pixels), counted against the budget.
         split: name of the image set (for refusing to report on the split that was searched).
         distributed: rank and world size (default: one process).
+        shard_images: under ``torchrun``, every rank keeps the cache of only its share of the images
+            (:meth:`~clipheads.search.distributed.Distributed.image_share`) and evaluates every mask on it; the
+            features are gathered for the objective (scores equal one process's to float rounding). Default: masks
+            are shared out instead and every rank caches every image. AAT-BP needs every image's cache (it reads
+            random rows of it) and refuses a sharded evaluator.
         progress: show a progress bar over forward groups (main rank only).
     """
 
@@ -95,7 +100,7 @@ class MaskEvaluator:
                  batch_size: int = 64, masks_per_forward: int | None = None, cache_stride: int | None = None,
                  split: str = "", distributed: Distributed = SINGLE, progress: bool = False,
                  memory_budget: int | str | None = None, cache_dtype: torch.dtype | str | None = None,
-                 plan: CachePlan | None = None, other_bytes: int = 0) -> None:
+                 plan: CachePlan | None = None, other_bytes: int = 0, shard_images: bool = False) -> None:
         backend.require_unablated("the search (it installs its own hooks)")
         if len(pixels) == 0:
             raise ClipHeadsError(f"no evaluation images for the search{f' (split {split!r})' if split else ''}")
@@ -103,12 +108,15 @@ class MaskEvaluator:
         self.objective = objective
         self.operator = resolve_operator(op, alpha=alpha, means=means).check_fits(backend)
         self.n_images = len(pixels)
+        self.sharded = shard_images and distributed.active and self.n_images >= distributed.world_size
+        self.share = distributed.image_share(self.n_images) if self.sharded else slice(0, self.n_images)
+        pixels = pixels[self.share]  # this rank's images (all of them unless sharded)
         self.plan = plan or self._plan(backend, pixels, batch_size, memory_budget, cache_dtype, cache_stride,
                                        other_bytes)
         log.info("search cache (%d images): %s", self.n_images, self.plan.describe())
         self.batch_size = self.plan.rows
-        self.image_batch = min(self.n_images, self.batch_size)
-        self.masks_per_forward = min(masks_per_forward or max(1, self.batch_size // self.n_images), self.batch_size)
+        self.image_batch = min(len(pixels), self.batch_size)
+        self.masks_per_forward = min(masks_per_forward or max(1, self.batch_size // len(pixels)), self.batch_size)
         self.split = split
         self.distributed = distributed
         self.progress = progress
@@ -141,18 +149,22 @@ class MaskEvaluator:
         host = plan.location == "host"
         cache: dict[int, torch.Tensor] = {}
         features = []
-        for i in range(0, self.n_images, self.image_batch):
+        for i in range(0, len(pixels), self.image_batch):
             x = backend.embed(pixels[i:i + self.image_batch].to(backend.device, backend.dtype))
             for layer in range(self.n_layers):
                 if layer in self.cached_layers:
                     if layer not in cache:  # filled in place: no second copy while concatenating
-                        cache[layer] = torch.empty((self.n_images, *x.shape[1:]), dtype=plan.torch_dtype,
+                        cache[layer] = torch.empty((len(pixels), *x.shape[1:]), dtype=plan.torch_dtype,
                                                    device="cpu" if host else x.device,
                                                    pin_memory=host and x.device.type == "cuda")
                     cache[layer][i:i + len(x)].copy_(x)
                 x = backend.run_layers(x, layer, layer + 1)
             features.append(backend.pool(x))
-        return cache, torch.cat(features)
+        return cache, self._gathered(torch.cat(features))
+
+    def _gathered(self, features: torch.Tensor) -> torch.Tensor:
+        """All images' features ``[N, ...]`` from this rank's rows (the rows themselves unless sharded)."""
+        return self.distributed.gather_rows(features, self.n_images) if self.sharded else features
 
     def _begin(self, layer: int) -> int:
         """The cached layer a mask whose first ablated layer is ``layer`` resumes from."""
@@ -164,7 +176,8 @@ class MaskEvaluator:
         return self._cache[layer]
 
     def residual_rows(self, layer: int, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Rows of the cached residual entering ``layer`` on the model's device in its dtype, ``[b, T, W]``."""
+        """Rows of the cached residual entering ``layer`` on the model's device in its dtype, ``[b, T, W]`` (rows of
+        this rank's :attr:`share` of the images when ``shard_images``)."""
         cache = self._cache[layer]
         if isinstance(rows, torch.Tensor):
             rows = rows.to(cache.device)
@@ -204,7 +217,7 @@ class MaskEvaluator:
                 pending[key] = mask
         if pending:
             groups = self._groups(list(pending.items()))
-            mine = self.distributed.shard(list(enumerate(groups)))
+            mine = list(enumerate(groups)) if self.sharded else self.distributed.shard(list(enumerate(groups)))
             local: dict[bytes, float] = {}
             bar = tqdm(mine, desc=desc, unit="group", disable=not (self.progress and self.distributed.is_main),
                        leave=False)
@@ -212,7 +225,7 @@ class MaskEvaluator:
                 for (key, _), features in zip(group, self._features([m for _, m in group]), strict=True):
                     local[key] = float(self.objective(features))
             self.n_local_masks += len(local)
-            self._memo.update(self.distributed.gather(local))
+            self._memo.update(local if self.sharded else self.distributed.gather(local))
             self.n_forward_masks += len(pending)
         return [self._memo[self._key(mask)] for mask in masks]
 
@@ -252,12 +265,12 @@ class MaskEvaluator:
         chunks = []
         with stacked_gates(backend, self.operator, gates, hooked):
             rows = max(1, self.batch_size // k)
-            for i in range(0, self.n_images, rows):
+            for i in range(0, len(self._cache[begin]), rows):
                 x = self.residual_rows(begin, slice(i, i + rows))
                 if begin < start:  # unablated layers between the cached one and the first ablated one, run as the
                     x = backend.run_layers(x, begin, start)  # cache was built: the residual it would have stored
                 chunks.append(self._run_stacked(x, start, k).view(k, len(x), -1))
-        return list(torch.cat(chunks, dim=1).unbind(0))
+        return list(self._gathered(torch.cat(chunks, dim=1).transpose(0, 1)).transpose(0, 1).unbind(0))
 
     def _run_stacked(self, x: torch.Tensor, begin: int, k: int) -> torch.Tensor:
         """Image features ``[k*b, D]`` of ``k`` hooked masks (mask-major) from the residual ``x [b, T, W]`` entering
