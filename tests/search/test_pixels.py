@@ -40,7 +40,10 @@ def test_stored_pixels_are_the_preprocessed_floats_to_the_last_bit(tiny_backend,
     assert torch.equal(store.float(), floats)
     assert torch.equal(store[2:7], floats[2:7]) and torch.equal(store[-1], floats[-1])
     assert all(torch.equal(a, b) for a, b in zip(store.split(4), floats.split(4), strict=True))
+    share = store.subset(slice(3, 7))  # a torchrun rank's share: still a store, the same pixels
+    assert share.storage == storage and len(share) == 4 and torch.equal(share.float(), floats[3:7])
     if storage == "uint8":  # a byte a value, and a 3 x 256 table
+        assert share.nbytes == floats[3:7].numel() + 3 * 256 * 4
         assert store.nbytes == floats.numel() + 3 * 256 * 4 < floats.nbytes / 3
     else:
         assert store.nbytes == 0
@@ -108,3 +111,17 @@ def test_plan_pixels_keeps_floats_then_codes_then_nothing():
 def test_unknown_storage_is_one_line(tiny_hf, image_files):
     with pytest.raises(DataError, match="pixel storage must be one of float32, uint8, disk"):
         load_pixel_store(tiny_hf, image_files, "float16")
+
+
+def test_the_evaluator_keeps_a_store_undecoded(tiny_hf, image_files, monkeypatch):
+    """Building the evaluator of a uint8 store decodes batch by batch for the cache, never all images at once."""
+    import clipheads.search.pixels as pixels_module
+
+    store, _, _ = load_pixel_store(tiny_hf, image_files, "uint8", batch_size=4)
+    decoded = []
+    original = pixels_module.decode_codes
+    monkeypatch.setattr(pixels_module, "decode_codes", lambda codes, table: decoded.append(len(codes))
+                        or original(codes, table))
+    objective = retrieval_objective(torch.randn(len(store), 64), torch.arange(len(store)), "mean_recall")
+    MaskEvaluator(tiny_hf, store, objective, batch_size=4)
+    assert decoded and max(decoded) <= 4

@@ -110,7 +110,8 @@ class MaskEvaluator:
         self.n_images = len(pixels)
         self.sharded = shard_images and distributed.active and self.n_images >= distributed.world_size
         self.share = distributed.image_share(self.n_images) if self.sharded else slice(0, self.n_images)
-        pixels = pixels[self.share]  # this rank's images (all of them unless sharded)
+        if self.sharded:  # this rank's images; a pixel store stays a store (its uint8 codes are not decoded here)
+            pixels = pixels.subset(self.share) if hasattr(pixels, "subset") else pixels[self.share]
         self.plan = plan or self._plan(backend, pixels, batch_size, memory_budget, cache_dtype, cache_stride,
                                        other_bytes)
         log.info("search cache (%d images): %s", self.n_images, self.plan.describe())

@@ -115,6 +115,15 @@ class PixelStore:
             return "pixels re-read from disk per batch"
         return f"pixels {'uint8 exact codes' if self.storage == 'uint8' else 'float32'} ({format_size(self.nbytes)})"
 
+    def subset(self, rows: slice) -> PixelStore:
+        """The store of ``rows`` only, kept the same way (nothing decoded): a torchrun rank's share of the images."""
+        start, stop, _ = rows.indices(len(self))
+        return PixelStore(self.storage, (max(0, stop - start), *self.shape[1:]),
+                          floats=None if self._floats is None else self._floats[rows],
+                          codes=None if self._codes is None else self._codes[rows], table=self._table,
+                          paths=self._paths[rows], backend=self._backend, batch_size=self._batch_size,
+                          num_workers=self._num_workers)
+
     def __getitem__(self, index: int | slice) -> torch.Tensor:
         if isinstance(index, int):
             index = range(len(self))[index]  # IndexError past the end, as a tensor
