@@ -204,9 +204,20 @@ def test_imagenet_validation_folder_equals_train_style_folders(tiny_hf, tmp_path
     assert ours == pytest.approx(evaluate_zeroshot(tiny_hf, folders, cache=FeatureCache()).metrics, nan_ok=True)
 
 
+def test_imagenet_kaggle_layout_finds_loc_val_solution_three_levels_up(tmp_path: Path):
+    """Kaggle's ImageNet keeps LOC_val_solution.csv beside ILSVRC/ and the images in ILSVRC/Data/CLS-LOC/val/."""
+    val = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    classes = imagenet_images(val)
+    rows = [f"ILSVRC2012_val_{n:08d},{WNIDS[c]} 1 2 30 40" for n, c in enumerate(classes, start=1)]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    assert detect_source(val) == "imagenet_val"
+    dataset = load_classification(val, templates="openai")
+    assert dataset.classnames == ["tench", "goldfish", "great white shark"] and dataset.labels == classes
+
+
 def test_imagenet_folder_without_labels_is_one_line(tmp_path: Path):
     imagenet_images(tmp_path / "val")
-    with pytest.raises(DataError, match="no labels were found beside it or one level up"):
+    with pytest.raises(DataError, match="no labels were found beside it or up to four levels up"):
         load_classification(tmp_path / "val")
 
 
