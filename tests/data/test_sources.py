@@ -76,6 +76,24 @@ def test_parquet_file_and_save_to_disk_folder_equal_karpathy(tiny_hf, karpathy: 
         load_retrieval(tmp_path / "test-00000-of-00001.parquet", text_column="words")
 
 
+def test_hf_split_column_selects_the_karpathy_split(tiny_hf, karpathy: Path, tmp_path: Path):
+    """nlphuji/flickr30k's layout: one Hub split 'test' of every image, the Karpathy split in a 'split' column; --split
+    test reads the test rows only (was: all rows, a different recall)."""
+    import datasets
+
+    expected = retrieval_metrics_of(tiny_hf, load_retrieval(karpathy, split="test"))
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
+                                  "split": datasets.Value("string")})
+    images = [{"bytes": png(i), "path": None} for i in range(6)]
+    table = datasets.Dataset.from_dict({"image": images + images[:2], "caption": CAPTIONS + CAPTIONS[:2],
+                                        "split": ["test"] * 6 + ["train"] * 2}, features=features)
+    (tmp_path / "data").mkdir()
+    table.to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    test = load_retrieval(tmp_path, split="test")
+    assert test.captions == CAPTIONS and retrieval_metrics_of(tiny_hf, test) == expected
+    assert load_retrieval(tmp_path, split="train").captions == CAPTIONS[:2]
+
+
 def test_hf_classification_with_classlabel_equals_image_folder(tiny_hf, tmp_path: Path):
     import datasets
 
