@@ -122,9 +122,11 @@ class _Run:
         CPU (it covers the pixels), else from the host's free memory (the pixels stay on the host)."""
         from clipheads.data import load_dataset
         from clipheads.search.memory import default_budget, plan_pixels
+        from clipheads.search.tasks import split_options
 
         options = {"retrieval": {"split": _split(split)},
-                   "zeroshot": {"templates": str(self.templates) if self.templates else None}}.get(self.task, {})
+                   "zeroshot": {"templates": str(self.templates) if self.templates else None,
+                                **split_options(self.task, data, _split(split))}}.get(self.task, {})
         n_images = len(load_dataset(self.task, data, **options).image_paths)
         on_host = self.budget if self.budget is not None and self.backend.device.type == "cpu" else None
         return plan_pixels(n_images, int(self.backend.image_size), on_host or default_budget("cpu"))
@@ -175,14 +177,34 @@ class _Run:
         """The held-out evaluator, or ``None`` when no held-out split was asked for; a held-out split that is the
         search split is refused before anything is encoded."""
         from clipheads.search.results import same_split_error
+        from clipheads.search.tasks import split_options
 
-        has_splits = self.task == "retrieval"
+        has_splits = "split" in split_options(self.task, data_path, _split(report_split))
         if report_data is None and (not has_splits or _split(report_split) is None):
             return None  # no held-out data asked for (files without splits need --report-data)
         same_file = report_data is None or Path(report_data).resolve() == Path(data_path).resolve()
         if same_file and not allow_same_split and _split(report_split) == self.search_split:
             raise same_split_error(f"{Path(data_path).name}:{self.search_split or 'all'}")
+        if same_file and not allow_same_split and self._same_images(data_path, report_split):
+            from clipheads.errors import ClipHeadsError
+
+            raise ClipHeadsError(f"--search-split {self.search_split} and --report-split {report_split} of "
+                                 f"{Path(data_path).name} are the same images (the data have one split); report on "
+                                 "held-out data (--report-data) or pass --allow-same-split")
         return self.evaluator(self.load(report_data or data_path, report_split), op, alpha, held_out=True)
+
+    def _same_images(self, data: Path, report_split: str | None) -> bool:
+        """The held-out split reads the search split's images: data whose one split serves every name (a single
+        parquet file, a flat folder of shards) give the same rows for ``val`` and ``test``."""
+        from clipheads.data import load_dataset
+        from clipheads.search.tasks import split_options
+
+        def images(split):
+            options = {"templates": str(self.templates) if self.templates else None} if self.task == "zeroshot" else {}
+            return [str(p) for p in load_dataset(self.task, data, **options,
+                                                 **split_options(self.task, data, split)).image_paths]
+
+        return images(self.search_split) == images(_split(report_split))
 
     @cached_property
     def weights(self):
@@ -205,8 +227,10 @@ class _Run:
                    "report_split": _split(report_split), "op": op, "alpha": alpha,
                    "metric": self.metric or DEFAULT_METRICS.get(self.task),
                    **({"means": self.means_kind} if op == "mean" else {}), **extra}
-        inputs = {"data": dataset_key(self.task, data, self.templates),
-                  "report_data": dataset_key(self.task, report_data, self.templates) if report_data else None,
+        splits = (_split(search_split), *(() if report_data else (_split(report_split),)))
+        inputs = {"data": dataset_key(self.task, data, self.templates, splits),
+                  "report_data": dataset_key(self.task, report_data, self.templates, (_split(report_split),))
+                  if report_data else None,
                   "templates": FileKey.of(self.templates) if self.templates and self.task == "zeroshot" else None,
                   "weights": self.weights}
         runtime = {"device": self.device, "data": str(Path(data).resolve()), "cwd": os.getcwd(),
