@@ -81,15 +81,16 @@ def read_karpathy(path: Path, split: str | None = None, root: Path | None = None
     entries = require(data.get("images", []) if isinstance(data, dict) else [], "'images' entries", path)
     if not isinstance(entries, list):
         raise DataError(f"{str(path)!r}: field 'images': expected a list of image entries")
+    # every entry is checked, numbered as in the file: a "split": 5 is an error, not an image left out of each split
+    entries = [check(KarpathyImage, raw, f"image entry {n}", path) for n, raw in enumerate(entries)]
     if split is not None:
-        kept = [e for e in entries if isinstance(e, dict) and e.get("split") == split]
+        kept = [e for e in entries if e.split == split]
         if not kept:
-            present = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
+            present = sorted({str(e.split) for e in entries})
             raise DataError(f"{str(path)!r} has no images in split {split!r} (splits present: {', '.join(present)})")
         entries = kept
     paths, captions = [], []
-    for n, raw in enumerate(entries):
-        entry = check(KarpathyImage, raw, f"image entry {n}", path)
+    for entry in entries:
         paths.append(resolve(root, entry.filepath, entry.filename))
         captions.append([s.raw if s.raw is not None else " ".join(s.tokens or []) for s in entry.sentences])
     return RetrievalDataset(paths, captions, data.get("dataset", path.stem), split, str(path), "karpathy")
