@@ -173,6 +173,21 @@ def test_clip_benchmark_flickr_txt_equals_karpathy(tiny_hf, karpathy: Path):
         load_retrieval(root / "img", split="val")
 
 
+def test_flickr_txt_finds_images_in_kaggles_subfolder(tiny_hf, karpathy: Path, tmp_path: Path):
+    """Kaggle's Flickr30k archive (adityajn105/flickr30k) keeps its images in Images/, beside which users put
+    clip_benchmark's annotation file: was "image 'flickr/0.jpg' does not exist"."""
+    root = tmp_path / "flickr"
+    (root / "Images").mkdir(parents=True)
+    for i in range(6):
+        (root / "Images" / f"{i}.jpg").write_bytes(png(i))
+    lines = ["image,caption"] + [f"{i}.jpg,{c}" for i, caps in enumerate(CAPTIONS) for c in caps]
+    (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    dataset = load_retrieval(root, split="test")
+    assert dataset.image_paths[0] == root / "Images" / "0.jpg"
+    expected = retrieval_metrics_of(tiny_hf, load_retrieval(karpathy, split="test"))
+    assert retrieval_metrics_of(tiny_hf, dataset) == expected
+
+
 def imagenet_images(folder: Path) -> list[int]:
     """Six validation images, two per class; returns their class (0..2 in WNIDS order)."""
     folder.mkdir(parents=True)

@@ -164,9 +164,15 @@ def read_retrieval_table(path: Path, split: str | None = None, root: Path | None
 FLICKR_LINE = re.compile(r"(.+?\.(?:jpe?g|png|webp))\s*,\s*(.*)", re.IGNORECASE)
 
 
+#: where Flickr30k's Kaggle archives put the images under the dataset root (adityajn105/flickr30k: ``Images/``;
+#: hsankesara/flickr-image-dataset: ``flickr30k_images/``); clip_benchmark expects them in the root itself
+FLICKR_IMAGE_FOLDERS = ("Images", "flickr30k_images", "flickr30k-images", "images")
+
+
 def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
     """clip_benchmark's Flickr annotation text (``flickr30k_{split}_karpathy.txt``): a header line, then
-    ``file.jpg,caption`` per line, split after the image name (captions contain commas); images in its folder.
+    ``file.jpg,caption`` per line, split after the image name (captions contain commas); images in its folder, or
+    in its ``Images/`` or ``flickr30k_images/`` subfolder (:data:`FLICKR_IMAGE_FOLDERS`) when they are not there.
 
     A folder is read as clip_benchmark's dataset root: its ``flickr30k_{split}_karpathy.txt`` (``split`` default
     ``test``).
@@ -192,6 +198,11 @@ def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = No
             raise DataError(f"{str(path)!r} line {n}: expected image.jpg,caption (got {line.strip()!r:.80})")
         by_image.setdefault(resolve(root, match.group(1)), []).append(match.group(2).strip())
     paths, captions = require(list(by_image), "image,caption lines", path), list(by_image.values())
+    if not paths[0].exists() and paths[0].is_relative_to(root):  # Kaggle's archives keep the images one folder down
+        first = paths[0].relative_to(root)
+        below = next((root / name for name in FLICKR_IMAGE_FOLDERS if (root / name / first).is_file()), None)
+        if below is not None:
+            paths = [below / p.relative_to(root) for p in paths]
     split_name = re.search(r"_(train|val|test|restval)_", path.name)
     return RetrievalDataset(paths, captions, path.name.split("_")[0], split_name.group(1) if split_name else None,
                             str(path), "clip_benchmark_txt")
