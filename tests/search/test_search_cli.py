@@ -246,3 +246,31 @@ def test_scan_on_split_shards_equals_karpathy_and_one_split_data_is_not_held_out
     assert "are the same images (the data have one split)" in str(result.exception)
     result = invoke("scan", *common, "--data", tmp_path / "one.parquet", "--no-report", "--out", tmp_path / "one")
     assert result.exit_code == 0, result.output
+
+
+def test_scan_and_search_take_the_hugging_face_column_options(world, tmp_path):
+    """A parquet file whose image column is 'photo' (and the Karpathy split in a 'split' column): scan said "name it
+    with --image-column", an option only eval had."""
+    import datasets
+
+    entries = json.loads((world / "karpathy.json").read_text())["images"]
+    features = datasets.Features({"photo": datasets.Image(), "sentences": datasets.Sequence(datasets.Value("string")),
+                                  "split": datasets.Value("string")})
+    datasets.Dataset.from_dict({"photo": [{"bytes": (world / e["filename"]).read_bytes(), "path": None}
+                                          for e in entries],
+                                "sentences": [[s["raw"] for s in e["sentences"]] for e in entries],
+                                "split": [e["split"] for e in entries]}, features=features
+                               ).to_parquet(tmp_path / "photos.parquet")
+    common = ["--model", world / "model", "--batch-size", 16, "--top-k", 2]
+    summaries = {}
+    for name, data, extra in (("karpathy", world / "karpathy.json", []),
+                              ("parquet", tmp_path / "photos.parquet", ["--image-column", "photo"])):
+        result = invoke("scan", *common, "--data", data, *extra, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    for part in ("search", "heldout"):
+        assert summaries["parquet"][part]["vanilla"] == summaries["karpathy"][part]["vanilla"]
+    assert summaries["parquet"]["mask"] == summaries["karpathy"]["mask"]
+    result = invoke("search", "--strategy", "greedy", "--model", world / "model", "--data", tmp_path / "photos.parquet",
+                    "--image-column", "photo", "--text-column", "sentences", "--out", tmp_path / "greedy")
+    assert result.exit_code == 0, result.output
