@@ -200,9 +200,13 @@ class _Run:
 
     def _same_images(self, data: Path, report_split: str | None) -> bool:
         """The held-out split reads the search split's images: data whose one split serves every name (a single
-        parquet file, a flat folder of shards) give the same rows for ``val`` and ``test``."""
+        parquet file, a flat folder of shards, a CSV without a split column) give the same rows for ``val`` and
+        ``test``. JSON files are not read again: their splits are entries' fields (a missing one is an error)."""
         from clipheads.data import load_dataset
         from clipheads.search.tasks import column_options, split_options
+
+        if Path(data).suffix.lower() == ".json":
+            return False
 
         def images(split):
             options = {"templates": str(self.templates) if self.templates else None} if self.task == "zeroshot" else {}
