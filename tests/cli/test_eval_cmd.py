@@ -121,6 +121,19 @@ def test_model_and_pretrained_as_clip_benchmark_names_them():
     assert model_and_pretrained("openai/clip-vit-base-patch32") == ("openai/clip-vit-base-patch32", "")
 
 
+def test_clip_benchmark_result_names_a_pretrained_given_apart_and_wds_datasets():
+    """--model ViT-B-32 --pretrained TAG wrote "pretrained": "" (the tag came through load options); a wds_* shard
+    folder is clip_benchmark's wds/... dataset."""
+    from clipheads.eval.benchmark import clip_benchmark_result
+    from clipheads.models import load_options
+
+    with load_options(pretrained="laion2b_s34b_b79k"):
+        result = clip_benchmark_result("zeroshot", "wds_vtab-cifar10", "ViT-B-32", {"acc1": 0.5})
+    assert (result["model"], result["pretrained"], result["dataset"]) == ("ViT-B-32", "laion2b_s34b_b79k",
+                                                                          "wds/vtab/cifar10")
+    assert clip_benchmark_result("retrieval", "flickr30k", "bundled", {})["dataset"] == "flickr30k"
+
+
 def test_eval_reads_a_parquet_file_through_workers(model_dir: Path, data: Path, monkeypatch):
     """Images stay in the parquet file; DataLoader workers read them by reference."""
     import datasets

@@ -129,6 +129,18 @@ def test_karpathy_wrong_types_are_one_line(image_dir: Path, entry: dict, message
     assert "\n" not in str(info.value)
 
 
+def test_karpathy_entry_of_another_split_is_checked_and_numbered_as_in_the_file(image_dir: Path):
+    """A "split": 5 left its image out of every split silently (recall over the others); an error in a test entry was
+    numbered within the split, not the file."""
+    images = [{"filename": "0.png", "filepath": "img", "split": "train", "sentences": [{"raw": "a cat"}]},
+              {"filename": "1.png", "filepath": "img", "split": 5, "sentences": [{"raw": "a dog"}]}]
+    with pytest.raises(DataError, match="image entry 1: field 'split': input should be a valid string"):
+        load_retrieval(write_json(image_dir / "k.json", {"images": images}), split="train")
+    images[1] = {"filename": "1.png", "filepath": "img", "split": "test", "sentences": None}
+    with pytest.raises(DataError, match="image entry 1: field 'sentences'"):
+        load_retrieval(write_json(image_dir / "k.json", {"images": images}), split="test")
+
+
 def test_image_listed_twice_is_merged_in_every_reader(image_dir: Path):
     twice = {"images": [
         {"filename": "0.png", "filepath": "img", "split": "test", "sentences": [{"raw": "a cat"}]},

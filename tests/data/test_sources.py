@@ -76,6 +76,24 @@ def test_parquet_file_and_save_to_disk_folder_equal_karpathy(tiny_hf, karpathy: 
         load_retrieval(tmp_path / "test-00000-of-00001.parquet", text_column="words")
 
 
+def test_hf_split_column_selects_the_karpathy_split(tiny_hf, karpathy: Path, tmp_path: Path):
+    """nlphuji/flickr30k's layout: one Hub split 'test' of every image, the Karpathy split in a 'split' column; --split
+    test reads the test rows only (was: all rows, a different recall)."""
+    import datasets
+
+    expected = retrieval_metrics_of(tiny_hf, load_retrieval(karpathy, split="test"))
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
+                                  "split": datasets.Value("string")})
+    images = [{"bytes": png(i), "path": None} for i in range(6)]
+    table = datasets.Dataset.from_dict({"image": images + images[:2], "caption": CAPTIONS + CAPTIONS[:2],
+                                        "split": ["test"] * 6 + ["train"] * 2}, features=features)
+    (tmp_path / "data").mkdir()
+    table.to_parquet(tmp_path / "data" / "test-00000-of-00001.parquet")
+    test = load_retrieval(tmp_path, split="test")
+    assert test.captions == CAPTIONS and retrieval_metrics_of(tiny_hf, test) == expected
+    assert load_retrieval(tmp_path, split="train").captions == CAPTIONS[:2]
+
+
 def test_hf_classification_with_classlabel_equals_image_folder(tiny_hf, tmp_path: Path):
     import datasets
 
@@ -155,6 +173,21 @@ def test_clip_benchmark_flickr_txt_equals_karpathy(tiny_hf, karpathy: Path):
         load_retrieval(root / "img", split="val")
 
 
+def test_flickr_txt_finds_images_in_kaggles_subfolder(tiny_hf, karpathy: Path, tmp_path: Path):
+    """Kaggle's Flickr30k archive (adityajn105/flickr30k) keeps its images in Images/, beside which users put
+    clip_benchmark's annotation file: was "image 'flickr/0.jpg' does not exist"."""
+    root = tmp_path / "flickr"
+    (root / "Images").mkdir(parents=True)
+    for i in range(6):
+        (root / "Images" / f"{i}.jpg").write_bytes(png(i))
+    lines = ["image,caption"] + [f"{i}.jpg,{c}" for i, caps in enumerate(CAPTIONS) for c in caps]
+    (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    dataset = load_retrieval(root, split="test")
+    assert dataset.image_paths[0] == root / "Images" / "0.jpg"
+    expected = retrieval_metrics_of(tiny_hf, load_retrieval(karpathy, split="test"))
+    assert retrieval_metrics_of(tiny_hf, dataset) == expected
+
+
 def imagenet_images(folder: Path) -> list[int]:
     """Six validation images, two per class; returns their class (0..2 in WNIDS order)."""
     folder.mkdir(parents=True)
@@ -204,9 +237,20 @@ def test_imagenet_validation_folder_equals_train_style_folders(tiny_hf, tmp_path
     assert ours == pytest.approx(evaluate_zeroshot(tiny_hf, folders, cache=FeatureCache()).metrics, nan_ok=True)
 
 
+def test_imagenet_kaggle_layout_finds_loc_val_solution_three_levels_up(tmp_path: Path):
+    """Kaggle's ImageNet keeps LOC_val_solution.csv beside ILSVRC/ and the images in ILSVRC/Data/CLS-LOC/val/."""
+    val = tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val"
+    classes = imagenet_images(val)
+    rows = [f"ILSVRC2012_val_{n:08d},{WNIDS[c]} 1 2 30 40" for n, c in enumerate(classes, start=1)]
+    (tmp_path / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    assert detect_source(val) == "imagenet_val"
+    dataset = load_classification(val, templates="openai")
+    assert dataset.classnames == ["tench", "goldfish", "great white shark"] and dataset.labels == classes
+
+
 def test_imagenet_folder_without_labels_is_one_line(tmp_path: Path):
     imagenet_images(tmp_path / "val")
-    with pytest.raises(DataError, match="no labels were found beside it or one level up"):
+    with pytest.raises(DataError, match="no labels were found beside it or up to four levels up"):
         load_classification(tmp_path / "val")
 
 

@@ -47,6 +47,41 @@ def test_describe_then_ccs_from_descriptions(setup):
     assert "CCS distribution: 0:" in result.output
 
 
+def test_describe_reads_shards_and_parquet_as_the_image_folder(setup, tmp_path):
+    """describe on a webdataset shard and a parquet file of the same images gives the folder's descriptions (it said
+    "found 0 images" for a shard folder and a Hugging Face dataset)."""
+    import io
+    import tarfile
+
+    import datasets
+
+    files = sorted((setup / "images").rglob("*.png"))
+    (tmp_path / "wds" / "test").mkdir(parents=True)
+    with tarfile.open(tmp_path / "wds" / "test" / "0.tar", "w") as tar:
+        for n, file in enumerate(files):
+            for ext, data in (("png", file.read_bytes()), ("txt", b"a picture")):
+                info = tarfile.TarInfo(f"{n:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+                                "caption": ["a picture"] * len(files)},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "caption": datasets.Value("string")})
+                               ).to_parquet(tmp_path / "images.parquet")
+    runner = CliRunner()
+    texts = {}
+    sources = {"folder": setup / "images", "wds": tmp_path / "wds", "parquet": tmp_path / "images.parquet"}
+    for name, data in sources.items():
+        result = runner.invoke(app, ["describe", "--model", str(setup / "model"), "--data", str(data), "--split",
+                                     "test", "--k", "3", "--layers", "1", "--out", str(tmp_path / name),
+                                     "--batch-size", "4"])
+        assert result.exit_code == 0, result.output
+        described = json.loads((tmp_path / name / "descriptions.json").read_text())
+        assert described["n_images"] == 10
+        texts[name] = [h["texts"] for h in described["heads"]]
+    assert texts["wds"] == texts["folder"] and texts["parquet"] == texts["folder"]
+
+
 def test_describe_convention_is_recorded_and_checked_first(setup, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["describe", "--model", str(setup / "model"), "--data", str(setup / "images"),

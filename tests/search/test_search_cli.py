@@ -200,3 +200,77 @@ def test_bp_from_attribution_says_its_memory_plans(world, tmp_path):
     assert "attribution plan: 6 images per gated forward" in said and "AAT-BP: activation checkpointing off" in said
     summary = json.loads((tmp_path / "bp" / "summary.json").read_text())
     assert summary["activation_checkpointing"] is False
+
+
+def _shards_and_parquet(world, root):
+    """The world's Karpathy images as clip_benchmark's {split}/ shards and as one parquet file (one split)."""
+    import io
+    import tarfile
+
+    import datasets
+
+    entries = json.loads((world / "karpathy.json").read_text())["images"]
+    for split in ("val", "test"):
+        (root / "wds" / split).mkdir(parents=True)
+        with tarfile.open(root / "wds" / split / "0.tar", "w") as tar:
+            for entry in (e for e in entries if e["split"] == split):
+                text = "\n".join(s["raw"] for s in entry["sentences"]).encode()
+                for ext, data in (("png", (world / entry["filename"]).read_bytes()), ("txt", text)):
+                    info = tarfile.TarInfo(f"{entry['imgid']:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))})
+    datasets.Dataset.from_dict({"image": [{"bytes": (world / e["filename"]).read_bytes(), "path": None}
+                                          for e in entries],
+                                "captions": [[s["raw"] for s in e["sentences"]] for e in entries]},
+                               features=features).to_parquet(root / "one.parquet")
+
+
+def test_scan_on_split_shards_equals_karpathy_and_one_split_data_is_not_held_out(world, tmp_path):
+    """scan on a folder of {split}/ shards said "'wds' has no shards for split None" (the run key read no split);
+    on a one-split parquet file the default val search and test report read the same images, reported as held-out."""
+    _shards_and_parquet(world, tmp_path)
+    common = ["--model", world / "model", "--batch-size", 16, "--top-k", 2]
+    summaries = {}
+    for name, data in (("karpathy", world / "karpathy.json"), ("wds", tmp_path / "wds")):
+        result = invoke("scan", *common, "--data", data, "--out", tmp_path / f"scan_{name}")
+        assert result.exit_code == 0, result.output
+        summaries[name] = json.loads((tmp_path / f"scan_{name}" / "summary.json").read_text())
+    assert summaries["wds"]["search"]["split"] == "wds:val" and summaries["wds"]["heldout"]["split"] == "wds:test"
+    for part in ("search", "heldout"):
+        assert summaries["wds"][part]["vanilla"] == summaries["karpathy"][part]["vanilla"]
+        assert summaries["wds"][part]["ablated"] == summaries["karpathy"][part]["ablated"]
+    assert summaries["wds"]["mask"] == summaries["karpathy"]["mask"]
+    result = invoke("scan", *common, "--data", tmp_path / "one.parquet", "--out", tmp_path / "scan_one")
+    assert isinstance(result.exception, clipheads.ClipHeadsError) and not (tmp_path / "scan_one").exists()
+    assert "are the same images (the data have one split)" in str(result.exception)
+    result = invoke("scan", *common, "--data", tmp_path / "one.parquet", "--no-report", "--out", tmp_path / "one")
+    assert result.exit_code == 0, result.output
+
+
+def test_scan_and_search_take_the_hugging_face_column_options(world, tmp_path):
+    """A parquet file whose image column is 'photo' (and the Karpathy split in a 'split' column): scan said "name it
+    with --image-column", an option only eval had."""
+    import datasets
+
+    entries = json.loads((world / "karpathy.json").read_text())["images"]
+    features = datasets.Features({"photo": datasets.Image(), "sentences": datasets.Sequence(datasets.Value("string")),
+                                  "split": datasets.Value("string")})
+    datasets.Dataset.from_dict({"photo": [{"bytes": (world / e["filename"]).read_bytes(), "path": None}
+                                          for e in entries],
+                                "sentences": [[s["raw"] for s in e["sentences"]] for e in entries],
+                                "split": [e["split"] for e in entries]}, features=features
+                               ).to_parquet(tmp_path / "photos.parquet")
+    common = ["--model", world / "model", "--batch-size", 16, "--top-k", 2]
+    summaries = {}
+    for name, data, extra in (("karpathy", world / "karpathy.json", []),
+                              ("parquet", tmp_path / "photos.parquet", ["--image-column", "photo"])):
+        result = invoke("scan", *common, "--data", data, *extra, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        summaries[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    for part in ("search", "heldout"):
+        assert summaries["parquet"][part]["vanilla"] == summaries["karpathy"][part]["vanilla"]
+    assert summaries["parquet"]["mask"] == summaries["karpathy"]["mask"]
+    result = invoke("search", "--strategy", "greedy", "--model", world / "model", "--data", tmp_path / "photos.parquet",
+                    "--image-column", "photo", "--text-column", "sentences", "--out", tmp_path / "greedy")
+    assert result.exit_code == 0, result.output

@@ -71,15 +71,23 @@ def _load(model: str, device: str, precision: str):
 
 def _image_paths(data: Path, split: str | None, max_images: int, seed: int, option: str = "--data",
                  least: int = 2, purpose: str = "describing heads") -> list[Path]:
-    if data.is_dir():
-        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    elif data.suffix.lower() == ".json":
-        from clipheads.data import load_retrieval
+    from clipheads.data.sources import detect_source
 
-        dataset = load_retrieval(data, split=split_or_whole(split))
-        paths = list(dict.fromkeys(Path(p) for p in dataset.image_paths))
-    else:
-        raise DataError(f"{option} {str(data)!r}: give a folder of images or a retrieval JSON")
+    source = detect_source(data, split_or_whole(split)) if data.exists() or option == "--data" else "file"
+    if source in ("folder", "imagenet_val"):
+        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:  # a dataset as users have it (retrieval or classification: JSON, CSV, Hugging Face, shards, ...)
+        from clipheads.data import load_classification, load_retrieval
+
+        try:
+            dataset = load_retrieval(data, split=split_or_whole(split))
+        except DataError as exc:
+            try:
+                dataset = load_classification(data, split=split_or_whole(split))
+            except DataError:
+                raise DataError(f"{option} {str(data)!r}: give a folder of images or a dataset of captions or labels "
+                                f"(as a retrieval dataset: {exc})") from None
+        paths = list(dict.fromkeys(dataset.image_paths))
     if len(paths) < least:
         raise DataError(f"{option} {str(data)!r}: found {len(paths)} images; {purpose} needs at least {least}")
     if len(paths) > max_images:  # a fixed random subset, not the first files of the first folders

@@ -27,6 +27,8 @@ from clipheads.cli.options import (
     Device,
     Epochs,
     Generations,
+    ImageColumn,
+    LabelColumn,
     LearningRate,
     MaxNewTokens,
     MeansKind,
@@ -47,6 +49,7 @@ from clipheads.cli.options import (
     Split,
     TaskName,
     Templates,
+    TextColumn,
     Threads,
     finite,
     old_spelling,
@@ -100,6 +103,7 @@ class _Run:
         self._data_path, self.search_split = data, _split(search_split)
         self.means_kind = "per-position"  # of the head means for op=mean (--means)
         self.shard_images = True  # under torchrun each rank caches only its share of the images (not for AAT-BP)
+        self.columns: dict = {}  # Hugging Face columns (--image-column, --text-column, --label-column)
 
     @cached_property
     def data(self):
@@ -116,16 +120,19 @@ class _Run:
         return load_search_data(self.backend, self.task, data, _split(split), metric=self.metric,
                                 templates=str(self.templates) if self.templates else None,
                                 progress=self.dist.is_main, pixel_storage=self._pixel_storage(data, split),
-                                **self.loader)
+                                columns=self.columns, **self.loader)
 
     def _pixel_storage(self, data: Path, split: str | None) -> str:
         """How a split's pixels are kept (:func:`~clipheads.search.memory.plan_pixels`): from the given budget on the
         CPU (it covers the pixels), else from the host's free memory (the pixels stay on the host)."""
         from clipheads.data import load_dataset
         from clipheads.search.memory import default_budget, plan_pixels
+        from clipheads.search.tasks import column_options, split_options
 
         options = {"retrieval": {"split": _split(split)},
-                   "zeroshot": {"templates": str(self.templates) if self.templates else None}}.get(self.task, {})
+                   "zeroshot": {"templates": str(self.templates) if self.templates else None,
+                                **split_options(self.task, data, _split(split))}}.get(self.task, {})
+        options.update(column_options(self.task, self.columns))
         n_images = len(load_dataset(self.task, data, **options).image_paths)
         on_host = self.budget if self.budget is not None and self.backend.device.type == "cpu" else None
         return plan_pixels(n_images, int(self.backend.image_size), on_host or default_budget("cpu"))
@@ -177,14 +184,38 @@ class _Run:
         """The held-out evaluator, or ``None`` when no held-out split was asked for; a held-out split that is the
         search split is refused before anything is encoded."""
         from clipheads.search.results import same_split_error
+        from clipheads.search.tasks import split_options
 
-        has_splits = self.task == "retrieval"
+        has_splits = "split" in split_options(self.task, data_path, _split(report_split))
         if report_data is None and (not has_splits or _split(report_split) is None):
             return None  # no held-out data asked for (files without splits need --report-data)
         same_file = report_data is None or Path(report_data).resolve() == Path(data_path).resolve()
         if same_file and not allow_same_split and _split(report_split) == self.search_split:
             raise same_split_error(f"{Path(data_path).name}:{self.search_split or 'all'}")
+        if same_file and not allow_same_split and self._same_images(data_path, report_split):
+            from clipheads.errors import ClipHeadsError
+
+            raise ClipHeadsError(f"--search-split {self.search_split} and --report-split {report_split} of "
+                                 f"{Path(data_path).name} are the same images (the data have one split); report on "
+                                 "held-out data (--report-data) or pass --allow-same-split")
         return self.evaluator(self.load(report_data or data_path, report_split), op, alpha, held_out=True)
+
+    def _same_images(self, data: Path, report_split: str | None) -> bool:
+        """The held-out split reads the search split's images: data whose one split serves every name (a single
+        parquet file, a flat folder of shards, a CSV without a split column) give the same rows for ``val`` and
+        ``test``. JSON files are not read again: their splits are entries' fields (a missing one is an error)."""
+        from clipheads.data import load_dataset
+        from clipheads.search.tasks import column_options, split_options
+
+        if Path(data).suffix.lower() == ".json":
+            return False
+
+        def images(split):
+            options = {"templates": str(self.templates) if self.templates else None} if self.task == "zeroshot" else {}
+            return [str(p) for p in load_dataset(self.task, data, **options, **split_options(self.task, data, split),
+                                                 **column_options(self.task, self.columns)).image_paths]
+
+        return images(self.search_split) == images(_split(report_split))
 
     @cached_property
     def weights(self):
@@ -207,8 +238,10 @@ class _Run:
                    "report_split": _split(report_split), "op": op, "alpha": alpha,
                    "metric": self.metric or DEFAULT_METRICS.get(self.task),
                    **({"means": self.means_kind} if op == "mean" else {}), **extra}
-        inputs = {"data": dataset_key(self.task, data, self.templates),
-                  "report_data": dataset_key(self.task, report_data, self.templates) if report_data else None,
+        splits = (_split(search_split), *(() if report_data else (_split(report_split),)))
+        inputs = {"data": dataset_key(self.task, data, self.templates, splits, self.columns),
+                  "report_data": dataset_key(self.task, report_data, self.templates, (_split(report_split),),
+                                             self.columns) if report_data else None,
                   "templates": FileKey.of(self.templates) if self.templates and self.task == "zeroshot" else None,
                   "weights": self.weights}
         runtime = {"device": self.device, "data": str(Path(data).resolve()), "cwd": os.getcwd(),
@@ -361,6 +394,9 @@ def scan_command(
     means: MeansKind = "per-position",
     metric: Metric = None,
     templates: Templates = None,
+    image_column: ImageColumn = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
     top_k: int = typer.Option(None, min=1, help="Evaluate the k most harmful heads together for k = 1..top-k."),
     checkpoint_every: int = typer.Option(None, min=1, help="Checkpoint every N heads (default: one layer's worth)."),
     out: Out = None,
@@ -411,6 +447,7 @@ def scan_command(
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates, memory_budget, cache_precision)
     run.means_kind = means
+    run.columns = {"image_column": image_column, "text_column": text_column, "label_column": label_column}
     work = _scan_work(method, run.backend.n_layers * run.backend.n_heads, top_k, verify_top, run.backend.n_heads)
     stages = command_stages({**_data_stages(task, report_data, report_split),
                              **{name: per * cost.GUESS_IMAGES for name, per in work.items()},
@@ -682,6 +719,9 @@ def search_command(
     means: MeansKind = "per-position",
     metric: Metric = None,
     templates: Templates = None,
+    image_column: ImageColumn = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
     beta: float = typer.Option(None, callback=finite(),
                                help="Fitness = metric - beta x fraction of heads ablated (BP: x mean(1-gate)). "
                                     "Default: ga 0.01, greedy 0.01, bp 0.1 (BPConfig)."),
@@ -766,6 +806,7 @@ def search_command(
         seed_from == "scan" and (strategy == "ga" or (strategy == "greedy" and candidates))) else None
     run = _Run(model, device, precision, task, data, search_split, metric, batch_size, num_workers, skip_bad,
                templates, memory_budget, cache_precision)
+    run.columns = {"image_column": image_column, "text_column": text_column, "label_column": label_column}
     run.means_kind = means
     work = _search_work(strategy, config, betas, seeded, run.backend.n_layers * run.backend.n_heads)
     stages = command_stages({**_data_stages(task, report_data, report_split),

@@ -55,6 +55,10 @@ def build_clip_benchmark(name: str, root: str | Path, split: str = "test", task:
                         f"{quiet.getvalue().strip()[:120]})") from None
     except (OSError, RuntimeError, ValueError, AssertionError, KeyError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if "download=True" in reason:  # torchvision's advice, which clipheads does not take
+            raise DataError(f"clip_benchmark found no {name!r} in {str(root)!r} (torchvision: "
+                            f"{reason.split('.')[0].strip()}); clipheads does not download: export it where there is "
+                            "network with clip_benchmark_export_wds and pass the shards with --data") from None
         raise DataError(f"clip_benchmark could not build {name!r} from {str(root)!r} ({reason})") from None
 
 

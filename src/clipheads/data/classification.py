@@ -173,7 +173,7 @@ def load_classification(path: str | Path, templates: str | Path | list[str] | No
         from clipheads.data.imagenet import read_imagenet_val
 
         paths, labels, names, _ = read_imagenet_val(path)
-        name = path.name
+        name = "imagenet1k"  # clip_benchmark's name: every such folder is called val
     elif source == "folder":
         paths, labels, names = read_image_folder(path)
         name = path.name

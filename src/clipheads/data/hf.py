@@ -131,13 +131,32 @@ def open_hf(path: str | Path, split: str | None = None):
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if split in loaded:
-            return loaded[split]
-        if len(splits) == 1:
+            loaded = loaded[split]
+        elif len(splits) == 1:
             if split is not None:
                 logger.info("%s has one split (%s); using it for split=%r", path, splits[0], split)
-            return loaded[splits[0]]
-        raise DataError(f"{str(path)!r} has splits {', '.join(splits)}; choose one with --split")
-    return loaded
+            loaded = loaded[splits[0]]
+        else:
+            raise DataError(f"{str(path)!r} has splits {', '.join(splits)}; choose one with --split")
+    return split_column_rows(loaded, split, path)
+
+
+SPLIT_COLUMN = "split"
+
+
+def split_column_rows(dataset, split: str | None, source: str | Path):
+    """The rows of ``dataset`` whose ``split`` column is ``split``, when it has such a column of strings holding that
+    value: uploads of Karpathy splits keep them there (``nlphuji/flickr30k``: one Hub split ``test`` of all 31,014
+    images, a column ``split`` of ``train``/``val``/``test``); otherwise ``dataset`` as it is."""
+    if split is None or SPLIT_COLUMN not in dataset.column_names or getattr(
+            dataset.features[SPLIT_COLUMN], "dtype", None) not in ("string", "large_string"):
+        return dataset
+    values = dataset[SPLIT_COLUMN]
+    rows = [row for row, value in enumerate(values) if value == split]
+    if not rows or len(rows) == len(values):
+        return dataset
+    logger.info("%s: %d of %d rows have %s=%r", source, len(rows), len(values), SPLIT_COLUMN, split)
+    return dataset.select(rows)
 
 
 def pick_column(dataset, given: str | None, defaults: tuple[str, ...], what: str, source: str | Path) -> str:

@@ -1,6 +1,7 @@
 """ImageNet as distributed: the flat validation folder with its labels, and training-style ``n01440764/`` folders.
 
-Labels of the flat ``ILSVRC2012_val_*.JPEG`` folder come from the first of these found in the folder or one level up:
+Labels of the flat ``ILSVRC2012_val_*.JPEG`` folder come from the first of these found in the folder or up to four
+levels up (Kaggle keeps ``LOC_val_solution.csv`` beside ``ILSVRC/``, its images in ``ILSVRC/Data/CLS-LOC/val/``):
 torchvision's ``meta.bin`` (read with ``torchvision.datasets.imagenet.load_meta_file``), Kaggle's
 ``LOC_val_solution.csv``, or the devkit (``ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt`` with
 ``meta.mat``, read as torchvision does). Classes are the label source's WordNet ids in sorted order (all 1000 for the
@@ -49,14 +50,15 @@ def is_wnid(name: str) -> bool:
 
 
 def _label_source(folder: Path) -> Path:
-    for where in (folder, folder.parent):
+    # Kaggle's layout holds LOC_val_solution.csv four levels above its val folder: ILSVRC/Data/CLS-LOC/val
+    for where in (folder, *list(folder.resolve().parents)[:4]):
         for candidate in (where / "meta.bin", where / "LOC_val_solution.csv",
                           where / "ILSVRC2012_devkit_t12" / DEVKIT_TRUTH, where / DEVKIT_TRUTH):
             if candidate.is_file():
                 return candidate
-    raise DataError(f"{str(folder)!r} is a flat ImageNet validation folder but no labels were found beside it or one "
-                    "level up: put meta.bin (torchvision), LOC_val_solution.csv (Kaggle) or the devkit "
-                    "ILSVRC2012_devkit_t12/ there")
+    raise DataError(f"{str(folder)!r} is a flat ImageNet validation folder but no labels were found beside it or up "
+                    "to four levels up: put meta.bin (torchvision), LOC_val_solution.csv (Kaggle, which keeps it "
+                    "beside ILSVRC/) or the devkit ILSVRC2012_devkit_t12/ there")
 
 
 def _devkit(truth: Path) -> tuple[dict[str, str], list[str]]:

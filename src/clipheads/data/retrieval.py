@@ -81,15 +81,16 @@ def read_karpathy(path: Path, split: str | None = None, root: Path | None = None
     entries = require(data.get("images", []) if isinstance(data, dict) else [], "'images' entries", path)
     if not isinstance(entries, list):
         raise DataError(f"{str(path)!r}: field 'images': expected a list of image entries")
+    # every entry is checked, numbered as in the file: a "split": 5 is an error, not an image left out of each split
+    entries = [check(KarpathyImage, raw, f"image entry {n}", path) for n, raw in enumerate(entries)]
     if split is not None:
-        kept = [e for e in entries if isinstance(e, dict) and e.get("split") == split]
+        kept = [e for e in entries if e.split == split]
         if not kept:
-            present = sorted({str(e.get("split")) for e in entries if isinstance(e, dict)})
+            present = sorted({str(e.split) for e in entries})
             raise DataError(f"{str(path)!r} has no images in split {split!r} (splits present: {', '.join(present)})")
         entries = kept
     paths, captions = [], []
-    for n, raw in enumerate(entries):
-        entry = check(KarpathyImage, raw, f"image entry {n}", path)
+    for entry in entries:
         paths.append(resolve(root, entry.filepath, entry.filename))
         captions.append([s.raw if s.raw is not None else " ".join(s.tokens or []) for s in entry.sentences])
     return RetrievalDataset(paths, captions, data.get("dataset", path.stem), split, str(path), "karpathy")
@@ -163,9 +164,15 @@ def read_retrieval_table(path: Path, split: str | None = None, root: Path | None
 FLICKR_LINE = re.compile(r"(.+?\.(?:jpe?g|png|webp))\s*,\s*(.*)", re.IGNORECASE)
 
 
+#: where Flickr30k's Kaggle archives put the images under the dataset root (adityajn105/flickr30k: ``Images/``;
+#: hsankesara/flickr-image-dataset: ``flickr30k_images/``); clip_benchmark expects them in the root itself
+FLICKR_IMAGE_FOLDERS = ("Images", "flickr30k_images", "flickr30k-images", "images")
+
+
 def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = None) -> RetrievalDataset:
     """clip_benchmark's Flickr annotation text (``flickr30k_{split}_karpathy.txt``): a header line, then
-    ``file.jpg,caption`` per line, split after the image name (captions contain commas); images in its folder.
+    ``file.jpg,caption`` per line, split after the image name (captions contain commas); images in its folder, or
+    in its ``Images/`` or ``flickr30k_images/`` subfolder (:data:`FLICKR_IMAGE_FOLDERS`) when they are not there.
 
     A folder is read as clip_benchmark's dataset root: its ``flickr30k_{split}_karpathy.txt`` (``split`` default
     ``test``).
@@ -191,6 +198,11 @@ def read_flickr_txt(path: Path, split: str | None = None, root: Path | None = No
             raise DataError(f"{str(path)!r} line {n}: expected image.jpg,caption (got {line.strip()!r:.80})")
         by_image.setdefault(resolve(root, match.group(1)), []).append(match.group(2).strip())
     paths, captions = require(list(by_image), "image,caption lines", path), list(by_image.values())
+    if not paths[0].exists() and paths[0].is_relative_to(root):  # Kaggle's archives keep the images one folder down
+        first = paths[0].relative_to(root)
+        below = next((root / name for name in FLICKR_IMAGE_FOLDERS if (root / name / first).is_file()), None)
+        if below is not None:
+            paths = [below / p.relative_to(root) for p in paths]
     split_name = re.search(r"_(train|val|test|restval)_", path.name)
     return RetrievalDataset(paths, captions, path.name.split("_")[0], split_name.group(1) if split_name else None,
                             str(path), "clip_benchmark_txt")

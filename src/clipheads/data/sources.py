@@ -10,7 +10,7 @@ source                 the path
                        (clip_benchmark's ``wds_*`` layout), or a brace/glob pattern (``test/{0..3}.tar``)
 ``flickr_txt``         clip_benchmark's ``flickr30k_{split}_karpathy.txt`` (or a folder holding it)
 ``imagenet_val``       a flat folder of ``ILSVRC2012_val_*.JPEG`` with its labels (devkit, LOC_val_solution.csv
-                       or torchvision's ``meta.bin``) beside it or one folder up
+                       or torchvision's ``meta.bin``) beside it or up to four folders up
 ``folder``             any other folder: an ImageFolder tree (``n01440764/`` folders get readable names)
 ``file``               any other file: the JSON/CSV formats of each task
 =====================  =====================================================================================

@@ -39,13 +39,22 @@ def task_name(task: str, known: tuple[str, ...] | list[str]) -> str:
 
 def model_and_pretrained(model: str) -> tuple[str, str]:
     """clip_benchmark's ``(model, pretrained)`` for a clipheads model name: ``open_clip:ViT-B-32/laion2b_s34b_b79k``
-    -> ``("ViT-B-32", "laion2b_s34b_b79k")``; a Hugging Face id, a folder or ``bundled`` -> ``(name, "")``."""
+    -> ``("ViT-B-32", "laion2b_s34b_b79k")``; a Hugging Face id, a folder or ``bundled`` -> ``(name, "")``. A tag
+    given apart (``--model ViT-B-32 --pretrained TAG``: :func:`clipheads.models.load_options`) is the pretrained."""
+    from clipheads.models import current_load_options
     from clipheads.models.openclip import PREFIX, parse_open_clip_name
 
+    given = str(current_load_options().get("pretrained") or "")
     if model.startswith(PREFIX):
         arch, tag = parse_open_clip_name(model)
-        return arch, tag or ""
-    return model, ""
+        return arch, tag or given
+    return model, given
+
+
+def benchmark_dataset_name(name: str) -> str:
+    """clip_benchmark's name of a dataset: its ``wds_*`` repositories and folders (``wds_vtab-cifar10``) are
+    ``wds/vtab/cifar10`` there (as ``clip_benchmark eval --dataset wds/vtab/cifar10`` writes it); others as given."""
+    return "wds/" + name.removeprefix("wds_").replace("-", "/") if name.startswith("wds_") else name
 
 
 def clip_benchmark_result(task: str, dataset: str, model: str, metrics: dict[str, float],
@@ -54,7 +63,8 @@ def clip_benchmark_result(task: str, dataset: str, model: str, metrics: dict[str
     if task not in TASK_FOR_CLIP_BENCHMARK:
         return None
     name, pretrained = model_and_pretrained(model)
-    return {"dataset": str(dataset), "model": name, "pretrained": pretrained, "task": TASK_FOR_CLIP_BENCHMARK[task],
+    return {"dataset": benchmark_dataset_name(str(dataset)), "model": name, "pretrained": pretrained,
+            "task": TASK_FOR_CLIP_BENCHMARK[task],
             "metrics": dict(metrics), "language": language}
 
 

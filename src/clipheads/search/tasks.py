@@ -58,11 +58,36 @@ def split_label(path: str | os.PathLike, split: str | None) -> str:
     return f"{Path(path).name}:{split}" if split else Path(path).name
 
 
+def split_options(task: str, path: str | os.PathLike, split: str | None) -> dict:
+    """The ``split`` keyword of ``task``'s loader for ``path``: retrieval files carry splits (Karpathy JSON, a CSV's
+    split column); zero-shot data only where the source holds them (a Hugging Face ``DatasetDict`` or ``split``
+    column, clip_benchmark's ``{split}/`` shards); ``{}`` where the data have none."""
+    from clipheads.data.sources import detect_source
+
+    if task == "retrieval" or task == "zeroshot" and split is not None and detect_source(path, split) in SPLIT_SOURCES:
+        return {"split": split}
+    return {}
+
+
+def column_options(task: str, columns: dict | None) -> dict:
+    """The Hugging Face column names (``image_column``, ``text_column``, ``label_column``) that ``task``'s loader
+    takes, of those given (``None`` values dropped)."""
+    takes = {"retrieval": ("image_column", "text_column"), "zeroshot": ("image_column", "label_column")}.get(task, ())
+    return {k: v for k, v in (columns or {}).items() if k in takes and v is not None}
+
+
+#: sources whose splits are in the data's structure (read per split; reading them whole is refused or mixes splits)
+SPLIT_SOURCES = ("hf", "hub", "wds")
+
+
 def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, split: str | None = None, *,
                      metric: str | None = None, templates: str | None = None, batch_size: int = 64,
                      num_workers: int = 0, skip_bad: bool = False, progress: bool = False,
-                     pixel_storage: str = "float32") -> SearchData:
+                     pixel_storage: str = "float32", columns: dict | None = None) -> SearchData:
     """Read ``path`` (``split`` for files with splits), preprocess its images and encode its texts once.
+
+    ``columns``: Hugging Face column names (``image_column``, ``text_column``, ``label_column``: :func:`column_options`
+    keeps those of ``task``).
 
     ``pixel_storage``: ``float32`` (a tensor), or ``uint8`` / ``disk`` (a :class:`~clipheads.search.pixels.PixelStore`
     giving the same floats to the last bit, see :mod:`clipheads.search.pixels`).
@@ -76,10 +101,10 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
     if task not in TASKS:
         raise ClipHeadsError(f"the search supports the tasks {', '.join(TASKS)}; got {task!r}")
     metric = metric or DEFAULT_METRICS[task]
-    label = split_label(path, split if task == "retrieval" else None)  # only retrieval files carry splits
+    label = split_label(path, split_options(task, path, split).get("split"))
     encode = {"batch_size": batch_size, "progress": progress}
     if task == "retrieval":
-        dataset = load_dataset(task, path, split=split)
+        dataset = load_dataset(task, path, split=split, **column_options(task, columns))
         pixels, kept, skipped = read(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
         position = torch.full((len(dataset),), -1, dtype=torch.long)
         position[kept] = torch.arange(len(kept))
@@ -113,7 +138,8 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
         right = features[torch.tensor([offsets[n] + a for n, a in enumerate(answers)])]
         return SearchData(label, pixels, Objective(lambda f: metric_value(selection(f), metric), metric),
                           (right, torch.arange(len(kept_list))), details, skipped, str(path))
-    dataset = load_dataset(task, path, templates=templates)
+    dataset = load_dataset(task, path, templates=templates, **split_options(task, path, split),
+                           **column_options(task, columns))
     pixels, kept, skipped = read(backend, dataset.image_paths, batch_size, num_workers, skip_bad, progress)
     prompts = encode_texts(backend, dataset.prompts(), **encode)
     classifier = zeroshot_classifier(prompts.view(len(dataset.classnames), len(dataset.templates), -1))
@@ -126,12 +152,21 @@ def load_search_data(backend: CLIPBackend, task: str, path: str | os.PathLike, s
     return SearchData(label, pixels, Objective(zeroshot, metric), None, None, skipped, str(path))
 
 
-def dataset_key(task: str, path: str | os.PathLike, templates: str | os.PathLike | None = None):
+def dataset_key(task: str, path: str | os.PathLike, templates: str | os.PathLike | None = None,
+                splits: tuple[str | None, ...] = (), columns: dict | None = None):
     """The :class:`~clipheads.runkey.DatasetKey` of a task's dataset file: its sha256 and every image it lists (all
-    splits; stats only, no image is read). Raises :class:`DataError` for files the task cannot read."""
+    splits; stats only, no image is read). Sources whose splits are in their structure (:data:`SPLIT_SOURCES`: a
+    Hugging Face ``DatasetDict``, ``{split}/`` shards) are keyed by the images of ``splits``, the ones the run reads.
+    Raises :class:`DataError` for files the task cannot read."""
+    from clipheads.data.sources import detect_source
     from clipheads.runkey import DatasetKey
 
     if task not in TASKS:
         raise ClipHeadsError(f"the search supports the tasks {', '.join(TASKS)}; got {task!r}")
-    dataset = load_dataset(task, path, **({"templates": templates} if task == "zeroshot" else {}))
-    return DatasetKey.of(path, dataset.image_paths)
+    options = {**({"templates": templates} if task == "zeroshot" else {}), **column_options(task, columns)}
+    read = [s for s in dict.fromkeys(splits) if s is not None and task in ("retrieval", "zeroshot")
+            and detect_source(path, s) in SPLIT_SOURCES]
+    if not read:
+        return DatasetKey.of(path, load_dataset(task, path, **options).image_paths)
+    return DatasetKey.of(path, [image for split in read
+                                for image in load_dataset(task, path, split=split, **options).image_paths])
