@@ -316,3 +316,24 @@ def test_winoground_as_a_hugging_face_dataset_equals_pair_json(tiny_hf, tmp_path
     ours = evaluate_compositional(tiny_hf, dataset, cache=FeatureCache()).metrics
     expected = evaluate_compositional(tiny_hf, load_compositional(tmp_path / "pairs.json"), cache=FeatureCache())
     assert ours == expected.metrics
+
+
+def test_hf_rows_of_one_image_are_one_image_as_in_every_reader(tiny_hf, karpathy: Path, tmp_path: Path):
+    """COCO-style uploads hold one caption per row: the rows of one image become one image with all its captions
+    (its first position), as the Karpathy/COCO/CSV readers do, so an image never competes with itself."""
+    import datasets
+
+    expected = retrieval_metrics_of(tiny_hf, load_retrieval(karpathy, split="test"))
+    rows = [(i, caption) for j in range(2) for i, caps in enumerate(CAPTIONS) for caption in caps[j:j + 1]]
+    for stored in ("bytes", "path"):  # an Image feature with bytes, and one holding only a file path
+        if stored == "bytes":
+            images = [{"bytes": png(i), "path": None} for i, _ in rows]
+        else:
+            images = [{"bytes": None, "path": str(karpathy.parent / "img" / f"{i}.jpg")} for i, _ in rows]
+        table = datasets.Dataset.from_dict({"image": images, "caption": [c for _, c in rows]},
+                                           features=datasets.Features({"image": datasets.Image(),
+                                                                       "caption": datasets.Value("string")}))
+        table.to_parquet(tmp_path / f"per-caption-{stored}.parquet")
+        merged = load_retrieval(tmp_path / f"per-caption-{stored}.parquet")
+        assert len(merged) == 6 and merged.captions == CAPTIONS, stored
+        assert retrieval_metrics_of(tiny_hf, merged) == expected, stored

@@ -206,7 +206,29 @@ def read_hf_retrieval(path: Path, split: str | None = None, image_column: str | 
             raise DataError(f"{str(path)!r}: row {row}: field {text_col!r}: expected a string or a list of strings "
                             f"(got {value!r:.60})")
         captions.append(value)
-    return image_refs(dataset, image_col, path), captions, _name(path)
+    refs = image_refs(dataset, image_col, path)
+    first = {}  # image key -> its first row: rows of one image (one caption per row) become one image, as elsewhere
+    for row, key in enumerate(image_keys(dataset, image_col)):
+        first.setdefault(key, row)
+    if len(first) < len(refs):
+        from clipheads.data.retrieval import merge_duplicate_images
+
+        rows = [first[key] for key in image_keys(dataset, image_col)]
+        kept, captions = merge_duplicate_images(rows, captions, str(path))
+        refs = [refs[row] for row in kept]
+    return refs, captions, _name(path)
+
+
+def image_keys(dataset, column: str, batch_size: int = 1024):
+    """What identifies each row's image without decoding it: the sha1 of its stored bytes, or its path where the
+    cell holds only a path (an ``Image`` feature without bytes, a path string). Yields one key per row, in order."""
+    import hashlib
+
+    for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=batch_size):
+        for cell in batch.column(column).to_pylist():
+            if isinstance(cell, dict):
+                cell = cell.get("bytes") or cell.get("path")
+            yield hashlib.sha1(cell).hexdigest() if isinstance(cell, bytes) else cell
 
 
 def read_hf_classification(path: Path, split: str | None = None, image_column: str | None = None,
