@@ -109,3 +109,19 @@ def test_open_clip_tag_in_the_cache_is_read_as_a_file_with_the_tags_preprocessin
     assert (arch, pretrained) == ("ViT-B-32", str(weights)) and all(local for *_, local in asked)
     assert asked[0][0] == tag["hf_hub"].rstrip("/")
     assert extra["force_preprocess_cfg"]["mean"] == tag["mean"]
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_named_in_one_line(monkeypatch):
+    """open_clip's SigLIP configs build offline but fetch their Hugging Face tokenizer: the line says so (it used to
+    talk about the weights)."""
+    import open_clip
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files. Check your connection")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(clipheads.ModelLoadError) as info:
+        clipheads.load(TINY_OPEN_CLIP)
+    message = str(info.value)
+    assert "\n" not in message and "the model was built, but its tokenizer could not be loaded" in message
+    assert "weights" not in message

@@ -395,7 +395,6 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
                        device=None if device is None else str(device))
         extra.update({k: v for k, v in options.items() if v is not None})
         model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=checkpoint, **extra)
-        tokenizer = open_clip.get_tokenizer(source)
         model_cfg = open_clip.get_model_config(source)  # a cached hf-hub repo: its local copy, no download
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
@@ -403,6 +402,16 @@ def load_open_clip(name: str, device=None, dtype=None, pretrained: str | None = 
             f"cannot load {name!r} ({reason}); without network access give a local checkpoint "
             f"(open_clip:{arch}/path/to/weights.pt), a local-dir: folder, or pre-download the weights into the "
             "Hugging Face cache") from None
+    try:
+        tokenizer = open_clip.get_tokenizer(source)
+    except Exception as exc:  # noqa: BLE001 - e.g. a SigLIP config's Hugging Face tokenizer, not in the cache offline
+        hf_tokenizer = ((model_cfg or {}).get("text_cfg") or {}).get("hf_tokenizer_name")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
+        where = f"its Hugging Face tokenizer {hf_tokenizer!r}" if hf_tokenizer else "its tokenizer"
+        raise ModelLoadError(
+            f"cannot load {name!r}: the model was built, but {where} could not be loaded ({reason}); without network "
+            f"access pre-download it into the Hugging Face cache, or build the model with open_clip and pass it with "
+            "its tokenizer: clipheads.load(model, tokenizer=...)") from None
     model.eval().to(device=device, dtype=dtype)
     return open_clip_backend(model, name if name.startswith(PREFIX) else PREFIX + name,
                              preprocess=preprocess, tokenizer=tokenizer, model_cfg=model_cfg)
