@@ -207,15 +207,15 @@ def read_hf_retrieval(path: Path, split: str | None = None, image_column: str | 
                             f"(got {value!r:.60})")
         captions.append(value)
     refs = image_refs(dataset, image_col, path)
+    keys = list(image_keys(dataset, image_col))  # read (and hashed) once
     first = {}  # image key -> its first row: rows of one image (one caption per row) become one image, as elsewhere
-    for row, key in enumerate(image_keys(dataset, image_col)):
+    for row, key in enumerate(keys):
         first.setdefault(key, row)
     if len(first) < len(refs):
         from clipheads.data.retrieval import merge_duplicate_images
 
-        rows = [first[key] for key in image_keys(dataset, image_col)]
-        kept, captions = merge_duplicate_images(rows, captions, str(path))
-        refs = [refs[row] for row in kept]
+        unique, captions = merge_duplicate_images(keys, captions, str(path))
+        refs = [refs[first[key]] for key in unique]
     return refs, captions, _name(path)
 
 
