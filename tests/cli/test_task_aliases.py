@@ -1,5 +1,5 @@
 """``--task`` takes clip_benchmark's task names on every command with a task option, through one parser
-(``clipheads.eval.benchmark.task_name`` behind ``options.check_task_option``)."""
+(``clipheads.eval.benchmark.task_name`` behind ``--task``'s callback, ``options._task``)."""
 
 from __future__ import annotations
 

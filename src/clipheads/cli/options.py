@@ -69,24 +69,6 @@ def check_data_option(value: Path | None) -> Path | None:
     return value
 
 
-def check_task_option(known: Callable[[], tuple[str, ...] | list[str]]) -> Callable[[str | None], str | None]:
-    """A typer callback of ``--task``: the clipheads task of a name or of clip_benchmark's alias
-    (``zeroshot_retrieval``, ``zeroshot_classification``, ``image_caption_selection``) through the one parser,
-    :func:`clipheads.eval.benchmark.task_name`; a task outside ``known()`` (the command's) is a usage error."""
-    def check(value: str | None) -> str | None:
-        from clipheads.errors import ClipHeadsError
-        from clipheads.eval.benchmark import task_name
-
-        if value is None:
-            return value
-        try:
-            return task_name(value, tuple(known()))
-        except ClipHeadsError as exc:
-            raise typer.BadParameter(str(exc)) from None
-
-    return check
-
-
 def _search_tasks() -> tuple[str, ...]:
     from clipheads.search.tasks import TASKS
 
@@ -371,10 +353,18 @@ def _eval_tasks() -> tuple[str, ...]:
 
 
 def _task(ctx, param, value):
-    """--task's value: the command's default when not given (:data:`TASKS`), a clip_benchmark alias resolved, a task
-    the command does not run a usage error (:func:`check_task_option`)."""
+    """--task's value: the command's default when not given (:data:`TASKS`), a clip_benchmark alias resolved through
+    the one parser (:func:`clipheads.eval.benchmark.task_name`), a task the command does not run a usage error."""
+    from clipheads.errors import ClipHeadsError
+    from clipheads.eval.benchmark import task_name
+
     value = per_command(TASKS)(ctx, param, value)
-    return check_task_option(_eval_tasks if command_path(ctx) == "eval" else _search_tasks)(value)
+    if value is None:
+        return value
+    try:
+        return task_name(value, _eval_tasks() if command_path(ctx) == "eval" else _search_tasks())
+    except ClipHeadsError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 # --task
