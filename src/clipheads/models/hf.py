@@ -199,6 +199,13 @@ class HFBackend(CLIPBackend):
 
     def layer_attention(self, layer: int, x: torch.Tensor, queries: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, q, k, v = self._qkv(layer, x, queries)
+        z = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        return z.transpose(1, 2), v.transpose(1, 2)
+
+    def _qkv(self, layer: int, x: torch.Tensor, queries: int | None = None):
+        """The attention module of ``layer`` and its queries (of the first ``queries`` tokens, or all), keys and
+        values of ``x`` ``[B, T, W]``, each ``[B, H, T, d]``."""
         block = self._layers[layer]
         attn = block.self_attn
         h = block.layer_norm1(x)
@@ -206,8 +213,7 @@ class HFBackend(CLIPBackend):
         q = attn.q_proj(h if queries is None else h[:, :queries]).view(shape).transpose(1, 2)
         k = attn.k_proj(h).view(shape).transpose(1, 2)
         v = attn.v_proj(h).view(shape).transpose(1, 2)
-        z = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
-        return z.transpose(1, 2), v.transpose(1, 2)
+        return attn, q, k, v
 
     def layer_finish(self, layer: int, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         block = self._layers[layer]
@@ -258,11 +264,7 @@ class HFBackend(CLIPBackend):
                 _INNER_OF_CONFIG.pop(id(config), None)
 
     def attention_weights(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        block = self._layers[layer]
-        attn = block.self_attn
-        h = block.layer_norm1(x)
-        shape = (*h.shape[:-1], -1, attn.head_dim)
-        q, k, v = (proj(h).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn, q, k, v = self._qkv(layer, x)
         _, weights = _eager_function(attn)(attn, q, k, v, None, scaling=attn.scale, dropout=0.0)
         return hooked_weights(self.head_hook(layer), weights)
 
